@@ -1,0 +1,122 @@
+"""The `healer` command line: serve, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from healer import __version__
+from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
+from healer.logs import configure_logging, fields
+
+log = logging.getLogger("healer.cli")
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+
+
+class StartupError(Exception):
+    """healer refuses to start with this config; the message says why."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="healer", description="Prometheus-native self-healing.")
+    parser.add_argument("--version", action="version", version=f"healer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the exporter, webhook and healing engine")
+    serve.add_argument("-c", "--config", type=Path, required=True, help="path to healer.yml")
+    serve.add_argument("--listen", help="HOST:PORT to listen on, overriding server.listen")
+    serve.add_argument("--log-format", choices=["text", "json"], help="overrides server.log_format")
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("config", type=Path, help="path to healer.yml")
+    return parser
+
+
+def check_config(path: Path) -> int:
+    """Print every fault in a config file, one per line; return the exit code."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: OK")
+    return EXIT_OK
+
+
+def _listen_address(config: HealerConfig, override: str | None) -> tuple[str, int]:
+    host, port = split_listen(override or config.server.listen)
+    if not is_loopback(host) and config.server.auth.resolve_token() is None:
+        raise StartupError(
+            f"refusing to listen on {host}:{port} without a bearer token: set "
+            "server.auth.bearer_token_file or the HEALER_TOKEN environment variable, or listen on 127.0.0.1"
+        )
+    return host, port
+
+
+async def _serve(config: HealerConfig, host: str, port: int) -> None:
+    from prometheus_client import disable_created_metrics
+
+    from healer.server import create_app
+
+    # `_created` series double the series count and nothing in healer's rules reads them.
+    disable_created_metrics()
+    app = create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = [sock.getsockname() for sock in site._server.sockets] if site._server else []  # type: ignore[union-attr]
+    address = f"{bound[0][0]}:{bound[0][1]}" if bound else f"{host}:{port}"
+    log.info("listening", extra=fields(address=address, version=__version__))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def serve(path: Path, listen: str | None, log_format: str | None) -> int:
+    """Run healer until SIGTERM or SIGINT; return the exit code."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(log_format or config.server.log_format, config.server.log_level)
+    try:
+        host, port = _listen_address(config, listen)
+    except (StartupError, ValueError, OSError) as exc:
+        log.error("cannot start", extra=fields(reason=str(exc)))
+        return EXIT_USAGE
+    try:
+        asyncio.run(_serve(config, host, port))
+    except OSError as exc:
+        log.error("cannot start", extra=fields(reason=str(exc)))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `healer` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "serve":
+        return serve(args.config, args.listen, args.log_format)
+    raise AssertionError(f"unhandled command {args.command}")

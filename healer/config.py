@@ -1,0 +1,360 @@
+"""The one validated configuration object, loaded from `healer.yml`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from healer.matchers import InvalidMatcherError, Matcher
+from healer.strategies.base import StrategyParams, StrategyRegistry, UnknownStrategyTypeError
+from healer.types import Duration, Regex
+
+TOKEN_ENV = "HEALER_TOKEN"
+
+
+class ConfigError(Exception):
+    """The config file cannot be read or does not validate; `errors` holds one line per fault."""
+
+    def __init__(self, path: Path | str, errors: Sequence[str]) -> None:
+        self.path = str(path)
+        self.errors = [f"{self.path}: {error}" for error in errors]
+        super().__init__("\n".join(self.errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _matcher(value: object) -> Matcher:
+    if isinstance(value, Matcher):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a matcher is a string such as 'alertname=\"X\"', not {value!r}")
+    try:
+        return Matcher.parse(value)
+    except InvalidMatcherError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+MatcherField = Annotated[Matcher, BeforeValidator(_matcher), PlainSerializer(str)]
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:9877)")
+    return value
+
+
+ListenAddress = Annotated[str, BeforeValidator(_listen)]
+
+
+def _url(value: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+Url = Annotated[str, BeforeValidator(_url)]
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    """Split HOST:PORT, accepting bracketed IPv6 hosts."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether a listen host only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AuthConfig(_Strict):
+    bearer_token_file: Path | None = None
+
+    def resolve_token(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        """Return the bearer token: the environment variable first, then the file."""
+        env = os.environ if environ is None else environ
+        if env.get(TOKEN_ENV):
+            return SecretStr(env[TOKEN_ENV].strip())
+        if self.bearer_token_file is not None:
+            return SecretStr(self.bearer_token_file.read_text().strip())
+        return None
+
+
+class ServerConfig(_Strict):
+    listen: ListenAddress = "127.0.0.1:9877"
+    auth: AuthConfig = AuthConfig()
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    shutdown_timeout: Duration = 30.0
+
+
+class UpstreamConfig(_Strict):
+    url: Url
+    timeout: Duration = 5.0
+    check_interval: Duration = 15.0
+
+
+class PrometheusConfig(UpstreamConfig):
+    url: Url = "http://127.0.0.1:9090"
+
+
+class AlertmanagerConfig(UpstreamConfig):
+    url: Url = "http://127.0.0.1:9093"
+
+
+class StoreConfig(_Strict):
+    path: Path = Path("healer.db")
+    retention: Duration = 30 * 86400.0
+
+
+class FilesystemFilter(_Strict):
+    # Pseudo and virtual filesystems whose sizes say nothing about disk space.
+    exclude_fstypes: Regex = (
+        r"^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|"
+        r"iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|"
+        r"squashfs|sysfs|tracefs|tmpfs|ramfs|fuse\..*|nfsd)$"
+    )
+    exclude_mountpoints: Regex = r"^/(dev|proc|run|sys|var/lib/docker/.+|var/lib/containers/.+)($|/)"
+
+
+class DeviceFilter(_Strict):
+    exclude: Regex
+
+
+class ProcessWatch(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_.-]*$")
+    cmdline: Regex | None = None
+    pidfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> ProcessWatch:
+        if (self.cmdline is None) == (self.pidfile is None):
+            raise ValueError("give exactly one of cmdline (a regex) or pidfile")
+        return self
+
+
+class ProbeConfig(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_.-]*$")
+    url: Url
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    interval: Duration = 15.0
+    timeout: Duration = 5.0
+    expected_status: list[int] = Field(default_factory=lambda: list(range(200, 400)))
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> ProbeConfig:
+        if self.interval <= 0:
+            raise ValueError("interval must be greater than 0s")
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+def _unique_names(items: Sequence[ProcessWatch] | Sequence[ProbeConfig], what: str) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what} name {item.name!r} is used twice")
+        seen.add(item.name)
+
+
+class ExporterConfig(_Strict):
+    host: bool = True
+    filesystems: FilesystemFilter = FilesystemFilter()
+    disks: DeviceFilter = DeviceFilter(
+        exclude=r"^(ram|loop|fd|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$"
+    )
+    network: DeviceFilter = DeviceFilter(exclude=r"^$")
+    process_scan_interval: Duration = 5.0
+    processes: list[ProcessWatch] = Field(default_factory=list)
+    probes: list[ProbeConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> ExporterConfig:
+        _unique_names(self.processes, "process")
+        _unique_names(self.probes, "probe")
+        return self
+
+
+class Budget(_Strict):
+    actions: int = Field(default=20, ge=1)
+    window: Duration = 600.0
+
+
+class VerifyConfig(_Strict):
+    within: Duration = 120.0
+    interval: Duration = 5.0
+
+
+class HealingRule(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
+    match: list[MatcherField] = Field(min_length=1)
+    strategies: list[str] = Field(min_length=1)
+    max_attempts: int = Field(default=3, ge=1)
+    cooldown: Duration = 60.0
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    max_backoff: Duration = 3600.0
+    verify: VerifyConfig = VerifyConfig()
+    silence: bool = False
+    dry_run: bool | None = None
+    cancel_running_on_resolve: bool = False
+    order: Literal["config", "learned"] = "config"
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Tell whether every matcher of this rule holds for the label set."""
+        return all(matcher.matches(labels) for matcher in self.match)
+
+
+class HealingConfig(_Strict):
+    enabled: bool = True
+    dry_run: bool = False
+    max_concurrent: int = Field(default=4, ge=1)
+    budget: Budget = Budget()
+    circuit_reset: Duration = 600.0
+    approval_timeout: Duration = 900.0
+    rules: list[HealingRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_names_unique(cls, rules: list[HealingRule]) -> list[HealingRule]:
+        _unique_names(rules, "rule")  # type: ignore[arg-type]
+        return rules
+
+
+class HealerConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    prometheus: PrometheusConfig = PrometheusConfig()
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
+    store: StoreConfig = StoreConfig()
+    exporter: ExporterConfig = ExporterConfig()
+    healing: HealingConfig = HealingConfig()
+    strategies: dict[str, StrategyParams] = Field(default_factory=dict)
+
+
+def format_location(loc: Sequence[int | str]) -> str:
+    """Render a pydantic error location as a key path such as `healing.rules[2].cooldown`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _errors_of(exc: ValidationError, prefix: Sequence[int | str] = ()) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        # Model-level validators report at the model; their message names the fields involved.
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{format_location([*prefix, *error['loc']])}: {message}")
+    return lines
+
+
+def _validate_strategies(raw: Any, registry: StrategyRegistry) -> tuple[dict[str, StrategyParams], list[str]]:
+    """Validate each named strategy against the parameter model of its type."""
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        return {}, ["strategies: must be a mapping of strategy names to their settings"]
+    validated: dict[str, StrategyParams] = {}
+    errors: list[str] = []
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            errors.append(f"strategies.{name}: must be a mapping with a 'type' key")
+            continue
+        kind = spec.get("type")
+        if not isinstance(kind, str):
+            errors.append(f"strategies.{name}.type: missing; one of {', '.join(registry)}")
+            continue
+        try:
+            model = registry.get(kind).params
+        except UnknownStrategyTypeError as exc:
+            errors.append(f"strategies.{name}.type: {exc}")
+            continue
+        try:
+            validated[name] = model.model_validate(spec)
+        except ValidationError as exc:
+            errors.extend(_errors_of(exc, ("strategies", name)))
+    return validated, errors
+
+
+def _cross_check(config: HealerConfig, strategy_names: set[str]) -> list[str]:
+    errors = []
+    for index, rule in enumerate(config.healing.rules):
+        for position, name in enumerate(rule.strategies):
+            if name not in strategy_names:
+                errors.append(
+                    f"healing.rules[{index}].strategies[{position}]: strategy {name!r} is not "
+                    "defined under strategies"
+                )
+    return errors
+
+
+def parse_config(
+    data: Any, source: Path | str = "<config>", registry: StrategyRegistry | None = None
+) -> HealerConfig:
+    """Validate already-parsed YAML into a HealerConfig, raising ConfigError with every fault."""
+    from healer.strategies.builtin import default_registry
+
+    registry = registry if registry is not None else default_registry()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): the config must be a YAML mapping"])
+    raw_strategies = data.get("strategies")
+    strategies, errors = _validate_strategies(raw_strategies, registry)
+    try:
+        config = HealerConfig.model_validate({**data, "strategies": {}})
+    except ValidationError as exc:
+        errors = _errors_of(exc) + errors
+        raise ConfigError(source, errors) from None
+    raw_names = set(raw_strategies) if isinstance(raw_strategies, dict) else set()
+    errors.extend(_cross_check(config, raw_names))
+    if errors:
+        raise ConfigError(source, errors)
+    return config.model_copy(update={"strategies": strategies})
+
+
+def load_config(path: Path | str, registry: StrategyRegistry | None = None) -> HealerConfig:
+    """Read and validate a config file, raising ConfigError that names the file and every key at fault."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, [f"{where}invalid YAML: {problem}"]) from None
+    return parse_config(data, path, registry)
