@@ -1,0 +1,216 @@
+"""Start real Prometheus, Alertmanager and healer processes on loopback for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+ALERTMANAGER = (
+    shutil.which("prometheus-alertmanager") or shutil.which("alertmanager") or "/usr/bin/prometheus-alertmanager"
+)
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:
+    """Call `check` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # the server may not be up yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last error {last_error!r}")
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET a URL and return its status and body, also for error statuses."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    """Send a request with an optional JSON body and decode the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        raw = response.read()
+        return json.loads(raw) if raw else None
+
+
+@dataclass
+class Server:
+    """A started server process, stopped by its own PID."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Signal the process by PID and wait for it; SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout)
+        return self.process.returncode
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = workdir / f"{name}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+        env={**os.environ, **(env or {})},
+    )
+    log_file.close()
+    return process, log_path
+
+
+def _await_ready(server: Server, path: str = "/-/ready", timeout: float = 30.0) -> Server:
+    def ready() -> bool:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log()}")
+        return http_get(server.url + path, timeout=1)[0] == 200
+
+    try:
+        wait_for(ready, timeout, what=f"{server.name} ready")
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+def start_prometheus(
+    workdir: Path,
+    scrape_configs: list[dict[str, Any]],
+    *,
+    rule_files: list[str] | None = None,
+    interval: str = "1s",
+    alertmanager_url: str | None = None,
+) -> Server:
+    """Start /usr/bin/prometheus on a free loopback port with the given scrape jobs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
+        "scrape_configs": scrape_configs,
+    }
+    if rule_files:
+        config["rule_files"] = rule_files
+    if alertmanager_url:
+        host = urllib.parse.urlparse(alertmanager_url).netloc
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [host]}]}]}
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [
+        PROMETHEUS, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn",
+    ]
+    process, log_path = _spawn("prometheus", argv, workdir)
+    return _await_ready(Server("prometheus", process, f"http://127.0.0.1:{port}", log_path))
+
+
+def start_alertmanager(workdir: Path, config: dict[str, Any]) -> Server:
+    """Start Debian's prometheus-alertmanager with clustering off on a free loopback port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "alertmanager.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [
+        ALERTMANAGER, f"--config.file={config_path}", f"--storage.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
+    ]
+    process, log_path = _spawn("alertmanager", argv, workdir)
+    return _await_ready(Server("alertmanager", process, f"http://127.0.0.1:{port}", log_path))
+
+
+def start_healer(workdir: Path, config: dict[str, Any] | Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> Server:
+    """Start `python -m healer serve` on 127.0.0.1:0 and read the bound port from its JSON log."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, Path):
+        config_path = config
+    else:
+        config_path = workdir / "healer.yml"
+        config_path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", "127.0.0.1:0", "--log-format", "json"]
+    process, log_path = _spawn("healer", argv, workdir, env)
+    server = Server("healer", process, "", log_path)
+
+    def listening() -> str | None:
+        if process.poll() is not None:
+            raise RuntimeError(f"healer exited with {process.returncode}:\n{server.log()}")
+        for line in server.log().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == "listening":
+                return str(json.loads(line)["address"])
+        return None
+
+    try:
+        server.url = "http://" + wait_for(listening, timeout, what="healer listening")
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return _await_ready(server, timeout=timeout)
+
+
+def prom_query(prometheus: Server, expr: str) -> list[dict[str, Any]]:
+    """Run an instant PromQL query through Prometheus's HTTP API and return the result vector."""
+    status, body = http_get(f"{prometheus.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    payload = json.loads(body)
+    if status != 200 or payload.get("status") != "success":
+        raise AssertionError(f"query {expr!r} failed: {payload}")
+    return list(payload["data"]["result"])
+
+
+def prom_value(prometheus: Server, expr: str) -> float | None:
+    """Return the single value of an instant query, or None when it returns nothing."""
+    result = prom_query(prometheus, expr)
+    if not result:
+        return None
+    assert len(result) == 1, f"{expr!r} returned {len(result)} series: {result}"
+    return float(result[0]["value"][1])
