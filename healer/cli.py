@@ -1,9 +1,10 @@
-"""The `healer` command line: serve, check-config."""
+"""The `healer` command line: serve, check-config, test-alert."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -39,7 +40,59 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("config", type=Path, help="path to healer.yml")
+
+    test_alert = commands.add_parser(
+        "test-alert", help="show what would run for each alert of an Alertmanager payload, running nothing"
+    )
+    test_alert.add_argument("-c", "--config", type=Path, required=True, help="path to healer.yml")
+    test_alert.add_argument("payload", type=Path, help="an Alertmanager webhook payload (JSON)")
+    test_alert.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
+    """Print, for each alert in a payload, the rule, the ladder and the rendered invocations."""
+    from pydantic import ValidationError
+
+    from healer.healing.engine import first_plans
+    from healer.healing.payload import WebhookPayload
+    from healer.strategies.builtin import default_registry
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        payload = WebhookPayload.model_validate_json(payload_path.read_bytes())
+    except OSError as exc:
+        print(f"{payload_path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in error["loc"]) or "(body)"
+            print(f"{payload_path}: {where}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    registry = default_registry()
+    reports = [first_plans(config, registry, alert) for alert in payload.alerts]
+    if as_json:
+        print(json.dumps(reports, indent=2))
+        return EXIT_OK
+    for report in reports:
+        print(f"{report['alertname']} ({report['status']}, fingerprint {report['fingerprint']})")
+        print(f"  {report['explanation']}")
+        if report["skip_reason"]:
+            print(f"  skip reason: {report['skip_reason']}")
+        for position, step in enumerate(report["ladder"], start=1):
+            flags = [flag for flag, on in (("dry run", step["dry_run"]), ("needs approval", step["approval"] == "required")) if on]
+            suffix = f" [{', '.join(flags)}]" if flags else ""
+            print(f"  {position}. {step['strategy']} ({step['type']}){suffix}")
+            if "plan" in step:
+                print(f"     would run: {json.dumps(step['plan'])}")
+            else:
+                print(f"     skipped (unsafe_label): {step['error']}")
+    return EXIT_OK
 
 
 def check_config(path: Path) -> int:
@@ -67,6 +120,7 @@ def _listen_address(config: HealerConfig, override: str | None) -> tuple[str, in
 async def _serve(config: HealerConfig, host: str, port: int) -> None:
     from prometheus_client import disable_created_metrics
 
+    from healer.receiver import ENGINE
     from healer.server import create_app
 
     # `_created` series double the series count and nothing in healer's rules reads them.
@@ -78,6 +132,8 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
     await site.start()
     bound = [sock.getsockname() for sock in site._server.sockets] if site._server else []  # type: ignore[union-attr]
     address = f"{bound[0][0]}:{bound[0][1]}" if bound else f"{host}:{port}"
+    if config.server.external_url is None:
+        app[ENGINE].external_url = f"http://{address}"
     log.info("listening", extra=fields(address=address, version=__version__))
 
     stop = asyncio.Event()
@@ -104,9 +160,11 @@ def serve(path: Path, listen: str | None, log_format: str | None) -> int:
     except (StartupError, ValueError, OSError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
+    from healer.store import StoreUnavailableError
+
     try:
         asyncio.run(_serve(config, host, port))
-    except OSError as exc:
+    except (OSError, StoreUnavailableError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
     return EXIT_OK
@@ -117,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "test-alert":
+        return test_alert(args.config, args.payload, args.json)
     if args.command == "serve":
         return serve(args.config, args.listen, args.log_format)
     raise AssertionError(f"unhandled command {args.command}")

@@ -105,6 +105,7 @@ class AuthConfig(_Strict):
 
 class ServerConfig(_Strict):
     listen: ListenAddress = "127.0.0.1:9877"
+    external_url: Url | None = None
     auth: AuthConfig = AuthConfig()
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

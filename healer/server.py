@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from healer.alertmanager import AlertmanagerClient
 from healer.config import HealerConfig
 from healer.exporter.host import HostCollector
 from healer.exporter.own import OwnMetrics
+from healer.healing.engine import Engine
 from healer.healing.metrics import HealingMetrics
 from healer.exporter.probes import Prober, ProbeMetrics
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
 from healer.logs import fields
+from healer.promql import PromQLClient
+from healer.receiver import ENGINE, TOKEN, add_routes
+from healer.store import AsyncStore, SQLiteStore, StoreUnavailableError
+from healer.strategies.base import StrategyRegistry
+from healer.strategies.builtin import default_registry
 from healer.upstreams import UpstreamMonitor
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,7 @@ class Services:
     finder: ProcessFinder
     upstreams: UpstreamMonitor
     healing_metrics: HealingMetrics
+    strategies: StrategyRegistry
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -41,7 +51,9 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 
 
-def build_services(config: HealerConfig, registry: CollectorRegistry | None = None) -> Services:
+def build_services(
+    config: HealerConfig, registry: CollectorRegistry | None = None, strategies: StrategyRegistry | None = None
+) -> Services:
     """Create the registry and its collectors from the config; nothing runs yet."""
     registry = registry if registry is not None else CollectorRegistry()
     stats = CollectorStats()
@@ -56,7 +68,8 @@ def build_services(config: HealerConfig, registry: CollectorRegistry | None = No
     upstreams = UpstreamMonitor({"prometheus": config.prometheus, "alertmanager": config.alertmanager}, own)
     # Last, so that it reports the durations measured during this same scrape.
     registry.register(StatsCollector(stats))
-    return Services(config, registry, own, prober, finder, upstreams, healing_metrics)
+    strategies = strategies if strategies is not None else default_registry()
+    return Services(config, registry, own, prober, finder, upstreams, healing_metrics, strategies)
 
 
 async def _scan_processes(services: Services) -> None:
@@ -67,6 +80,42 @@ async def _scan_processes(services: Services) -> None:
         except Exception:  # a failed walk must not stop future walks
             log.exception("process scan failed")
         await asyncio.sleep(interval)
+
+
+async def _purge_old_records(engine: Engine, retention: float) -> None:
+    while True:
+        removed = await engine.store.call(engine.store.sync.purge, time.time() - retention)
+        if removed:
+            log.info("audit records purged", extra=fields(episodes=removed))
+        await asyncio.sleep(3600)
+
+
+def build_engine(services: Services) -> Engine:
+    """Open the store and create the engine; raises StoreUnavailableError when the store cannot open."""
+    config = services.config
+    try:
+        store = AsyncStore(SQLiteStore(config.store.path))
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailableError(f"cannot open the store {config.store.path}: {exc}") from exc
+    return Engine(
+        config, store, services.strategies, services.healing_metrics, PromQLClient(config.prometheus),
+        AlertmanagerClient(config.alertmanager),
+        config.server.external_url or f"http://{config.server.listen}",
+    )
+
+
+async def _healing(app: web.Application) -> AsyncIterator[None]:
+    """Start the engine; on shutdown let running steps finish, then close the store."""
+    engine = app[ENGINE]
+    config = app[SERVICES].config
+    await engine.alertmanager.start()
+    await engine.start()
+    purge = asyncio.create_task(_purge_old_records(engine, config.store.retention), name="purge")
+    yield
+    purge.cancel()
+    await engine.stop(config.server.shutdown_timeout)
+    await engine.alertmanager.close()
+    await engine.store.close()
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -104,11 +153,25 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: HealerConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(
+    config: HealerConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    strategies: StrategyRegistry | None = None,
+) -> web.Application:
     """Build the healer web application for a validated config."""
     app = web.Application(client_max_size=config.server.max_request_bytes)
-    app[SERVICES] = build_services(config, registry)
+    app[SERVICES] = build_services(config, registry, strategies)
+    app[ENGINE] = build_engine(app[SERVICES])
+    token = config.server.auth.resolve_token()
+    if token is not None:
+        app[TOKEN] = token
+    else:
+        log.warning("the webhook and operator endpoints accept requests without a token (loopback only)")
+    # Healing first, so that readiness (set by the exporter's lifecycle) implies an open store.
+    app.cleanup_ctx.append(_healing)
     app.cleanup_ctx.append(_lifecycle)
+    add_routes(app)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -1,0 +1,236 @@
+"""Alertmanager API v2 client: escalation alerts and silences, over one aiohttp session."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from healer.config import AlertmanagerConfig
+
+RUNBOOK_URL = "https://github.com/healer-project/healer/blob/main/docs/runbook.md#healingfailed"
+HEALING_FAILED = "HealingFailed"
+
+
+class AlertmanagerUnavailableError(Exception):
+    """Alertmanager could not be reached, timed out, or answered with a non-2xx status.
+
+    `status` is the HTTP status when there was an answer, None for connection errors and
+    timeouts; a 4xx status means Alertmanager rejected the request itself.
+    """
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC, as Alertmanager parses it."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _matcher_filter(labels: Mapping[str, str]) -> list[tuple[str, str]]:
+    """`filter` query parameters (`name="value"`, one per label) for the v2 list endpoints.
+
+    Alertmanager's matcher parser unescapes exactly backslash, double quote and newline.
+    """
+    escaped = {
+        name: value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        for name, value in labels.items()
+    }
+    return [("filter", f'{name}="{value}"') for name, value in escaped.items()]
+
+
+def healing_failed_alert(
+    original_labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    *,
+    rule: str,
+    strategies_tried: Sequence[str],
+    audit_url: str,
+    reason: str,
+    ends_at: datetime | None = None,
+) -> dict[str, Any]:
+    """Build the `HealingFailed` alert healer posts when a rule's escalation ladder is exhausted.
+
+    Labels are the original alert's labels with `alertname` replaced by `HealingFailed`, plus
+    `healed_alertname`, `healer_rule` and `severity="critical"`; empty label values are
+    dropped, as Prometheus treats them as absent. The original annotations are kept, each
+    renamed with a `healed_` prefix (so `summary` becomes `healed_summary`), beside healer's
+    own `summary`, `description`, `strategies_tried`, `audit_url` and `runbook_url`.
+    `generatorURL` is the audit URL. Without `ends_at` Alertmanager resolves the alert after
+    its `resolve_timeout` (5m by default) unless it is posted again.
+    """
+    alertname = original_labels.get("alertname", "") or "(unnamed alert)"
+    instance = original_labels.get("instance") or original_labels.get("job") or "unknown instance"
+    labels = {k: v for k, v in original_labels.items() if k != "alertname" and v != ""}
+    labels.update(
+        alertname=HEALING_FAILED,
+        healed_alertname=alertname,
+        healer_rule=rule,
+        severity="critical",
+    )
+    tried = ", ".join(strategies_tried) if strategies_tried else "none"
+    description = (
+        f"healer rule {rule!r} tried {len(strategies_tried)} "
+        f"strateg{'y' if len(strategies_tried) == 1 else 'ies'} ({tried}) "
+        f"and {alertname} still fires: {reason}"
+    )
+    merged = {f"healed_{name}": value for name, value in annotations.items()}
+    merged.update(
+        summary=f"healer could not heal {alertname} on {instance}",
+        description=description,
+        strategies_tried=",".join(strategies_tried),
+        audit_url=audit_url,
+        runbook_url=RUNBOOK_URL,
+    )
+    alert: dict[str, Any] = {"labels": labels, "annotations": merged, "generatorURL": audit_url}
+    if ends_at is not None:
+        alert["endsAt"] = _timestamp(ends_at)
+    return alert
+
+
+class AlertmanagerClient:
+    """Talks to one Alertmanager's API v2 with one aiohttp session.
+
+    Use as `async with AlertmanagerClient(config) as am:`, or call `start()` and `close()`;
+    a request made before `start()` opens the session itself.
+    """
+
+    healing_failed_alert = staticmethod(healing_failed_alert)
+
+    def __init__(self, config: AlertmanagerConfig) -> None:
+        self.url = config.url
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the HTTP session; must run inside the event loop that will use it."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, headers={"User-Agent": "healer"}
+            )
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> AlertmanagerClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Sequence[tuple[str, str]] = (),
+        ok_statuses: frozenset[int] = frozenset(),
+    ) -> Any:
+        """Send one request and return the decoded JSON body (None when empty or tolerated)."""
+        await self.start()
+        assert self._session is not None
+        url = f"{self.url}{path}"
+        try:
+            async with self._session.request(
+                method, url, json=body, params=list(params) or None
+            ) as response:
+                text = await response.text()
+                if response.status in ok_statuses:
+                    return None
+                if not 200 <= response.status < 300:
+                    raise AlertmanagerUnavailableError(
+                        f"{method} {url} answered HTTP {response.status}: "
+                        f"{text.strip()[:500] or '(empty body)'}",
+                        status=response.status,
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AlertmanagerUnavailableError(
+                f"cannot reach Alertmanager at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise AlertmanagerUnavailableError(
+                f"{method} {url} answered a body that is not JSON: {text[:200]!r}",
+                status=response.status,
+            ) from None
+
+    async def post_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> None:
+        """POST alerts (labels, annotations, optional startsAt/endsAt, generatorURL)."""
+        await self._request("POST", "/api/v2/alerts", body=[dict(alert) for alert in alerts])
+
+    async def create_silence(
+        self,
+        matchers: Mapping[str, str],
+        duration_seconds: float,
+        comment: str,
+        created_by: str = "healer",
+    ) -> str:
+        """Silence alerts carrying every one of `matchers` exactly, from now on; return its id.
+
+        Pass the alert's full label set, alertname included, so the silence does not also
+        catch other alerts such as healer's own `HealingFailed` for the same target.
+        """
+        if not matchers:
+            raise ValueError("a silence needs at least one matcher")
+        now = datetime.now(UTC)
+        body = {
+            "matchers": [
+                {"name": name, "value": value, "isRegex": False, "isEqual": True}
+                for name, value in matchers.items()
+            ],
+            "startsAt": _timestamp(now),
+            "endsAt": _timestamp(now + timedelta(seconds=duration_seconds)),
+            "createdBy": created_by,
+            "comment": comment,
+        }
+        answer = await self._request("POST", "/api/v2/silences", body=body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
+            raise AlertmanagerUnavailableError(
+                f"unexpected answer to a new silence: {answer!r:.200}"
+            )
+        return str(answer["silenceID"])
+
+    async def expire_silence(self, silence_id: str) -> None:
+        """Expire a silence; one that is unknown or already expired is not an error.
+
+        Alertmanager 0.25 answers 200 for an already expired silence and 500 "silence not
+        found" for an unknown one; other versions answer 404 or "already expired".
+        """
+        try:
+            await self._request(
+                "DELETE",
+                f"/api/v2/silence/{quote(silence_id, safe='')}",
+                ok_statuses=frozenset({404}),
+            )
+        except AlertmanagerUnavailableError as exc:
+            if exc.status == 500 and ("not found" in exc.reason or "already expired" in exc.reason):
+                return
+            raise
+
+    async def silences(self, active_only: bool = True) -> list[dict[str, Any]]:
+        """List silences, by default only those in state `active`."""
+        answer = await self._request("GET", "/api/v2/silences")
+        result = [dict(item) for item in answer or []]
+        if active_only:
+            result = [item for item in result if item.get("status", {}).get("state") == "active"]
+        return result
+
+    async def alerts(self, filter: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """List alerts (active, silenced and inhibited) carrying every label of `filter` exactly."""
+        answer = await self._request("GET", "/api/v2/alerts", params=_matcher_filter(filter or {}))
+        return [dict(item) for item in answer or []]

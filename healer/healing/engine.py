@@ -1,0 +1,531 @@
+"""The healing engine: inbox → episode → matched rule → safety rails → strategy → verification → ladder.
+
+Every decision goes through the store in one transaction before it has effect, so that after a
+crash the engine resumes from the store: unprocessed inbox items are processed, steps that were
+running are recorded as interrupted and retried within their attempt limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from healer.alertmanager import AlertmanagerClient, AlertmanagerUnavailableError
+from healer.config import HealerConfig, HealingRule
+from healer.healing.metrics import HealingMetrics
+from healer.healing.payload import WebhookAlert
+from healer.healing.rails import CircuitBreaker, backoff
+from healer.logs import fields
+from healer.promql import PromQLClient, PrometheusUnavailableError
+from healer.store import Action, ActionFilter, AsyncStore, Episode, Finish, InboxItem, NewAction
+from healer.strategies.base import StrategyParams, StrategyRegistry
+from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
+
+log = logging.getLogger(__name__)
+
+STRATEGY_LABEL = "healer_strategy"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the engine would do with one firing alert, without doing it."""
+
+    rule: HealingRule | None
+    ladder: list[str]
+    start: int
+    skip_reason: str | None
+    explanation: str
+
+
+def decide(config: HealerConfig, labels: Mapping[str, str]) -> Decision:
+    """Find the first rule matching the labels and the ladder position the alert starts at."""
+    rule = next((r for r in config.healing.rules if r.matches(dict(labels))), None)
+    if rule is None:
+        return Decision(None, [], 0, "no_rule", "no healing rule matches these labels")
+    wanted = labels.get(STRATEGY_LABEL)
+    if wanted is None:
+        return Decision(rule, rule.strategies, 0, None, f"rule {rule.name!r} matches")
+    if wanted in rule.strategies:
+        return Decision(
+            rule, rule.strategies, rule.strategies.index(wanted), None,
+            f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} starts the ladder there",
+        )
+    return Decision(
+        rule, rule.strategies, 0, "strategy_not_allowed",
+        f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} is not in its ladder and is ignored",
+    )
+
+
+def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
+    return AlertContext(
+        labels=episode.labels, annotations=episode.annotations, fingerprint=episode.fingerprint,
+        starts_at=episode.starts_at, status=status,
+    )
+
+
+class Engine:
+    """Runs healing for the alerts the receiver has committed to the store."""
+
+    def __init__(
+        self,
+        config: HealerConfig,
+        store: AsyncStore,
+        registry: StrategyRegistry,
+        metrics: HealingMetrics,
+        promql: PromQLClient,
+        alertmanager: AlertmanagerClient,
+        external_url: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._registry = registry
+        self.metrics = metrics
+        self._promql = promql
+        self.alertmanager = alertmanager
+        self.external_url = external_url.rstrip("/")
+        self._clock = clock
+        self._rules = {rule.name: rule for rule in config.healing.rules}
+        healing = config.healing
+        self.circuit = CircuitBreaker(
+            healing.budget.actions, healing.budget.window, healing.circuit_reset, metrics.circuit_open, clock
+        )
+        self._global_slots = asyncio.Semaphore(healing.max_concurrent)
+        self._strategy_slots = {
+            name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
+        }
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._resolved: dict[int, asyncio.Event] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a previous run left unfinished, then start the work loop."""
+        await self._recover()
+        self._loop_task = asyncio.create_task(self._run(), name="healing-engine")
+
+    async def stop(self, timeout: float) -> None:
+        """Take no new steps, give running ones `timeout` seconds, then cancel them as interrupted."""
+        self._stopping = True
+        self.wake()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        running = list(self._inflight.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        if self._side_tasks:
+            await asyncio.wait(self._side_tasks, timeout=5)
+
+    def wake(self) -> None:
+        """Tell the work loop that there is new work."""
+        self._wake.set()
+
+    async def _recover(self) -> None:
+        for action in await self.store.call(self.store.sync.running_actions):
+            rule = self._rules.get(action.rule)
+            episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
+            assert episode is not None
+            nxt = self._next_step(action, rule, same_step=True) if rule else None
+            finish = Finish(
+                outcome="interrupted",
+                detail="healer stopped while the step was running",
+                next_action=nxt,
+                episode_state=None if nxt else "escalated",
+            )
+            await self.store.call(self.store.sync.finish, action.id, finish)
+            self.metrics.actions.labels(action.strategy, "interrupted").inc()
+            log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
+            if nxt is None:
+                await self._escalate(episode, rule.name if rule else action.rule, "attempts exhausted after interruption")
+        started = await self.store.call(self._recent_starts)
+        self.circuit.restore(started)
+        for episode in await self.store.call(self.store.sync.episodes_with_silences):
+            await self._expire_silence(episode)
+
+    def _recent_starts(self) -> list[float]:
+        horizon = self._clock() - self.config.healing.budget.window
+        rows = self.store.sync._db.execute(
+            "SELECT started_at FROM actions WHERE started_at >= ? AND outcome NOT IN ('dry_run')", (horizon,)
+        ).fetchall()
+        return [float(r[0]) for r in rows]
+
+    # -- the work loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._drain_inbox()
+                await self._expire_approvals()
+                delay = await self._dispatch_due()
+            except Exception:
+                log.exception("healing loop failed; retrying")
+                delay = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def _drain_inbox(self) -> None:
+        while True:
+            items = await self.store.call(self.store.sync.unprocessed, 200)
+            if not items:
+                break
+            for item in items:
+                if item.alert.status == "firing":
+                    await self._on_firing(item)
+                else:
+                    await self._on_resolved(item)
+        self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
+
+    async def _on_firing(self, item: InboxItem) -> None:
+        alert = item.alert
+        decision = decide(self.config, alert.labels)
+        events: list[tuple[str, dict[str, Any]]] = [("received", {"alertname": alert.alertname})]
+        first = None
+        state = "unmatched"
+        if decision.rule is not None:
+            rule = decision.rule
+            state = "open"
+            events.append(("matched", {"rule": rule.name, "explanation": decision.explanation}))
+            until, _ = await self.store.call(self.store.sync.cooldown, rule.name, alert.fingerprint)
+            now = self._clock()
+            first = NewAction(1, decision.start, rule.name, decision.ladder[decision.start], max(now, until))
+            if until > now:
+                events.append(("deferred", {"reason": "cooldown", "until": until}))
+        else:
+            events.append(("unmatched", {"explanation": decision.explanation}))
+        episode, created = await self.store.call(
+            self.store.sync.open_episode, item.id, alert, decision.rule.name if decision.rule else None,
+            state, first, events,
+        )
+        if not created:
+            self.metrics.skipped.labels("duplicate").inc()
+            return
+        if decision.skip_reason is not None:
+            self.metrics.skipped.labels(decision.skip_reason).inc()
+        if first is not None and first.not_before > self._clock():
+            self.metrics.skipped.labels("cooldown").inc()
+        log.info(
+            "alert received",
+            extra=fields(alertname=alert.alertname, fingerprint=alert.fingerprint, episode=episode.id,
+                         rule=episode.rule, explanation=decision.explanation),
+        )
+
+    async def _on_resolved(self, item: InboxItem) -> None:
+        episode, cancelled, running = await self.store.call(self.store.sync.resolve_episode, item.id, item.alert)
+        if episode is None:
+            return
+        for action in cancelled:
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self.metrics.skipped.labels("resolved").inc()
+        event = self._resolved.get(episode.id)
+        if event is not None:
+            event.set()
+        rule = self._rules.get(episode.rule or "")
+        for action in running:
+            task = self._inflight.get(action.id)
+            if task is not None and rule is not None and rule.cancel_running_on_resolve:
+                task.cancel()
+        if episode.state != "open":
+            await self._expire_silence(episode)
+
+    async def _expire_approvals(self) -> None:
+        for action in await self.store.call(self.store.sync.expired_approvals, self._clock()):
+            episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
+            assert episode is not None
+            self.metrics.skipped.labels("approval_expired").inc()
+            await self._end_with_escalation(
+                action, episode, Finish(outcome="cancelled", skip_reason="approval_expired",
+                                        detail="nobody approved the step in time"),
+                "approval expired",
+            )
+
+    async def _dispatch_due(self) -> float:
+        """Start every due step; return how long the loop may sleep before the next one is due."""
+        if self._stopping:
+            return 1.0
+        now = self._clock()
+        for action in await self.store.call(self.store.sync.due_actions, now):
+            if action.id not in self._inflight:
+                task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
+                self._inflight[action.id] = task
+                task.add_done_callback(lambda _t, a=action.id: self._inflight.pop(a, None))
+        deadlines = [
+            d for d in (
+                await self.store.call(self.store.sync.next_due),
+                await self.store.call(self.store.sync.next_approval_deadline),
+            ) if d is not None
+        ]
+        waits = [d - self._clock() for d in deadlines if d > now]
+        return max(0.01, min(waits, default=5.0))
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _next_step(self, action: Action, rule: HealingRule | None, *, same_step: bool = False) -> NewAction | None:
+        if rule is None or action.attempt >= rule.max_attempts:
+            return None
+        step = action.step if same_step else min(action.step + 1, len(rule.strategies) - 1)
+        delay = 0.0 if same_step else backoff(rule, action.attempt)
+        return NewAction(action.attempt + 1, step, rule.name, rule.strategies[step], self._clock() + delay)
+
+    async def _execute(self, action: Action) -> None:
+        try:
+            await self._execute_step(action)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("step failed unexpectedly", extra=fields(action=action.id))
+
+    async def _execute_step(self, action: Action) -> None:
+        store = self.store
+        episode = await store.call(store.sync.get_episode, action.episode_id)
+        assert episode is not None
+        rule = self._rules.get(action.rule)
+        params = self.config.strategies.get(action.strategy)
+        if rule is None or params is None:
+            self.metrics.skipped.labels("disabled").inc()
+            await self._end_with_escalation(
+                action, episode,
+                Finish(outcome="cancelled", skip_reason="disabled",
+                       detail=f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"),
+                "configuration changed",
+            )
+            return
+        runner = self._registry.get(params.type).runner
+        alert = alert_context(episode)
+        try:
+            plan = runner.plan(params, alert)
+        except UnsafeLabelError as exc:
+            self.metrics.skipped.labels("unsafe_label").inc()
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            log.warning("unsafe label", extra=fields(action=action.id, reason=str(exc)))
+            await self._continue_or_escalate(
+                action, rule, episode, Finish(outcome="cancelled", skip_reason="unsafe_label", detail=str(exc)),
+                reason=f"unsafe label: {exc}",
+            )
+            return
+        if self.config.healing.dry_run or rule.dry_run:
+            self.metrics.skipped.labels("dry_run").inc()
+            self.metrics.actions.labels(action.strategy, "dry_run").inc()
+            await store.call(store.sync.finish, action.id, Finish(
+                outcome="dry_run", skip_reason="dry_run", plan=plan, episode_state="dry_run",
+                detail="dry run: recorded what would have run",
+            ))
+            return
+        if params.approval == "required" and not action.approved:
+            deadline = self._clock() + self.config.healing.approval_timeout
+            if await store.call(store.sync.await_approval, action.id, deadline, plan):
+                self.metrics.skipped.labels("approval_pending").inc()
+                self.wake()
+            return
+        firing = await self._still_firing(episode)
+        if firing is False:
+            self.metrics.skipped.labels("resolved").inc()
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            await store.call(store.sync.finish, action.id, Finish(
+                outcome="cancelled", skip_reason="resolved", episode_state="resolved", plan=plan,
+                detail="Prometheus no longer reports the alert firing",
+            ))
+            await self._episode_ended(episode)
+            return
+        if not self.circuit.acquire():
+            self.metrics.skipped.labels("circuit_open").inc()
+            await self._end_with_escalation(
+                action, episode, Finish(outcome="cancelled", skip_reason="circuit_open", plan=plan,
+                                        detail="the action budget is spent; the circuit breaker is open"),
+                "circuit breaker open",
+            )
+            return
+        if rule.silence and episode.silence_id is None:
+            episode = await self._silence(episode, rule)
+        slots = self._strategy_slots.setdefault(action.strategy, asyncio.Semaphore(params.max_concurrent))
+        if self._global_slots.locked() or slots.locked():
+            self.metrics.skipped.labels("concurrency").inc()
+        async with self._global_slots, slots:
+            if not await store.call(store.sync.claim, action.id, plan):
+                return
+            await self._run_claimed(action, rule, params, episode, plan)
+
+    async def _run_claimed(
+        self, action: Action, rule: HealingRule, params: StrategyParams, episode: Episode, plan: dict[str, Any]
+    ) -> None:
+        store = self.store
+        runner = self._registry.get(params.type).runner
+        resolved = self._resolved.setdefault(episode.id, asyncio.Event())
+        started = time.monotonic()
+        self.metrics.running.inc()
+        log.info("step started", extra=fields(action=action.id, rule=rule.name, strategy=action.strategy,
+                                              attempt=action.attempt))
+        try:
+            result: StepResult = await runner.run(params, alert_context(episode))
+        except asyncio.CancelledError:
+            # On shutdown the step stays "running" in the store; the next start records it as
+            # interrupted and retries it, exactly as after a crash.
+            if not self._stopping:
+                self.metrics.actions.labels(action.strategy, "cancelled").inc()
+                await store.call(store.sync.finish, action.id, Finish(
+                    outcome="cancelled", skip_reason="resolved", episode_state="resolved",
+                    detail="the alert resolved while the step ran; the step was stopped",
+                ))
+                await self._episode_ended(episode)
+            raise
+        except UnsafeLabelError as exc:
+            result = StepResult(ok=False, detail=f"unsafe label: {exc}")
+        finally:
+            self.metrics.running.dec()
+            self.metrics.action_duration.labels(action.strategy).observe(time.monotonic() - started)
+        cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
+        if not result.ok:
+            outcome = "timeout" if result.timed_out else "failed"
+            self.metrics.actions.labels(action.strategy, outcome).inc()
+            await self._continue_or_escalate(action, rule, episode, Finish(
+                outcome=outcome, detail=result.detail, exit_code=result.exit_code, output=result.output,
+                cooldown=cooldown,
+            ), reason=f"{action.strategy} {outcome}: {result.detail}")
+            return
+        verdict = await self._promql.verify_resolved(
+            episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
+        )
+        self.metrics.actions.labels(action.strategy, verdict).inc()
+        base = Finish(outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output,
+                      cooldown=cooldown)
+        log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
+        if verdict == "healed":
+            self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
+            await store.call(store.sync.finish, action.id, replace(base, episode_state="healed"))
+            await self._episode_ended(episode)
+        elif verdict == "unverified":
+            await store.call(store.sync.finish, action.id, replace(base, episode_state="unverified"))
+            await self._episode_ended(episode)
+        else:
+            await self._continue_or_escalate(action, rule, episode, base, reason="the alert still fires")
+
+    async def _continue_or_escalate(
+        self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, reason: str
+    ) -> None:
+        nxt = self._next_step(action, rule)
+        if nxt is not None:
+            await self.store.call(self.store.sync.finish, action.id, replace(finish, next_action=nxt))
+            self.wake()
+            return
+        await self._end_with_escalation(action, episode, finish, reason)
+
+    async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
+        done = await self.store.call(
+            self.store.sync.finish, action.id,
+            replace(finish, episode_state="escalated", events=[("escalated", {"reason": reason})]),
+        )
+        if done:
+            await self._escalate(episode, action.rule, reason)
+            await self._episode_ended(episode)
+
+    async def _escalate(self, episode: Episode, rule: str, reason: str) -> None:
+        self.metrics.escalations.inc()
+        tried = [a.strategy for a, _ in await self.store.call(self.store.sync.list_actions, ActionFilter(episode_id=episode.id, limit=1000))]
+        alert = AlertmanagerClient.healing_failed_alert(
+            episode.labels, episode.annotations, rule=rule, strategies_tried=list(reversed(tried)),
+            audit_url=f"{self.external_url}/api/v1/actions?episode={episode.id}", reason=reason,
+        )
+        log.warning("escalating", extra=fields(episode=episode.id, alertname=episode.alertname, reason=reason))
+        self._spawn(self._post_with_retry(alert, episode.id))
+
+    async def _post_with_retry(self, alert: dict[str, Any], episode_id: int) -> None:
+        for delay in (0.0, 1.0, 5.0, 30.0):
+            await asyncio.sleep(delay)
+            try:
+                await self.alertmanager.post_alerts([alert])
+                return
+            except AlertmanagerUnavailableError as exc:
+                log.error("escalation not delivered", extra=fields(episode=episode_id, reason=str(exc)))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _still_firing(self, episode: Episode) -> bool | None:
+        try:
+            return await self._promql.alert_firing(episode.labels)
+        except PrometheusUnavailableError:
+            return None
+
+    async def _silence(self, episode: Episode, rule: HealingRule) -> Episode:
+        duration = rule.verify.within * rule.max_attempts + rule.max_backoff
+        try:
+            silence_id = await self.alertmanager.create_silence(
+                episode.labels, duration, comment=f"healer is healing episode {episode.id} (rule {rule.name})"
+            )
+        except AlertmanagerUnavailableError as exc:
+            log.error("silence not created", extra=fields(episode=episode.id, reason=str(exc)))
+            return episode
+        await self.store.call(self.store.sync.set_silence, episode.id, silence_id)
+        refreshed = await self.store.call(self.store.sync.get_episode, episode.id)
+        assert refreshed is not None
+        return refreshed
+
+    async def _episode_ended(self, episode: Episode) -> None:
+        self._resolved.pop(episode.id, None)
+        refreshed = await self.store.call(self.store.sync.get_episode, episode.id)
+        if refreshed is not None:
+            await self._expire_silence(refreshed)
+
+    async def _expire_silence(self, episode: Episode) -> None:
+        if episode.silence_id is None:
+            return
+        try:
+            await self.alertmanager.expire_silence(episode.silence_id)
+        except AlertmanagerUnavailableError as exc:
+            log.error("silence not expired", extra=fields(episode=episode.id, reason=str(exc)))
+            return
+        await self.store.call(self.store.sync.set_silence, episode.id, None)
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    async def approve(self, action_id: int, approver: str) -> bool:
+        approved = await self.store.call(self.store.sync.approve, action_id, approver)
+        if approved:
+            self.wake()
+        return approved
+
+    def close_circuit(self) -> None:
+        self.circuit.close()
+        self.wake()
+
+
+def first_plans(config: HealerConfig, registry: StrategyRegistry, alert: WebhookAlert) -> dict[str, Any]:
+    """Describe what the engine would run for one alert, for `healer test-alert`."""
+    decision = decide(config, alert.labels)
+    report: dict[str, Any] = {
+        "alertname": alert.alertname, "status": alert.status, "fingerprint": alert.fingerprint,
+        "rule": decision.rule.name if decision.rule else None, "explanation": decision.explanation,
+        "skip_reason": decision.skip_reason, "ladder": [],
+    }
+    if decision.rule is None or alert.status != "firing":
+        if alert.status != "firing":
+            report["explanation"] = "resolved notification: cancels the pending steps of its episode"
+        return report
+    context = AlertContext(alert.labels, alert.annotations, alert.fingerprint, alert.starts_at, alert.status)
+    dry_run = config.healing.dry_run or bool(decision.rule.dry_run)
+    for name in decision.ladder[decision.start:]:
+        params = config.strategies[name]
+        entry: dict[str, Any] = {"strategy": name, "type": params.type, "dry_run": dry_run,
+                                 "approval": params.approval}
+        try:
+            entry["plan"] = registry.get(params.type).runner.plan(params, context)
+        except UnsafeLabelError as exc:
+            entry["skip_reason"] = "unsafe_label"
+            entry["error"] = str(exc)
+        report["ladder"].append(entry)
+    return report

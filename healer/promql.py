@@ -1,0 +1,313 @@
+"""Asynchronous PromQL queries and alert verification, over `prometheus_api_client`.
+
+`PrometheusConnect` is synchronous (it uses `requests`), so every call runs in a worker thread
+through `asyncio.to_thread` and never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import requests
+import yaml
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.util.retry import Retry
+
+from healer.config import PrometheusConfig
+from healer.logs import fields
+
+log = logging.getLogger(__name__)
+
+VerifyOutcome = Literal["healed", "not_healed", "unverified"]
+
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_STATUS_IN_MESSAGE = re.compile(r"^HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
+
+
+class PrometheusUnavailableError(Exception):
+    """Prometheus could not be reached, timed out, or answered with a server-side error."""
+
+
+class PromQLError(Exception):
+    """Prometheus rejected the query itself (HTTP 400 bad_data or 422 execution error)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One series of an instant-query result: its labels and its value at query time."""
+
+    labels: dict[str, str] = field(hash=False)
+    value: float
+
+
+def quote_label_value(value: str) -> str:
+    """Return `value` as a double-quoted PromQL string literal.
+
+    PromQL strings use Go's escape rules; JSON's escapes (`\\\\`, `\\"`, `\\n`, `\\t`, `\\uXXXX`
+    for other control characters) are a subset of them, and `ensure_ascii=False` keeps other
+    characters literal, so the JSON encoding of a string is a valid PromQL literal of it.
+    """
+    return json.dumps(value, ensure_ascii=False)
+
+
+def label_selector(metric: str, labels: Mapping[str, str]) -> str:
+    """Build `metric{name="value", ...}` with every label matched by equality.
+
+    Raises ValueError for a label name that is not a valid Prometheus label name.
+    """
+    parts = []
+    for name, value in labels.items():
+        if not LABEL_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid Prometheus label name")
+        parts.append(f"{name}={quote_label_value(str(value))}")
+    return f"{metric}{{{', '.join(parts)}}}"
+
+
+def _error_from_client_exception(exc: PrometheusApiClientException) -> Exception:
+    """Turn the client's `HTTP Status Code N (b'...')` message into our own exception."""
+    message = str(exc)
+    match = _STATUS_IN_MESSAGE.match(message)
+    if match is None:
+        return PrometheusUnavailableError(f"Prometheus answered an error: {message}")
+    status = int(match.group(1))
+    detail = match.group(2)
+    try:
+        body = ast.literal_eval(detail)
+        text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    except (ValueError, SyntaxError):
+        text = detail
+    try:
+        payload = json.loads(text)
+        reason = f"{payload.get('errorType', 'error')}: {payload.get('error', text)}"
+    except (ValueError, AttributeError):
+        reason = text.strip()[:500] or "(empty body)"
+    if status in (400, 422):
+        return PromQLError(reason)
+    return PrometheusUnavailableError(f"Prometheus answered HTTP {status}: {reason}")
+
+
+def _to_samples(result: Any) -> list[Sample]:
+    """Convert the `data.result` of an instant query (vector, scalar or string) into samples."""
+    if not isinstance(result, list):
+        raise PrometheusUnavailableError(
+            f"unexpected query result from Prometheus: {result!r:.200}"
+        )
+    # A scalar or string result is `[timestamp, "value"]`, not a list of series.
+    if len(result) == 2 and not isinstance(result[0], dict):
+        try:
+            return [Sample({}, float(result[1]))]
+        except (TypeError, ValueError):
+            raise PromQLError(f"query returned a string, not a number: {result[1]!r}") from None
+    samples = []
+    for series in result:
+        if not isinstance(series, dict):
+            raise PrometheusUnavailableError(
+                f"unexpected query result from Prometheus: {result!r:.200}"
+            )
+        if "value" not in series:
+            raise PromQLError("query returned a range vector; use an instant vector expression")
+        samples.append(
+            Sample(
+                {str(k): str(v) for k, v in series.get("metric", {}).items()},
+                float(series["value"][1]),
+            )
+        )
+    return samples
+
+
+class PromQLClient:
+    """Instant PromQL queries against one Prometheus, with the configured timeout."""
+
+    def __init__(self, config: PrometheusConfig) -> None:
+        self.url = config.url
+        self.timeout = config.timeout
+        self._session = requests.Session()
+        # The library's default retries three times with backoff (6 s on a closed port). Here a
+        # failed connect is retried once at once, nothing else is, so a query takes at most
+        # about two connect timeouts or one read timeout; callers poll on their own.
+        retry = Retry(
+            total=1, connect=1, read=0, other=0, status=0, backoff_factor=0, raise_on_status=False
+        )
+        # `timeout` is annotated int but goes straight to `requests`, which takes float seconds.
+        connect: Any = PrometheusConnect
+        self._prom: Any = connect(
+            url=config.url, session=self._session, retry=retry, timeout=config.timeout
+        )
+        self._external_labels: dict[str, str] | None = None
+
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self._session.close()
+
+    async def __aenter__(self) -> PromQLClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _query_sync(self, expr: str) -> list[Sample]:
+        try:
+            # The timeout applies to connecting and to each read, as `requests` defines it.
+            result = self._prom.custom_query(query=expr, timeout=self.timeout)
+        except PrometheusApiClientException as exc:
+            raise _error_from_client_exception(exc) from None
+        except requests.RequestException as exc:
+            raise PrometheusUnavailableError(
+                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        except (ValueError, KeyError, TypeError) as exc:  # 200 with a body that is not the API's
+            raise PrometheusUnavailableError(
+                f"unreadable answer from Prometheus at {self.url}: {exc}"
+            ) from None
+        return _to_samples(result)
+
+    async def query(self, expr: str) -> list[Sample]:
+        """Run an instant query and return its series.
+
+        Raises PromQLError when Prometheus rejects the expression and PrometheusUnavailableError
+        when it cannot be reached, times out, or fails on its side.
+        """
+        return await asyncio.to_thread(self._query_sync, expr)
+
+    async def scalar(self, expr: str) -> float | None:
+        """Return the single value of an instant query, None for an empty result.
+
+        Raises PromQLError when the query returns more than one series.
+        """
+        samples = await self.query(expr)
+        if not samples:
+            return None
+        if len(samples) > 1:
+            raise PromQLError(f"{expr!r} returned {len(samples)} series where one was expected")
+        return samples[0].value
+
+    def _external_labels_sync(self) -> dict[str, str]:
+        try:
+            response = self._session.get(f"{self.url}/api/v1/status/config", timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PrometheusUnavailableError(
+                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        if response.status_code != 200:
+            # Prometheus-compatible backends may not serve the config; assume no external labels.
+            return {}
+        try:
+            config = yaml.safe_load(response.json()["data"]["yaml"]) or {}
+            external = (config.get("global") or {}).get("external_labels") or {}
+            return {str(k): str(v) for k, v in external.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+            return {}
+
+    async def external_labels(self) -> dict[str, str]:
+        """Return Prometheus's `global.external_labels`, fetched once and then cached.
+
+        Prometheus adds them to alerts it sends to Alertmanager but not to its own `ALERTS`
+        series. A backend that does not serve `/api/v1/status/config` counts as having none.
+        """
+        if self._external_labels is None:
+            self._external_labels = await asyncio.to_thread(self._external_labels_sync)
+        return dict(self._external_labels)
+
+    async def alert_firing(self, labels: Mapping[str, str]) -> bool:
+        """Tell whether `ALERTS{alertstate="firing"}` has a series carrying all of `labels` exactly.
+
+        `labels` are the alert's labels as Alertmanager shows them. Labels equal to one of
+        Prometheus's external labels (name and value) are left out of the selector, since
+        `ALERTS` does not carry them. Raises ValueError for an invalid label name and
+        PrometheusUnavailableError when Prometheus cannot answer.
+        """
+        external = await self.external_labels()
+        matchers = {"alertstate": "firing"}
+        for name, value in labels.items():
+            if name != "alertstate" and external.get(name) != value:
+                matchers[name] = value
+        try:
+            samples = await self.query(label_selector("ALERTS", matchers))
+        except PromQLError as exc:  # our own selector cannot be wrong; the server is
+            raise PrometheusUnavailableError(
+                f"Prometheus rejected the ALERTS query: {exc}"
+            ) from None
+        return bool(samples)
+
+    async def verify_resolved(
+        self,
+        labels: Mapping[str, str],
+        within: float,
+        interval: float,
+        *,
+        resolved: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> VerifyOutcome:
+        """Poll `alert_firing(labels)` every `interval` seconds for up to `within` seconds.
+
+        Returns "healed" as soon as Prometheus says the alert no longer fires; "not_healed"
+        when the deadline passes and the last answer Prometheus gave was "firing";
+        "unverified" when Prometheus could not be asked on any poll. The first poll is
+        immediate and the last one happens at the deadline.
+
+        `resolved` is an optional event the caller sets when Alertmanager reports the alert
+        resolved. It cuts the current wait short and triggers one confirming query at once;
+        only Prometheus's answer decides, so if that query still sees the alert firing (or
+        cannot reach Prometheus) polling resumes at the normal interval and the event is not
+        consulted again. An event already set on entry makes the first poll the confirming one.
+        `clock` and `sleep` are injectable for tests.
+        """
+        deadline = clock() + within
+        reachable = False
+        resolved_seen = resolved is not None and resolved.is_set()
+        last_error: PrometheusUnavailableError | None = None
+        polls = 0
+        while True:
+            polls += 1
+            try:
+                firing = await self.alert_firing(labels)
+            except PrometheusUnavailableError as exc:
+                last_error = exc
+            else:
+                reachable = True
+                if not firing:
+                    return "healed"
+            remaining = deadline - clock()
+            if remaining <= 0:
+                break
+            delay = min(interval, remaining)
+            if resolved is None or resolved_seen:
+                await sleep(delay)
+            else:
+                resolved_seen = await _sleep_or_event(sleep, delay, resolved)
+        outcome: VerifyOutcome = "not_healed" if reachable else "unverified"
+        log.debug(
+            "verification finished",
+            extra=fields(
+                outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""
+            ),
+        )
+        return outcome
+
+
+async def _sleep_or_event(
+    sleep: Callable[[float], Awaitable[None]], delay: float, event: asyncio.Event
+) -> bool:
+    """Wait `delay` seconds or until `event` is set, whichever comes first; True if it was set."""
+    sleeper = asyncio.ensure_future(sleep(delay))
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waiter):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    return event.is_set()

@@ -1,0 +1,653 @@
+"""The durable store: inbox, episodes, actions, cooldowns and the audit trail, in SQLite (WAL).
+
+Every method of `SQLiteStore` is one transaction, so a crash leaves either all of a decision
+on disk or none of it. `AsyncStore` runs them on one dedicated thread and commits concurrent
+webhook deliveries together (group commit), so that durability does not cost a commit each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from healer.healing.payload import WebhookAlert
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    starts_at TEXT NOT NULL,
+    alert TEXT NOT NULL,
+    processed_at REAL
+);
+CREATE INDEX IF NOT EXISTS inbox_unprocessed ON inbox(id) WHERE processed_at IS NULL;
+CREATE TABLE IF NOT EXISTS episodes (
+    id INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    starts_at TEXT NOT NULL,
+    starts_at_epoch REAL NOT NULL,
+    alertname TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    annotations TEXT NOT NULL,
+    rule TEXT,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ended_at REAL,
+    resolved_at REAL,
+    silence_id TEXT,
+    UNIQUE (fingerprint, starts_at)
+);
+CREATE INDEX IF NOT EXISTS episodes_state ON episodes(state);
+CREATE TABLE IF NOT EXISTS actions (
+    id INTEGER PRIMARY KEY,
+    episode_id INTEGER NOT NULL REFERENCES episodes(id),
+    attempt INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    skip_reason TEXT,
+    not_before REAL NOT NULL,
+    approval_deadline REAL,
+    approved INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    plan TEXT,
+    detail TEXT,
+    exit_code INTEGER,
+    output TEXT,
+    UNIQUE (episode_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS actions_state ON actions(state, not_before);
+CREATE TABLE IF NOT EXISTS cooldowns (
+    rule TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    until REAL NOT NULL,
+    streak INTEGER NOT NULL,
+    PRIMARY KEY (rule, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    episode_id INTEGER,
+    action_id INTEGER,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_episode ON events(episode_id);
+"""
+
+# Action states: pending → running → done, or pending → awaiting_approval → pending / done.
+OPEN_ACTION_STATES = ("pending", "awaiting_approval")
+# Episode states; all but "open" are final.
+EPISODE_FINAL = ("healed", "escalated", "resolved", "unmatched", "dry_run", "unverified")
+
+
+class StoreUnavailableError(Exception):
+    """The store cannot take writes (disk full, locked, I/O error)."""
+
+
+@dataclass(frozen=True)
+class NewAction:
+    """A step to schedule: which strategy, which attempt, and not before when."""
+
+    attempt: int
+    step: int
+    rule: str
+    strategy: str
+    not_before: float
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    id: int
+    received_at: float
+    alert: WebhookAlert
+
+
+@dataclass(frozen=True)
+class Episode:
+    id: int
+    fingerprint: str
+    starts_at: str
+    starts_at_epoch: float
+    alertname: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    rule: str | None
+    state: str
+    created_at: float
+    ended_at: float | None
+    resolved_at: float | None
+    silence_id: str | None
+
+
+@dataclass(frozen=True)
+class Action:
+    id: int
+    episode_id: int
+    attempt: int
+    step: int
+    rule: str
+    strategy: str
+    state: str
+    outcome: str | None
+    skip_reason: str | None
+    not_before: float
+    approval_deadline: float | None
+    approved: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    plan: dict[str, Any] | None
+    detail: str | None
+    exit_code: int | None
+    output: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ActionFilter:
+    alertname: str | None = None
+    fingerprint: str | None = None
+    episode_id: int | None = None
+    rule: str | None = None
+    strategy: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a step ended, and what follows from it, written in one transaction."""
+
+    outcome: str
+    detail: str = ""
+    skip_reason: str | None = None
+    exit_code: int | None = None
+    output: str | None = None
+    plan: dict[str, Any] | None = None
+    started_at: float | None = None
+    next_action: NewAction | None = None
+    episode_state: str | None = None
+    cooldown: tuple[float, int] | None = None
+    events: Sequence[tuple[str, dict[str, Any]]] = field(default_factory=tuple)
+
+
+def _episode(row: sqlite3.Row) -> Episode:
+    return Episode(
+        row["id"], row["fingerprint"], row["starts_at"], row["starts_at_epoch"], row["alertname"],
+        json.loads(row["labels"]), json.loads(row["annotations"]), row["rule"], row["state"],
+        row["created_at"], row["ended_at"], row["resolved_at"], row["silence_id"],
+    )
+
+
+def _action(row: sqlite3.Row) -> Action:
+    return Action(
+        row["id"], row["episode_id"], row["attempt"], row["step"], row["rule"], row["strategy"], row["state"],
+        row["outcome"], row["skip_reason"], row["not_before"], row["approval_deadline"], bool(row["approved"]),
+        row["created_at"], row["started_at"], row["finished_at"],
+        json.loads(row["plan"]) if row["plan"] else None, row["detail"], row["exit_code"], row["output"],
+    )
+
+
+class SQLiteStore:
+    """Synchronous SQLite store; use it from one thread (AsyncStore does that)."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL with WAL survives a killed process; FULL would also survive power loss at a cost per commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    def _event(self, db: sqlite3.Connection, kind: str, detail: dict[str, Any], episode_id: int | None = None,
+               action_id: int | None = None) -> None:
+        db.execute(
+            "INSERT INTO events (ts, episode_id, action_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (self._clock(), episode_id, action_id, kind, json.dumps(detail)),
+        )
+
+    # -- inbox ---------------------------------------------------------------------------------
+
+    def accept(self, batches: Sequence[Sequence[WebhookAlert]]) -> list[list[int]]:
+        """Write the alerts of several deliveries to the inbox in one transaction; return their ids."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> list[list[int]]:
+            ids = []
+            for alerts in batches:
+                ids.append([
+                    int(db.execute(
+                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)",
+                        (now, a.status, a.fingerprint, a.starts_at, a.model_dump_json()),
+                    ).lastrowid or 0)
+                    for a in alerts
+                ])
+            return ids
+
+        return self._tx(work)
+
+    def unprocessed(self, limit: int = 500) -> list[InboxItem]:
+        rows = self._db.execute(
+            "SELECT id, received_at, alert FROM inbox WHERE processed_at IS NULL ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [InboxItem(r["id"], r["received_at"], WebhookAlert.model_validate_json(r["alert"])) for r in rows]
+
+    def inbox_depth(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM inbox WHERE processed_at IS NULL").fetchone()[0])
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    def find_episode(self, fingerprint: str, starts_at: str) -> Episode | None:
+        row = self._db.execute(
+            "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (fingerprint, starts_at)
+        ).fetchone()
+        return _episode(row) if row else None
+
+    def get_episode(self, episode_id: int) -> Episode | None:
+        row = self._db.execute("SELECT * FROM episodes WHERE id = ?", (episode_id,)).fetchone()
+        return _episode(row) if row else None
+
+    def open_episode(
+        self, inbox_id: int, alert: WebhookAlert, rule: str | None, state: str,
+        first: NewAction | None, events: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> tuple[Episode, bool]:
+        """Create the episode of a firing alert with its first step, unless it exists; mark the inbox item done."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> tuple[Episode, bool]:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels,"
+                " annotations, rule, state, created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    alert.fingerprint, alert.starts_at, alert.starts_at_epoch, alert.alertname,
+                    json.dumps(alert.labels), json.dumps(alert.annotations), rule, state, now,
+                    None if state == "open" else now,
+                ),
+            )
+            created = cursor.rowcount == 1
+            db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
+            row = db.execute(
+                "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
+            ).fetchone()
+            episode = _episode(row)
+            if created:
+                for kind, detail in events:
+                    self._event(db, kind, detail, episode.id)
+                if first is not None:
+                    self._insert_action(db, episode.id, first, now)
+            return episode, created
+
+        return self._tx(work)
+
+    def resolve_episode(self, inbox_id: int, alert: WebhookAlert) -> tuple[Episode | None, list[Action], list[Action]]:
+        """Record a resolved notification: cancel the episode's open steps, report its running ones."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> tuple[Episode | None, list[Action], list[Action]]:
+            db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
+            row = db.execute(
+                "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
+            ).fetchone()
+            if row is None:
+                return None, [], []
+            episode_id = row["id"]
+            if row["resolved_at"] is None:
+                db.execute("UPDATE episodes SET resolved_at = ? WHERE id = ?", (now, episode_id))
+                self._event(db, "resolved", {"fingerprint": alert.fingerprint}, episode_id)
+            cancelled = [_action(r) for r in db.execute(
+                "SELECT * FROM actions WHERE episode_id = ? AND state IN ('pending', 'awaiting_approval')",
+                (episode_id,),
+            ).fetchall()]
+            for action in cancelled:
+                db.execute(
+                    "UPDATE actions SET state = 'done', outcome = 'cancelled', skip_reason = 'resolved',"
+                    " finished_at = ?, detail = 'alert resolved before the step ran' WHERE id = ?",
+                    (now, action.id),
+                )
+                self._event(db, "cancelled", {"reason": "resolved"}, episode_id, action.id)
+            cancelled = [_action(db.execute("SELECT * FROM actions WHERE id = ?", (a.id,)).fetchone()) for a in cancelled]
+            running = [_action(r) for r in db.execute(
+                "SELECT * FROM actions WHERE episode_id = ? AND state = 'running'", (episode_id,)
+            ).fetchall()]
+            if not running and row["state"] == "open":
+                db.execute(
+                    "UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ?", (now, episode_id)
+                )
+            refreshed = db.execute("SELECT * FROM episodes WHERE id = ?", (episode_id,)).fetchone()
+            return _episode(refreshed), cancelled, running
+
+        return self._tx(work)
+
+    def set_silence(self, episode_id: int, silence_id: str | None) -> None:
+        self._tx(lambda db: db.execute("UPDATE episodes SET silence_id = ? WHERE id = ?", (silence_id, episode_id)))
+
+    def end_episode(self, episode_id: int, state: str, events: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ? AND state = 'open'", (state, now, episode_id)
+            )
+            for kind, detail in events:
+                self._event(db, kind, detail, episode_id)
+
+        self._tx(work)
+
+    def episodes_with_silences(self) -> list[Episode]:
+        """Episodes that ended while their silence was still recorded (expire it after a restart)."""
+        rows = self._db.execute(
+            "SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'"
+        ).fetchall()
+        return [_episode(r) for r in rows]
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _insert_action(self, db: sqlite3.Connection, episode_id: int, spec: NewAction, now: float) -> int:
+        cursor = db.execute(
+            "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
+            " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
+        )
+        action_id = int(cursor.lastrowid or 0)
+        self._event(
+            db, "scheduled", {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
+            episode_id, action_id,
+        )
+        return action_id
+
+    def get_action(self, action_id: int) -> Action | None:
+        row = self._db.execute("SELECT * FROM actions WHERE id = ?", (action_id,)).fetchone()
+        return _action(row) if row else None
+
+    def due_actions(self, now: float) -> list[Action]:
+        """Pending steps whose time has come, of episodes still open, oldest first."""
+        rows = self._db.execute(
+            "SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id WHERE a.state = 'pending'"
+            " AND a.not_before <= ? AND e.state = 'open' ORDER BY a.not_before, a.id",
+            (now,),
+        ).fetchall()
+        return [_action(r) for r in rows]
+
+    def next_due(self) -> float | None:
+        row = self._db.execute(
+            "SELECT min(not_before) FROM actions WHERE state = 'pending'"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def expired_approvals(self, now: float) -> list[Action]:
+        rows = self._db.execute(
+            "SELECT * FROM actions WHERE state = 'awaiting_approval' AND approval_deadline <= ?", (now,)
+        ).fetchall()
+        return [_action(r) for r in rows]
+
+    def next_approval_deadline(self) -> float | None:
+        row = self._db.execute(
+            "SELECT min(approval_deadline) FROM actions WHERE state = 'awaiting_approval'"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def running_actions(self) -> list[Action]:
+        return [_action(r) for r in self._db.execute("SELECT * FROM actions WHERE state = 'running'").fetchall()]
+
+    def claim(self, action_id: int, plan: dict[str, Any] | None) -> bool:
+        """Move a pending step to running; False when another claim or a cancellation won."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE actions SET state = 'running', started_at = ?, plan = ? WHERE id = ? AND state = 'pending'",
+                (now, json.dumps(plan) if plan is not None else None, action_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            row = db.execute("SELECT episode_id, strategy FROM actions WHERE id = ?", (action_id,)).fetchone()
+            self._event(db, "started", {"strategy": row["strategy"]}, row["episode_id"], action_id)
+            return True
+
+        return self._tx(work)
+
+    def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE actions SET state = 'awaiting_approval', approval_deadline = ?, plan = ?"
+                " WHERE id = ? AND state = 'pending'",
+                (deadline, json.dumps(plan) if plan is not None else None, action_id),
+            )
+            if cursor.rowcount == 1:
+                row = db.execute("SELECT episode_id FROM actions WHERE id = ?", (action_id,)).fetchone()
+                self._event(db, "awaiting_approval", {"deadline": deadline}, row["episode_id"], action_id)
+            return cursor.rowcount == 1
+
+        return self._tx(work)
+
+    def approve(self, action_id: int, approver: str) -> bool:
+        """Return an awaiting step to pending with its approval recorded."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE actions SET state = 'pending', approved = 1, not_before = ?"
+                " WHERE id = ? AND state = 'awaiting_approval'",
+                (self._clock(), action_id),
+            )
+            if cursor.rowcount == 1:
+                row = db.execute("SELECT episode_id FROM actions WHERE id = ?", (action_id,)).fetchone()
+                self._event(db, "approved", {"by": approver}, row["episode_id"], action_id)
+            return cursor.rowcount == 1
+
+        return self._tx(work)
+
+    def finish(self, action_id: int, finish: Finish) -> bool:
+        """Record how a step ended and apply its consequences; False if it had already ended."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT * FROM actions WHERE id = ?", (action_id,)).fetchone()
+            if row is None or row["state"] == "done":
+                return False
+            action = _action(row)
+            db.execute(
+                "UPDATE actions SET state = 'done', outcome = ?, skip_reason = ?, detail = ?, exit_code = ?,"
+                " output = ?, finished_at = ?, started_at = coalesce(started_at, ?),"
+                " plan = coalesce(?, plan) WHERE id = ?",
+                (
+                    finish.outcome, finish.skip_reason, finish.detail, finish.exit_code, finish.output, now,
+                    finish.started_at, json.dumps(finish.plan) if finish.plan is not None else None, action_id,
+                ),
+            )
+            self._event(
+                db, "finished",
+                {"outcome": finish.outcome, "skip_reason": finish.skip_reason, "detail": finish.detail},
+                action.episode_id, action_id,
+            )
+            for kind, detail in finish.events:
+                self._event(db, kind, detail, action.episode_id, action_id)
+            if finish.cooldown is not None:
+                until, streak = finish.cooldown
+                db.execute(
+                    "INSERT INTO cooldowns (rule, fingerprint, until, streak) SELECT ?, fingerprint, ?, ?"
+                    " FROM episodes WHERE id = ? ON CONFLICT (rule, fingerprint) DO UPDATE SET"
+                    " until = excluded.until, streak = excluded.streak",
+                    (action.rule, until, streak, action.episode_id),
+                )
+            episode_state = db.execute("SELECT state, resolved_at FROM episodes WHERE id = ?", (action.episode_id,)).fetchone()
+            if finish.next_action is not None and episode_state["state"] == "open" and episode_state["resolved_at"] is None:
+                self._insert_action(db, action.episode_id, finish.next_action, now)
+            elif finish.episode_state is not None:
+                db.execute(
+                    "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ? AND state = 'open'",
+                    (finish.episode_state, now, action.episode_id),
+                )
+            elif episode_state["resolved_at"] is not None:
+                db.execute(
+                    "UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ? AND state = 'open'",
+                    (now, action.episode_id),
+                )
+            return True
+
+        return self._tx(work)
+
+    def cooldown(self, rule: str, fingerprint: str) -> tuple[float, int]:
+        """Return (until, streak) of a rule and alert; (0, 0) when none was recorded."""
+        row = self._db.execute(
+            "SELECT until, streak FROM cooldowns WHERE rule = ? AND fingerprint = ?", (rule, fingerprint)
+        ).fetchone()
+        return (float(row[0]), int(row[1])) if row else (0.0, 0)
+
+    def attempts(self, episode_id: int) -> int:
+        return int(self._db.execute(
+            "SELECT coalesce(max(attempt), 0) FROM actions WHERE episode_id = ?", (episode_id,)
+        ).fetchone()[0])
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    def list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
+        """Steps newest first, filtered by alert, rule, strategy, outcome and time."""
+        clauses, params = [], []
+        for column, value in (
+            ("e.alertname", query.alertname), ("e.fingerprint", query.fingerprint), ("a.episode_id", query.episode_id),
+            ("a.rule", query.rule), ("a.strategy", query.strategy), ("a.outcome", query.outcome),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.since is not None:
+            clauses.append("a.created_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            clauses.append("a.created_at <= ?")
+            params.append(query.until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.execute(
+            "SELECT a.*, e.id AS e_id FROM actions a JOIN episodes e ON e.id = a.episode_id"
+            f" {where} ORDER BY a.id DESC LIMIT ?",
+            (*params, query.limit),
+        ).fetchall()
+        episodes: dict[int, Episode] = {}
+        result = []
+        for row in rows:
+            if row["episode_id"] not in episodes:
+                episode = self.get_episode(row["episode_id"])
+                assert episode is not None
+                episodes[row["episode_id"]] = episode
+            result.append((_action(row), episodes[row["episode_id"]]))
+        return result
+
+    def events(self, episode_id: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = ? ORDER BY id", (episode_id,)
+        ).fetchall()
+        return [{"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows]
+
+    def counts(self) -> dict[str, Any]:
+        """Totals for the status report: alerts received, episodes by state, steps by outcome."""
+        received = int(self._db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+        episodes = dict(self._db.execute("SELECT state, count(*) FROM episodes GROUP BY state").fetchall())
+        outcomes = dict(self._db.execute(
+            "SELECT outcome, count(*) FROM actions WHERE outcome IS NOT NULL GROUP BY outcome"
+        ).fetchall())
+        heal_times = [r[0] for r in self._db.execute(
+            "SELECT a.finished_at - e.starts_at_epoch FROM actions a JOIN episodes e ON e.id = a.episode_id"
+            " WHERE a.outcome = 'healed' ORDER BY 1"
+        ).fetchall()]
+        return {"alerts_received": received, "episodes": episodes, "actions": outcomes, "heal_seconds": heal_times}
+
+    def purge(self, older_than: float) -> int:
+        """Delete finished episodes, their steps and events, and processed inbox items older than a time."""
+
+        def work(db: sqlite3.Connection) -> int:
+            old = "SELECT id FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?"
+            db.execute(f"DELETE FROM events WHERE episode_id IN ({old})", (older_than,))
+            db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))
+            removed = db.execute(
+                "DELETE FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?", (older_than,)
+            ).rowcount
+            db.execute("DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (older_than,))
+            return int(removed)
+
+        return self._tx(work)
+
+
+class AsyncStore:
+    """Runs SQLiteStore methods on one thread; `accept` commits concurrent deliveries together."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.sync = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healer-store")
+        self._pending: list[tuple[Sequence[WebhookAlert], asyncio.Future[list[int]]]] = []
+        self._flushing = False
+
+    async def call(self, method: Callable[..., T], *args: Any) -> T:
+        """Run a store method on the store thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
+
+    async def accept(self, alerts: Sequence[WebhookAlert]) -> list[int]:
+        """Commit the alerts of one delivery to the inbox, batched with concurrent deliveries."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((alerts, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    ids = await self.call(self.sync.accept, [alerts for alerts, _ in batch])
+                except Exception as exc:  # every waiter learns that its delivery was not stored
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, StoreUnavailableError)
+                                                 else StoreUnavailableError(str(exc)))
+                    continue
+                for (_, future), batch_ids in zip(batch, ids, strict=True):
+                    if not future.done():
+                        future.set_result(batch_ids)
+        finally:
+            self._flushing = False
+
+    async def close(self) -> None:
+        await self.call(self.sync.close)
+        self._executor.shutdown(wait=True)

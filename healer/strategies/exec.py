@@ -1,0 +1,276 @@
+"""The `exec` strategy: run a program from an argv list in its own process group, never through a shell.
+
+The machinery here (`Invocation`, `run_invocation`) is shared with the `systemd` strategy.
+
+Process lifetime:
+
+* the program starts with `start_new_session=True`, so it and everything it spawns form one
+  process group whose id is the program's pid;
+* on timeout or when the calling task is cancelled, the whole group gets SIGTERM (and SIGCONT, so
+  a stopped process sees it); whatever is still alive after KILL_GRACE_SECONDS gets SIGKILL. This
+  includes grandchildren that outlive the program itself;
+* when the program exits by itself, processes it left running in the background are left alone
+  (a restart script may have started the service that way). Output is read for at most
+  OUTPUT_GRACE_SECONDS more, after which healer closes its end of the pipe: background processes
+  should redirect their output.
+
+stdout and stderr are merged into one pipe that is always drained to the end, but only the first
+`output_limit_bytes` are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from pydantic import Field
+
+from healer.durations import format_duration
+from healer.strategies.base import StrategyParams, TemplateField
+from healer.strategies.runner import AlertContext, OutputBuffer, StepResult, one_line
+from healer.strategies.templating import lookup, render
+
+KILL_GRACE_SECONDS = 2.0
+OUTPUT_GRACE_SECONDS = 1.0
+BASE_ENV_KEYS = ("PATH", "LANG")
+_READ_CHUNK = 65536
+_POLL_SECONDS = 0.05
+
+
+class ExecParams(StrategyParams):
+    """Run a program from an argv list; never through a shell."""
+
+    type: Literal["exec"] = "exec"
+    command: list[TemplateField] = Field(min_length=1)
+    env: dict[str, TemplateField] = Field(default_factory=dict)
+    cwd: Path | None = None
+    output_limit_bytes: int = Field(default=65536, ge=0)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """A fully rendered program run: argv, the environment healer adds, cwd and limits."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    timeout: float = 30.0
+    output_limit: int = 65536
+
+    def describe(self) -> dict[str, object]:
+        """The plan shown for dry-run and audit; `inherited_env` names what comes from healer's own env."""
+        return {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "inherited_env": list(BASE_ENV_KEYS),
+            "cwd": None if self.cwd is None else str(self.cwd),
+            "timeout": self.timeout,
+        }
+
+
+def base_env() -> dict[str, str]:
+    """The minimal environment every program starts from: PATH and LANG of healer itself."""
+    env = {key: os.environ[key] for key in BASE_ENV_KEYS if key in os.environ}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
+def alert_env(params: StrategyParams, alert: AlertContext) -> dict[str, str]:
+    """HEALER_ALERTNAME, HEALER_FINGERPRINT and HEALER_STATUS; the alert name passes the allowlist."""
+    alertname = lookup("labels", "alertname", params, alert) if "alertname" in alert.labels else ""
+    return {
+        "HEALER_ALERTNAME": alertname,
+        "HEALER_FINGERPRINT": _plain(alert.fingerprint),
+        "HEALER_STATUS": _plain(alert.status),
+    }
+
+
+def _plain(value: str) -> str:
+    """Keep only printable ASCII, at most 128 characters, for values Alertmanager itself produces."""
+    return "".join(char for char in value[:128] if " " <= char <= "~")
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of the group is alive; zombies waiting to be reaped do not count."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+async def terminate_group(proc: asyncio.subprocess.Process, grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process group of `proc`, SIGKILL what is left after `grace` seconds, reap `proc`."""
+    pgid = proc.pid
+    loop = asyncio.get_running_loop()
+    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)
+    try:
+        deadline = loop.time() + grace
+        while _group_alive(pgid):
+            if loop.time() >= deadline:
+                _signal_group(pgid, signal.SIGKILL)
+                break
+            await asyncio.sleep(_POLL_SECONDS)
+        await proc.wait()
+    except asyncio.CancelledError:
+        _signal_group(pgid, signal.SIGKILL)
+        raise
+
+
+async def _drain(reader: asyncio.StreamReader, output: OutputBuffer) -> None:
+    while chunk := await reader.read(_READ_CHUNK):
+        output.feed(chunk)
+
+
+async def _finish_drain(drain: asyncio.Task[None], grace: float) -> None:
+    """Let the reader reach end of file for at most `grace` seconds, then stop it."""
+    await asyncio.wait({drain}, timeout=grace)
+    if not drain.done():
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+    elif not drain.cancelled():
+        drain.exception()  # retrieved: a read error only loses output
+
+
+def _spawn_failure(exc: Exception, invocation: Invocation) -> str:
+    program = invocation.argv[0]
+    if isinstance(exc, OSError):
+        if invocation.cwd is not None and str(exc.filename) == str(invocation.cwd):
+            return f"cannot use working directory {invocation.cwd}: {exc.strerror}"
+        if isinstance(exc, FileNotFoundError):
+            return f"executable not found: {program}"
+        if isinstance(exc, PermissionError):
+            return f"executable not permitted: {program}"
+        return f"cannot start {program}: {exc.strerror or exc}"
+    return f"cannot start {program}: {exc}"
+
+
+def _exit_detail(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
+async def run_invocation(invocation: Invocation) -> StepResult:
+    """Run a rendered invocation to completion, timeout or cancellation; see the module docstring."""
+    env = {**base_env(), **invocation.env}
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *invocation.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            env=env,
+            cwd=invocation.cwd,
+            start_new_session=True,
+        )
+    except (OSError, ValueError) as exc:
+        os.close(read_fd)
+        return StepResult(ok=False, detail=one_line(_spawn_failure(exc, invocation)))
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+
+    output = OutputBuffer(invocation.output_limit)
+    pipe = None
+    transport: asyncio.BaseTransport | None = None
+    drain: asyncio.Task[None] | None = None
+    terminated = False
+    try:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_CHUNK)
+        pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - handed to the transport
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        drain = asyncio.create_task(_drain(reader, output))
+        try:
+            async with asyncio.timeout(invocation.timeout):
+                returncode = await proc.wait()
+        except TimeoutError:
+            terminated = True
+            await terminate_group(proc)
+            await _finish_drain(drain, OUTPUT_GRACE_SECONDS)
+            return StepResult(
+                ok=False,
+                detail=f"timed out after {format_duration(invocation.timeout)}",
+                output=output.text(),
+                exit_code=proc.returncode,
+                timed_out=True,
+            )
+        await _finish_drain(drain, OUTPUT_GRACE_SECONDS)
+        return StepResult(
+            ok=returncode == 0, detail=_exit_detail(returncode), output=output.text(), exit_code=returncode
+        )
+    except BaseException:
+        # Cancelled (or anything unexpected): never leave the group running behind us.
+        if not terminated and proc.returncode is None:
+            await terminate_group(proc)
+        raise
+    finally:
+        if drain is not None and not drain.done():
+            drain.cancel()
+        if transport is not None:
+            transport.close()
+        elif pipe is not None:
+            pipe.close()
+        else:
+            os.close(read_fd)
+
+
+def _exec_params(params: StrategyParams) -> ExecParams:
+    if not isinstance(params, ExecParams):
+        raise TypeError(f"exec runner got {type(params).__name__}, not ExecParams")
+    return params
+
+
+class ExecRunner:
+    """Runner of the `exec` strategy type."""
+
+    def invocation(self, params: StrategyParams, alert: AlertContext) -> Invocation:
+        """Render argv and env from the alert; raises UnsafeLabelError."""
+        exec_params = _exec_params(params)
+        argv = tuple(render(arg, params, alert) for arg in exec_params.command)
+        env = {key: render(value, params, alert) for key, value in exec_params.env.items()}
+        env.update(alert_env(params, alert))
+        return Invocation(
+            argv=argv,
+            env=env,
+            cwd=exec_params.cwd,
+            timeout=exec_params.timeout,
+            output_limit=exec_params.output_limit_bytes,
+        )
+
+    def plan(self, params: StrategyParams, alert: AlertContext) -> dict[str, object]:
+        """argv, env (what healer adds), inherited_env, cwd and timeout, without running anything."""
+        return self.invocation(params, alert).describe()
+
+    async def run(self, params: StrategyParams, alert: AlertContext) -> StepResult:
+        """Run the program; see the module docstring for timeouts, cancellation and output."""
+        return await run_invocation(self.invocation(params, alert))

@@ -1,0 +1,153 @@
+"""The `signal` strategy: send a signal to processes found by pidfile or command-line regex.
+
+A pidfile holds one positive integer. A cmdline regex is searched (`re.search`) in each
+process's arguments joined by spaces, as the exporter's process watches do. healer's own process
+is never a target, and pids 0 and below (which would address process groups) are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal as signal_module
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from pydantic import field_validator, model_validator
+
+from healer.strategies.base import StrategyParams
+from healer.strategies.runner import AlertContext, StepResult
+from healer.types import Regex
+
+
+def _signal_number(name: str) -> str:
+    normalised = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    if not isinstance(getattr(signal_module, normalised, None), signal_module.Signals):
+        raise ValueError(f"unknown signal {name!r}; use a name such as SIGHUP or SIGTERM")
+    return normalised
+
+
+class SignalParams(StrategyParams):
+    """Send a signal to processes found by pidfile or command-line regex."""
+
+    type: Literal["signal"] = "signal"
+    signal: str = "SIGHUP"
+    pidfile: Path | None = None
+    cmdline: Regex | None = None
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, name: str) -> str:
+        return _signal_number(name)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SignalParams:
+        if (self.pidfile is None) == (self.cmdline is None):
+            raise ValueError("give exactly one of pidfile or cmdline")
+        return self
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The processes a signal strategy would address, or why there are none."""
+
+    signal: str
+    source: str  # "pidfile /run/x.pid" or "cmdline regex 'x'"
+    pids: tuple[int, ...]
+    problem: str | None = None
+
+    def describe(self) -> dict[str, object]:
+        """The plan for dry-run and audit."""
+        plan: dict[str, object] = {"signal": self.signal, "target": self.source, "pids": list(self.pids)}
+        if self.problem is not None:
+            plan["problem"] = self.problem
+        return plan
+
+
+def _signal_params(params: StrategyParams) -> SignalParams:
+    if not isinstance(params, SignalParams):
+        raise TypeError(f"signal runner got {type(params).__name__}, not SignalParams")
+    return params
+
+
+def _from_pidfile(pidfile: Path) -> tuple[tuple[int, ...], str | None]:
+    try:
+        text = pidfile.read_text().strip()
+    except FileNotFoundError:
+        return (), f"pidfile {pidfile} not found"
+    except (OSError, UnicodeDecodeError) as exc:
+        return (), f"cannot read pidfile {pidfile}: {getattr(exc, 'strerror', None) or exc}"
+    if not text.isdigit() or int(text) <= 0:
+        return (), f"pidfile {pidfile} does not hold a positive pid: {text[:40]!r}"
+    pid = int(text)
+    if pid == os.getpid():
+        return (), f"pidfile {pidfile} names healer itself (pid {pid})"
+    if not psutil.pid_exists(pid):
+        return (), f"pidfile {pidfile} names pid {pid}, which is not running"
+    return (pid,), None
+
+
+def _from_cmdline(pattern: str) -> tuple[tuple[int, ...], str | None]:
+    regex = re.compile(pattern)
+    own = os.getpid()
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        info = proc.info
+        if info["pid"] == own or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(info["cmdline"] or ())
+        if cmdline and regex.search(cmdline):
+            pids.append(info["pid"])
+    if not pids:
+        return (), f"no process matches cmdline regex {pattern!r}"
+    return tuple(sorted(pids)), None
+
+
+class SignalRunner:
+    """Runner of the `signal` strategy type."""
+
+    def targets(self, params: StrategyParams) -> Targets:
+        """Find the processes to signal now."""
+        signal_params = _signal_params(params)
+        if signal_params.pidfile is not None:
+            pids, problem = _from_pidfile(signal_params.pidfile)
+            source = f"pidfile {signal_params.pidfile}"
+        else:
+            assert signal_params.cmdline is not None
+            pids, problem = _from_cmdline(signal_params.cmdline)
+            source = f"cmdline regex {signal_params.cmdline!r}"
+        return Targets(signal=signal_params.signal, source=source, pids=pids, problem=problem)
+
+    def plan(self, params: StrategyParams, alert: AlertContext) -> dict[str, object]:
+        """signal, target, the pids found now, and `problem` when none were found."""
+        return self.targets(params).describe()
+
+    async def run(self, params: StrategyParams, alert: AlertContext) -> StepResult:
+        """Signal every target; ok when at least one process received the signal."""
+        targets = await asyncio.to_thread(self.targets, params)
+        if not targets.pids:
+            return StepResult(ok=False, detail=targets.problem or f"no process matches {targets.source}")
+        signum = signal_module.Signals[targets.signal]
+        sent: list[int] = []
+        failed: list[str] = []
+        for pid in targets.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                failed.append(f"{pid} (gone)")
+            except PermissionError:
+                failed.append(f"{pid} (permission denied)")
+            else:
+                sent.append(pid)
+        detail = (
+            f"{targets.signal} sent to {len(sent)} process{'' if len(sent) == 1 else 'es'}"
+            f" ({', '.join(map(str, sent))})"
+            if sent
+            else f"{targets.signal} not delivered"
+        )
+        if failed:
+            detail += f"; failed for {', '.join(failed)}"
+        return StepResult(ok=bool(sent), detail=detail)

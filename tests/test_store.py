@@ -1,0 +1,157 @@
+"""The SQLite store: one transaction per decision, exactly-once episodes and claims, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from healer.healing.payload import WebhookAlert, WebhookPayload
+from healer.store import ActionFilter, AsyncStore, Finish, NewAction, SQLiteStore, StoreUnavailableError
+
+
+@pytest.fixture
+def firing(fixtures_dir: Path) -> WebhookAlert:
+    payload = json.loads((fixtures_dir / "alertmanager-0.25-firing-one.json").read_text())
+    return WebhookPayload.model_validate(payload).alerts[0]
+
+
+@pytest.fixture
+def resolved(fixtures_dir: Path) -> WebhookAlert:
+    payload = json.loads((fixtures_dir / "alertmanager-0.25-resolved.json").read_text())
+    return WebhookPayload.model_validate(payload).alerts[0]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "healer.db")
+
+
+def open_with_first_step(store: SQLiteStore, alert: WebhookAlert, not_before: float = 0.0) -> tuple[int, bool]:
+    [[inbox_id]] = store.accept([[alert]])
+    episode, created = store.open_episode(inbox_id, alert, "web", "open", NewAction(1, 0, "web", "restart", not_before))
+    return episode.id, created
+
+
+def test_accepted_alerts_survive_reopening(tmp_path: Path, firing: WebhookAlert) -> None:
+    """Alerts written by accept are in the inbox after the store is closed and opened again."""
+    first = SQLiteStore(tmp_path / "healer.db")
+    ids = first.accept([[firing, firing], [firing]])
+    first.close()
+    again = SQLiteStore(tmp_path / "healer.db")
+    assert [item.id for item in again.unprocessed()] == [i for batch in ids for i in batch]
+    assert again.unprocessed()[0].alert == firing
+    assert again.inbox_depth() == 3
+
+
+def test_same_episode_opens_once(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """The same (fingerprint, startsAt) delivered twice creates one episode and one first step."""
+    episode_id, created = open_with_first_step(store, firing)
+    again_id, again_created = open_with_first_step(store, firing)
+    assert created and not again_created and again_id == episode_id
+    assert len(store.list_actions(ActionFilter(episode_id=episode_id))) == 1
+    assert store.inbox_depth() == 0
+
+
+def test_claim_is_exclusive(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A pending step can be claimed once; the second claim fails."""
+    open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    assert store.claim(action.id, {"argv": ["true"]}) is True
+    assert store.claim(action.id, None) is False
+    assert store.running_actions()[0].plan == {"argv": ["true"]}
+
+
+def test_not_before_delays_a_step(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A step is due only once its not_before time has come."""
+    open_with_first_step(store, firing, not_before=1000.0)
+    assert store.due_actions(now=999.0) == []
+    assert len(store.due_actions(now=1000.0)) == 1
+    assert store.next_due() == 1000.0
+
+
+def test_resolved_cancels_pending_steps(store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert) -> None:
+    """A resolved notification cancels the episode's pending step and ends the episode."""
+    episode_id, _ = open_with_first_step(store, firing, not_before=1e12)
+    [[inbox_id]] = store.accept([[resolved]])
+    episode, cancelled, running = store.resolve_episode(inbox_id, resolved)
+    assert episode is not None and episode.id == episode_id and episode.state == "resolved"
+    assert [a.outcome for a in cancelled] == ["cancelled"] and running == []
+    assert store.get_action(cancelled[0].id).skip_reason == "resolved"
+
+
+def test_resolved_leaves_running_step_to_the_engine(
+    store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert
+) -> None:
+    """A step already running is reported, not cancelled, and the episode stays open until it ends."""
+    open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    [[inbox_id]] = store.accept([[resolved]])
+    episode, cancelled, running = store.resolve_episode(inbox_id, resolved)
+    assert [a.id for a in running] == [action.id] and cancelled == []
+    assert episode is not None and episode.state == "open" and episode.resolved_at is not None
+    store.finish(action.id, Finish(outcome="healed", detail="exit 0"))
+    assert store.get_episode(episode.id).state == "resolved"
+
+
+def test_finish_schedules_next_step_once(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """Finishing a step writes its outcome and the ladder's next step together, and only once."""
+    episode_id, _ = open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    finish = Finish(outcome="not_healed", detail="exit 0", next_action=NewAction(2, 1, "web", "rollback", 5.0),
+                    cooldown=(50.0, 1))
+    assert store.finish(action.id, finish) is True
+    assert store.finish(action.id, finish) is False
+    rows = store.list_actions(ActionFilter(episode_id=episode_id))
+    assert [(a.attempt, a.strategy, a.state, a.outcome) for a, _ in rows] == [
+        (2, "rollback", "pending", None), (1, "restart", "done", "not_healed"),
+    ]
+    assert store.cooldown("web", firing.fingerprint) == (50.0, 1)
+    assert store.attempts(episode_id) == 2
+
+
+def test_events_record_every_decision(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """The audit trail holds received, scheduled, started and finished events in order."""
+    [[inbox_id]] = store.accept([[firing]])
+    episode, _ = store.open_episode(
+        inbox_id, firing, "web", "open", NewAction(1, 0, "web", "restart", 0.0), [("received", {}), ("matched", {})]
+    )
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    store.finish(action.id, Finish(outcome="healed", episode_state="healed"))
+    kinds = [event["kind"] for event in store.events(episode.id)]
+    assert kinds == ["received", "matched", "scheduled", "started", "finished"]
+    assert store.get_episode(episode.id).state == "healed"
+
+
+def test_purge_removes_only_old_finished_episodes(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """Retention deletes ended episodes older than the horizon and keeps open ones."""
+    episode_id, _ = open_with_first_step(store, firing)
+    assert store.purge(older_than=1e12) == 0
+    store.end_episode(episode_id, "escalated")
+    assert store.purge(older_than=1e12) == 1
+    assert store.get_episode(episode_id) is None and store.list_actions(ActionFilter()) == []
+
+
+async def test_group_commit_answers_every_delivery(tmp_path: Path, firing: WebhookAlert) -> None:
+    """Concurrent deliveries are committed together and each gets its own inbox ids."""
+    store = AsyncStore(SQLiteStore(tmp_path / "healer.db"))
+    results = await asyncio.gather(*(store.accept([firing] * (i % 3 + 1)) for i in range(50)))
+    assert [len(ids) for ids in results] == [i % 3 + 1 for i in range(50)]
+    flat = [i for ids in results for i in ids]
+    assert len(set(flat)) == len(flat) == await store.call(store.sync.inbox_depth)
+    await store.close()
+
+
+async def test_unwritable_store_fails_every_waiter(tmp_path: Path, firing: WebhookAlert) -> None:
+    """When the database refuses writes, every waiting delivery gets StoreUnavailableError."""
+    path = tmp_path / "healer.db"
+    store = AsyncStore(SQLiteStore(path))
+    store.sync._db.execute("PRAGMA query_only = ON")
+    results = await asyncio.gather(*(store.accept([firing]) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailableError) for r in results)
+    await store.close()
