@@ -115,6 +115,7 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     purge.cancel()
     await engine.stop(config.server.shutdown_timeout)
     await engine.alertmanager.close()
+    engine.promql.close()
     await engine.store.close()
 
 

@@ -170,15 +170,21 @@ def start_alertmanager(workdir: Path, config: dict[str, Any]) -> Server:
     return _await_ready(Server("alertmanager", process, f"http://127.0.0.1:{port}", log_path))
 
 
-def start_healer(workdir: Path, config: dict[str, Any] | Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> Server:
-    """Start `python -m healer serve` on 127.0.0.1:0 and read the bound port from its JSON log."""
+def start_healer(
+    workdir: Path,
+    config: dict[str, Any] | Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    listen: str = "127.0.0.1:0",
+) -> Server:
+    """Start `python -m healer serve` (on 127.0.0.1:0 by default) and read the bound port from its JSON log."""
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(config, Path):
         config_path = config
     else:
         config_path = workdir / "healer.yml"
         config_path.write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", "127.0.0.1:0", "--log-format", "json"]
+    argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", listen, "--log-format", "json"]
     process, log_path = _spawn("healer", argv, workdir, env)
     server = Server("healer", process, "", log_path)
 

@@ -86,7 +86,7 @@ class Engine:
         self.store = store
         self._registry = registry
         self.metrics = metrics
-        self._promql = promql
+        self.promql = promql
         self.alertmanager = alertmanager
         self.external_url = external_url.rstrip("/")
         self._clock = clock
@@ -395,7 +395,7 @@ class Engine:
                 cooldown=cooldown,
             ), reason=f"{action.strategy} {outcome}: {result.detail}")
             return
-        verdict = await self._promql.verify_resolved(
+        verdict = await self.promql.verify_resolved(
             episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
         )
         self.metrics.actions.labels(action.strategy, verdict).inc()
@@ -449,6 +449,8 @@ class Engine:
                 return
             except AlertmanagerUnavailableError as exc:
                 log.error("escalation not delivered", extra=fields(episode=episode_id, reason=str(exc)))
+                if exc.status is not None and 400 <= exc.status < 500:
+                    return  # Alertmanager refused the alert itself; sending it again cannot help
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -457,7 +459,7 @@ class Engine:
 
     async def _still_firing(self, episode: Episode) -> bool | None:
         try:
-            return await self._promql.alert_firing(episode.labels)
+            return await self.promql.alert_firing(episode.labels)
         except PrometheusUnavailableError:
             return None
 

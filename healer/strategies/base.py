@@ -78,7 +78,9 @@ class StrategyRegistry:
     def register(self, strategy_type: StrategyType) -> None:
         """Add a strategy type, refusing a second one of the same name."""
         if strategy_type.name in self._types:
-            raise DuplicateStrategyTypeError(f"strategy type {strategy_type.name!r} is registered twice")
+            raise DuplicateStrategyTypeError(
+                f"strategy type {strategy_type.name!r} is registered twice"
+            )
         self._types[strategy_type.name] = strategy_type
 
     def get(self, name: str) -> StrategyType:
@@ -95,7 +97,8 @@ class StrategyRegistry:
         return iter(sorted(self._types))
 
     def load_plugins(self, group: str = "healer.strategies") -> None:
-        """Register every strategy type published under the `healer.strategies` entry-point group."""
+        """Register every strategy type published under the `healer.strategies` entry points."""
         for entry in entry_points(group=group):
             loaded = entry.load()
-            self.register(loaded() if callable(loaded) and not isinstance(loaded, StrategyType) else loaded)
+            is_factory = callable(loaded) and not isinstance(loaded, StrategyType)
+            self.register(loaded() if is_factory else loaded)

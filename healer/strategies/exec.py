@@ -1,4 +1,4 @@
-"""The `exec` strategy: run a program from an argv list in its own process group, never through a shell.
+"""The `exec` strategy: run an argv list in its own process group, never through a shell.
 
 The machinery here (`Invocation`, `run_invocation`) is shared with the `systemd` strategy.
 
@@ -65,7 +65,7 @@ class Invocation:
     output_limit: int = 65536
 
     def describe(self) -> dict[str, object]:
-        """The plan shown for dry-run and audit; `inherited_env` names what comes from healer's own env."""
+        """The plan for dry-run and audit; `inherited_env` names what comes from healer's env."""
         return {
             "argv": list(self.argv),
             "env": dict(self.env),
@@ -83,7 +83,7 @@ def base_env() -> dict[str, str]:
 
 
 def alert_env(params: StrategyParams, alert: AlertContext) -> dict[str, str]:
-    """HEALER_ALERTNAME, HEALER_FINGERPRINT and HEALER_STATUS; the alert name passes the allowlist."""
+    """HEALER_ALERTNAME, HEALER_FINGERPRINT, HEALER_STATUS; the alert name passes the allowlist."""
     alertname = lookup("labels", "alertname", params, alert) if "alertname" in alert.labels else ""
     return {
         "HEALER_ALERTNAME": alertname,
@@ -93,7 +93,7 @@ def alert_env(params: StrategyParams, alert: AlertContext) -> dict[str, str]:
 
 
 def _plain(value: str) -> str:
-    """Keep only printable ASCII, at most 128 characters, for values Alertmanager itself produces."""
+    """Keep printable ASCII only, at most 128 characters, of a value Alertmanager produced."""
     return "".join(char for char in value[:128] if " " <= char <= "~")
 
 
@@ -119,8 +119,10 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-async def terminate_group(proc: asyncio.subprocess.Process, grace: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM the process group of `proc`, SIGKILL what is left after `grace` seconds, reap `proc`."""
+async def terminate_group(
+    proc: asyncio.subprocess.Process, grace: float = KILL_GRACE_SECONDS
+) -> None:
+    """SIGTERM the group of `proc`, SIGKILL what is left after `grace` seconds, reap `proc`."""
     pgid = proc.pid
     loop = asyncio.get_running_loop()
     _signal_group(pgid, signal.SIGTERM)
@@ -177,7 +179,7 @@ def _exit_detail(returncode: int) -> str:
 
 
 async def run_invocation(invocation: Invocation) -> StepResult:
-    """Run a rendered invocation to completion, timeout or cancellation; see the module docstring."""
+    """Run an invocation to completion, timeout or cancellation; see the module docstring."""
     env = {**base_env(), **invocation.env}
     read_fd, write_fd = os.pipe()
     try:
@@ -208,7 +210,9 @@ async def run_invocation(invocation: Invocation) -> StepResult:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_READ_CHUNK)
         pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - handed to the transport
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
         drain = asyncio.create_task(_drain(reader, output))
         try:
             async with asyncio.timeout(invocation.timeout):
@@ -226,7 +230,10 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             )
         await _finish_drain(drain, OUTPUT_GRACE_SECONDS)
         return StepResult(
-            ok=returncode == 0, detail=_exit_detail(returncode), output=output.text(), exit_code=returncode
+            ok=returncode == 0,
+            detail=_exit_detail(returncode),
+            output=output.text(),
+            exit_code=returncode,
         )
     except BaseException:
         # Cancelled (or anything unexpected): never leave the group running behind us.
@@ -268,7 +275,7 @@ class ExecRunner:
         )
 
     def plan(self, params: StrategyParams, alert: AlertContext) -> dict[str, object]:
-        """argv, env (what healer adds), inherited_env, cwd and timeout, without running anything."""
+        """argv, env (what healer adds), inherited_env, cwd and timeout, without running."""
         return self.invocation(params, alert).describe()
 
     async def run(self, params: StrategyParams, alert: AlertContext) -> StepResult:

@@ -42,7 +42,9 @@ class UnsafeLabelError(Exception):
     annotation); `reason` says what is wrong with the value.
     """
 
-    def __init__(self, label: str, reason: str, *, noun: str = "label", name: str | None = None) -> None:
+    def __init__(
+        self, label: str, reason: str, *, noun: str = "label", name: str | None = None
+    ) -> None:
         self.label = label
         self.reason = reason
         self.noun = noun
@@ -72,7 +74,7 @@ class StrategyRunner(Protocol):
 
 
 class OutputBuffer:
-    """Keeps the first `limit` bytes fed to it and counts the rest, so a pipe can be drained fully."""
+    """Keeps the first `limit` bytes fed to it and counts the rest, so a pipe is drained fully."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(limit, 0)

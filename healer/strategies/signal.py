@@ -61,7 +61,11 @@ class Targets:
 
     def describe(self) -> dict[str, object]:
         """The plan for dry-run and audit."""
-        plan: dict[str, object] = {"signal": self.signal, "target": self.source, "pids": list(self.pids)}
+        plan: dict[str, object] = {
+            "signal": self.signal,
+            "target": self.source,
+            "pids": list(self.pids),
+        }
         if self.problem is not None:
             plan["problem"] = self.problem
         return plan
@@ -129,7 +133,9 @@ class SignalRunner:
         """Signal every target; ok when at least one process received the signal."""
         targets = await asyncio.to_thread(self.targets, params)
         if not targets.pids:
-            return StepResult(ok=False, detail=targets.problem or f"no process matches {targets.source}")
+            return StepResult(
+                ok=False, detail=targets.problem or f"no process matches {targets.source}"
+            )
         signum = signal_module.Signals[targets.signal]
         sent: list[int] = []
         failed: list[str] = []

@@ -62,7 +62,9 @@ def lookup(kind: str, name: str, params: StrategyParams, alert: AlertContext) ->
     if value is None:
         raise unsafe("is missing from the alert")
     if len(value) > MAX_VALUE_LENGTH:
-        raise unsafe(f"value is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are allowed")
+        raise unsafe(
+            f"value is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are allowed"
+        )
     if _CONTROL.search(value):
         raise unsafe(f"value {_shown(value)} contains a control character such as NUL or newline")
     pattern = params.label_pattern(key)
