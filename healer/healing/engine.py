@@ -101,6 +101,7 @@ class Engine:
         }
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._in_runner: set[int] = set()
         self._resolved: dict[int, asyncio.Event] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -236,7 +237,8 @@ class Engine:
         rule = self._rules.get(episode.rule or "")
         for action in running:
             task = self._inflight.get(action.id)
-            if task is not None and rule is not None and rule.cancel_running_on_resolve:
+            if (task is not None and rule is not None and rule.cancel_running_on_resolve
+                    and action.id in self._in_runner):
                 task.cancel()
         if episode.state != "open":
             await self._expire_silence(episode)
@@ -353,23 +355,26 @@ class Engine:
         slots = self._strategy_slots.setdefault(action.strategy, asyncio.Semaphore(params.max_concurrent))
         if self._global_slots.locked() or slots.locked():
             self.metrics.skipped.labels("concurrency").inc()
+        resolved = self._resolved.setdefault(episode.id, asyncio.Event())
+        # Slots are held while the strategy runs, not while verification waits on Prometheus.
         async with self._global_slots, slots:
             if not await store.call(store.sync.claim, action.id, plan):
                 return
-            await self._run_claimed(action, rule, params, episode, plan)
+            result = await self._run_strategy(action, rule, params, episode)
+        await self._conclude(action, rule, episode, result, resolved)
 
-    async def _run_claimed(
-        self, action: Action, rule: HealingRule, params: StrategyParams, episode: Episode, plan: dict[str, Any]
-    ) -> None:
+    async def _run_strategy(
+        self, action: Action, rule: HealingRule, params: StrategyParams, episode: Episode
+    ) -> StepResult:
         store = self.store
         runner = self._registry.get(params.type).runner
-        resolved = self._resolved.setdefault(episode.id, asyncio.Event())
         started = time.monotonic()
         self.metrics.running.inc()
+        self._in_runner.add(action.id)
         log.info("step started", extra=fields(action=action.id, rule=rule.name, strategy=action.strategy,
                                               attempt=action.attempt))
         try:
-            result: StepResult = await runner.run(params, alert_context(episode))
+            return await runner.run(params, alert_context(episode))  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             # On shutdown the step stays "running" in the store; the next start records it as
             # interrupted and retries it, exactly as after a crash.
@@ -382,10 +387,17 @@ class Engine:
                 await self._episode_ended(episode)
             raise
         except UnsafeLabelError as exc:
-            result = StepResult(ok=False, detail=f"unsafe label: {exc}")
+            return StepResult(ok=False, detail=f"unsafe label: {exc}")
         finally:
+            self._in_runner.discard(action.id)
             self.metrics.running.dec()
             self.metrics.action_duration.labels(action.strategy).observe(time.monotonic() - started)
+
+    async def _conclude(
+        self, action: Action, rule: HealingRule, episode: Episode, result: StepResult, resolved: asyncio.Event
+    ) -> None:
+        """Verify a step that ran, then end the episode or schedule the next step of the ladder."""
+        store = self.store
         cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
         if not result.ok:
             outcome = "timeout" if result.timed_out else "failed"

@@ -190,7 +190,7 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             stderr=write_fd,
             env=env,
             cwd=invocation.cwd,
-            start_new_session=True,
+            start_new_session=False,
         )
     except (OSError, ValueError) as exc:
         os.close(read_fd)

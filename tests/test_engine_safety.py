@@ -1,0 +1,264 @@
+"""Safety of the engine in a real healer process: exactly once, crash durability, hostile labels, rails.
+
+Prometheus is deliberately unreachable here, so verification ends `unverified`: these tests are
+about what runs and how often, not about whether it healed (tests/test_healing_e2e.py does that).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import copy
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import Server, http_get, http_json, start_healer, wait_for
+from tests.test_receiver import post
+
+TOKEN = "engine-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+RECORD = (
+    "import sys, time; log = open(sys.argv[1], 'a'); log.write('start ' + sys.argv[2] + '\\n'); log.flush();"
+    " time.sleep(float(sys.argv[3])); log.write('end ' + sys.argv[2] + '\\n')"
+)
+
+
+def config(workdir: Path, *, step_seconds: float = 0.0, rule: dict[str, Any] | None = None,
+           strategy: dict[str, Any] | None = None, healing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A healer whose one rule runs an exec step that logs `start ID` and `end ID` around a sleep."""
+    (workdir / "token").write_text(TOKEN)
+    return {
+        "server": {"auth": {"bearer_token_file": str(workdir / "token")}, "shutdown_timeout": "1s"},
+        "prometheus": {"url": "http://127.0.0.1:1", "timeout": "200ms"},
+        "alertmanager": {"url": "http://127.0.0.1:1", "timeout": "200ms"},
+        "store": {"path": str(workdir / "healer.db")},
+        "exporter": {"host": False},
+        "healing": {
+            "budget": {"actions": 100000, "window": "1m"},
+            "max_concurrent": 8,
+            **(healing or {}),
+            "rules": [{
+                "name": "record", "match": ['alertname="Broken"'], "strategies": ["record"], "max_attempts": 2,
+                "cooldown": "100ms", "verify": {"within": "300ms", "interval": "100ms"}, **(rule or {}),
+            }],
+        },
+        "strategies": {
+            "record": {
+                "type": "exec", "max_concurrent": 8, "timeout": "10s",
+                "command": [sys.executable, "-c", RECORD, str(workdir / "steps.log"), "{labels.id}", str(step_seconds)],
+                **(strategy or {}),
+            }
+        },
+    }
+
+
+def alert(identifier: str, **labels: str) -> dict[str, Any]:
+    return {
+        "status": "firing",
+        "labels": {"alertname": "Broken", "id": identifier, **labels},
+        "annotations": {"summary": "broken"},
+        "startsAt": "2026-11-23T23:14:16Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://127.0.0.1:9090/graph",
+        "fingerprint": hashlib.sha256(identifier.encode()).hexdigest()[:16],
+    }
+
+
+def payload(*alerts: dict[str, Any]) -> bytes:
+    return json.dumps({
+        "version": "4", "status": "firing", "receiver": "healer", "groupKey": "{}", "truncatedAlerts": 0,
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093",
+        "alerts": list(alerts),
+    }).encode()
+
+
+def steps_log(workdir: Path) -> list[str]:
+    path = workdir / "steps.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def db_rows(workdir: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(workdir / "healer.db") as db:
+        return db.execute(sql, params).fetchall()
+
+
+def episodes_open(workdir: Path) -> int:
+    return int(db_rows(workdir, "SELECT count(*) FROM episodes WHERE state = 'open'")[0][0])
+
+
+def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Server]) -> None:
+    """The same payload posted 20 times concurrently and 20 times in sequence gives one action per episode."""
+    healer = start_healer(tmp_path, config(tmp_path))
+    servers.append(healer)
+    body = payload(alert("a"), alert("b"))
+    url = healer.url + "/api/v1/alertmanager"
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: post(url, body, AUTH)[0], range(20)))
+    codes += [post(url, body, AUTH)[0] for _ in range(20)]
+    assert codes == [200] * 40
+    wait_for(lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 2
+             and episodes_open(tmp_path) == 0, 30, what="both episodes ended")
+    assert sorted(line for line in steps_log(tmp_path) if line.startswith("start")) == ["start a", "start b"]
+    assert db_rows(tmp_path, "SELECT count(*) FROM actions") == [(2,)]
+    assert db_rows(tmp_path, "SELECT count(*) FROM inbox") == [(80,)]
+    _, metrics = http_get(healer.url + "/metrics")
+    assert b'healer_skipped_total{reason="duplicate"} 78.0' in metrics
+
+
+def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, servers: list[Server]) -> None:
+    """After SIGKILL mid-burst, every 2xx alert is processed, completed steps never rerun, cut-off ones retry."""
+    settings = config(tmp_path, step_seconds=0.3)
+    healer = start_healer(tmp_path, settings)
+    url = healer.url + "/api/v1/alertmanager"
+    accepted: list[str] = []
+    total = 400
+
+    def send(index: int) -> str | None:
+        try:
+            code, _ = post(url, payload(alert(f"n{index}")), AUTH)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return None
+        return f"n{index}" if code == 200 else None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send, i) for i in range(total)]
+        # Kill once a good share is accepted and steps are running.
+        wait_for(lambda: sum(1 for f in futures if f.done() and f.result()) >= 150, 60, interval=0.01)
+        healer.stop(signal.SIGKILL)
+        accepted = [r for f in futures if (r := f.result())]
+    assert 150 <= len(accepted) < total
+    running_at_kill = db_rows(tmp_path, "SELECT count(*) FROM actions WHERE state = 'running'")[0][0]
+
+    restarted = start_healer(tmp_path, settings)
+    servers.append(restarted)
+    wait_for(lambda: episodes_open(tmp_path) == 0 and not db_rows(
+        tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL"), 120, interval=0.5, what="all work done")
+
+    stored = {json.loads(row[0])["labels"]["id"] for row in db_rows(tmp_path, "SELECT alert FROM inbox")}
+    assert set(accepted) <= stored
+    episode_ids = {json.loads(row[0])["id"] for row in db_rows(tmp_path, "SELECT labels FROM episodes")}
+    assert set(accepted) <= episode_ids
+
+    outcomes: dict[str, Counter[str]] = {}
+    for labels, outcome, attempt in db_rows(
+        tmp_path, "SELECT e.labels, a.outcome, a.attempt FROM actions a JOIN episodes e ON e.id = a.episode_id"
+    ):
+        outcomes.setdefault(json.loads(labels)["id"], Counter())[outcome] += 1
+        assert attempt <= 2
+    starts = Counter(line.split()[1] for line in steps_log(tmp_path) if line.startswith("start"))
+    interrupted = sum(c["interrupted"] for c in outcomes.values())
+    assert interrupted == running_at_kill and interrupted >= 1
+    for identifier, counts in outcomes.items():
+        # A step recorded as finished ran once; only a step cut off by the kill ran again.
+        assert starts[identifier] == counts["unverified"] + counts["interrupted"], (identifier, counts)
+        assert counts["unverified"] == 1, (identifier, counts)
+
+
+HOSTILE = ["; touch {marker}", "$(touch {marker})", "`touch {marker}`", "x\ntouch {marker}", "../../{marker}",
+           "v" * 100_000]
+
+
+def test_hostile_labels_never_run(tmp_path: Path, servers: list[Server]) -> None:
+    """Labels holding shell syntax, newlines, paths or 100 kB never reach a command; the step is skipped as unsafe_label."""
+    marker = tmp_path / "pwned"
+    settings = config(tmp_path)
+    settings["server"]["max_request_bytes"] = 4 * 1024 * 1024
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    alerts = [alert(value.format(marker=marker)) for value in HOSTILE]
+    assert post(healer.url + "/api/v1/alertmanager", payload(*alerts), AUTH)[0] == 200
+    wait_for(lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == len(HOSTILE)
+             and episodes_open(tmp_path) == 0, 30, what="episodes ended")
+    assert not marker.exists()
+    assert steps_log(tmp_path) == []
+    reasons = db_rows(tmp_path, "SELECT skip_reason, count(*) FROM actions GROUP BY skip_reason")
+    # Each episode tries its two attempts, and each is refused.
+    assert reasons == [("unsafe_label", 2 * len(HOSTILE))]
+    _, metrics = http_get(healer.url + "/metrics")
+    assert f'healer_skipped_total{{reason="unsafe_label"}} {2.0 * len(HOSTILE)}'.encode() in metrics
+
+
+def test_dry_run_records_without_running(tmp_path: Path, servers: list[Server]) -> None:
+    """In dry-run the rendered command is recorded with outcome dry_run and nothing runs."""
+    healer = start_healer(tmp_path, config(tmp_path, healing={"dry_run": True}))
+    servers.append(healer)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("dry")), AUTH)
+    action = wait_for(lambda: http_json(healer.url + "/api/v1/actions?outcome=dry_run")["actions"], 20)[0]
+    assert action["plan"]["argv"][-2] == "dry" and action["episode"]["state"] == "dry_run"
+    time.sleep(0.5)
+    assert steps_log(tmp_path) == []
+
+
+def test_approval_required_waits_for_an_operator(tmp_path: Path, servers: list[Server]) -> None:
+    """A strategy marked approval: required waits until POST /api/v1/actions/{id}/approve with the token."""
+    healer = start_healer(tmp_path, config(tmp_path, strategy={"approval": "required"}))
+    servers.append(healer)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("needs-ok")), AUTH)
+    action = wait_for(lambda: [a for a in http_json(healer.url + "/api/v1/actions")["actions"]
+                               if a["state"] == "awaiting_approval"], 20, what="awaiting approval")[0]
+    time.sleep(0.5)
+    assert steps_log(tmp_path) == []
+    approve = f"{healer.url}/api/v1/actions/{action['id']}/approve"
+    assert post(approve, b"", {})[0] == 401
+    assert post(approve, b"", AUTH)[0] == 200
+    assert post(approve, b"", AUTH)[0] == 409
+    wait_for(lambda: "end needs-ok" in steps_log(tmp_path), 20, what="approved step ran")
+
+
+def test_unapproved_step_expires_into_escalation(tmp_path: Path, servers: list[Server]) -> None:
+    """A step nobody approves within approval_timeout ends the episode escalated."""
+    settings = config(tmp_path, strategy={"approval": "required"}, healing={"approval_timeout": "500ms"})
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("ignored")), AUTH)
+    wait_for(lambda: db_rows(tmp_path, "SELECT state FROM episodes") == [("escalated",)], 20, what="escalated")
+    assert db_rows(tmp_path, "SELECT skip_reason FROM actions") == [("approval_expired",)]
+    assert steps_log(tmp_path) == []
+
+
+def test_budget_opens_circuit_until_closed(tmp_path: Path, servers: list[Server]) -> None:
+    """Beyond the action budget the breaker opens and skips steps; POST /api/v1/circuit/close closes it."""
+    settings = config(tmp_path, healing={"budget": {"actions": 2, "window": "10m"}}, rule={"max_attempts": 1})
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("c1"), alert("c2"), alert("c3")), AUTH)
+    wait_for(lambda: episodes_open(tmp_path) == 0 and len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 3, 20)
+    assert db_rows(tmp_path, "SELECT count(*) FROM actions WHERE skip_reason = 'circuit_open'") == [(1,)]
+    assert len([line for line in steps_log(tmp_path) if line.startswith("start")]) == 2
+    _, metrics = http_get(healer.url + "/metrics")
+    assert b"healer_circuit_open 1.0" in metrics
+    assert post(healer.url + "/api/v1/circuit/close", b"", {})[0] == 401
+    assert post(healer.url + "/api/v1/circuit/close", b"", AUTH)[0] == 200
+    _, metrics = http_get(healer.url + "/metrics")
+    assert b"healer_circuit_open 0.0" in metrics
+
+
+def test_test_alert_shows_plan_and_runs_nothing(tmp_path: Path) -> None:
+    """`healer test-alert` prints the matched rule and rendered argv per alert, and runs nothing."""
+    settings = config(tmp_path)
+    config_path = tmp_path / "healer.yml"
+    config_path.write_text(json.dumps(settings))
+    hostile = alert("; rm -rf /")
+    unmatched = copy.deepcopy(alert("other"))
+    unmatched["labels"]["alertname"] = "Other"
+    (tmp_path / "payload.json").write_bytes(payload(alert("web-1"), hostile, unmatched))
+    result = subprocess.run(
+        [sys.executable, "-m", "healer", "test-alert", "-c", str(config_path), str(tmp_path / "payload.json"), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ok, refused, none = json.loads(result.stdout)
+    assert ok["rule"] == "record" and ok["ladder"][0]["plan"]["argv"][-2] == "web-1"
+    assert refused["ladder"][0]["skip_reason"] == "unsafe_label"
+    assert none["rule"] is None and none["skip_reason"] == "no_rule"
+    assert steps_log(tmp_path) == []
