@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             print_report(report)
             if args.json:
                 print(json.dumps(report, sort_keys=False))
-        except BaseException:
+        except Exception:
             for target in targets:
                 if tail := target.process.log_tail(10):
                     print(f"--- last lines of {target.name}'s log ---\n{tail}", file=sys.stderr)
@@ -583,4 +583,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything started was already stopped in main's `finally`
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

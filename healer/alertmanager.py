@@ -40,8 +40,7 @@ def _matcher_filter(labels: Mapping[str, str]) -> list[tuple[str, str]]:
     Alertmanager's matcher parser unescapes exactly backslash, double quote and newline.
     """
     escaped = {
-        name: value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        for name, value in labels.items()
+        name: value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for name, value in labels.items()
     }
     return [("filter", f'{name}="{value}"') for name, value in escaped.items()]
 
@@ -112,9 +111,7 @@ class AlertmanagerClient:
     async def start(self) -> None:
         """Open the HTTP session; must run inside the event loop that will use it."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout, headers={"User-Agent": "healer"}
-            )
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"User-Agent": "healer"})
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -143,16 +140,13 @@ class AlertmanagerClient:
         assert self._session is not None
         url = f"{self.url}{path}"
         try:
-            async with self._session.request(
-                method, url, json=body, params=list(params) or None
-            ) as response:
+            async with self._session.request(method, url, json=body, params=list(params) or None) as response:
                 text = await response.text()
                 if response.status in ok_statuses:
                     return None
                 if not 200 <= response.status < 300:
                     raise AlertmanagerUnavailableError(
-                        f"{method} {url} answered HTTP {response.status}: "
-                        f"{text.strip()[:500] or '(empty body)'}",
+                        f"{method} {url} answered HTTP {response.status}: {text.strip()[:500] or '(empty body)'}",
                         status=response.status,
                     )
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -190,8 +184,7 @@ class AlertmanagerClient:
         now = datetime.now(UTC)
         body = {
             "matchers": [
-                {"name": name, "value": value, "isRegex": False, "isEqual": True}
-                for name, value in matchers.items()
+                {"name": name, "value": value, "isRegex": False, "isEqual": True} for name, value in matchers.items()
             ],
             "startsAt": _timestamp(now),
             "endsAt": _timestamp(now + timedelta(seconds=duration_seconds)),
@@ -200,9 +193,7 @@ class AlertmanagerClient:
         }
         answer = await self._request("POST", "/api/v2/silences", body=body)
         if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
-            raise AlertmanagerUnavailableError(
-                f"unexpected answer to a new silence: {answer!r:.200}"
-            )
+            raise AlertmanagerUnavailableError(f"unexpected answer to a new silence: {answer!r:.200}")
         return str(answer["silenceID"])
 
     async def expire_silence(self, silence_id: str) -> None:

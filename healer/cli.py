@@ -85,7 +85,11 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
         if report["skip_reason"]:
             print(f"  skip reason: {report['skip_reason']}")
         for position, step in enumerate(report["ladder"], start=1):
-            flags = [flag for flag, on in (("dry run", step["dry_run"]), ("needs approval", step["approval"] == "required")) if on]
+            flags = [
+                flag
+                for flag, on in (("dry run", step["dry_run"]), ("needs approval", step["approval"] == "required"))
+                if on
+            ]
             suffix = f" [{', '.join(flags)}]" if flags else ""
             print(f"  {position}. {step['strategy']} ({step['type']}){suffix}")
             if "plan" in step:
@@ -124,13 +128,13 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
     from healer.server import create_app
 
     # `_created` series double the series count and nothing in healer's rules reads them.
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     app = create_app(config)
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    bound = [sock.getsockname() for sock in site._server.sockets] if site._server else []  # type: ignore[union-attr]
+    bound = runner.addresses
     address = f"{bound[0][0]}:{bound[0][1]}" if bound else f"{host}:{port}"
     if config.server.external_url is None:
         app[ENGINE].external_url = f"http://{address}"

@@ -25,7 +25,7 @@ from healer.matchers import InvalidMatcherError, Matcher
 from healer.strategies.base import StrategyParams, StrategyRegistry, UnknownStrategyTypeError
 from healer.types import Duration, Regex
 
-TOKEN_ENV = "HEALER_TOKEN"
+TOKEN_ENV = "HEALER_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 class ConfigError(Exception):
@@ -187,9 +187,7 @@ def _unique_names(items: Sequence[ProcessWatch] | Sequence[ProbeConfig], what: s
 class ExporterConfig(_Strict):
     host: bool = True
     filesystems: FilesystemFilter = FilesystemFilter()
-    disks: DeviceFilter = DeviceFilter(
-        exclude=r"^(ram|loop|fd|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$"
-    )
+    disks: DeviceFilter = DeviceFilter(exclude=r"^(ram|loop|fd|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$")
     network: DeviceFilter = DeviceFilter(exclude=r"^$")
     process_scan_interval: Duration = 5.0
     processes: list[ProcessWatch] = Field(default_factory=list)
@@ -311,15 +309,12 @@ def _cross_check(config: HealerConfig, strategy_names: set[str]) -> list[str]:
         for position, name in enumerate(rule.strategies):
             if name not in strategy_names:
                 errors.append(
-                    f"healing.rules[{index}].strategies[{position}]: strategy {name!r} is not "
-                    "defined under strategies"
+                    f"healing.rules[{index}].strategies[{position}]: strategy {name!r} is not defined under strategies"
                 )
     return errors
 
 
-def parse_config(
-    data: Any, source: Path | str = "<config>", registry: StrategyRegistry | None = None
-) -> HealerConfig:
+def parse_config(data: Any, source: Path | str = "<config>", registry: StrategyRegistry | None = None) -> HealerConfig:
     """Validate already-parsed YAML into a HealerConfig, raising ConfigError with every fault."""
     from healer.strategies.builtin import default_registry
 

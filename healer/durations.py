@@ -30,9 +30,7 @@ def parse_duration(text: str) -> float:
     if text in ("", "0") or match is None:
         if text == "0":
             return 0.0
-        raise InvalidDurationError(
-            f"invalid duration {text!r}: write a number and a unit, like 500ms, 30s, 5m, 1h"
-        )
+        raise InvalidDurationError(f"invalid duration {text!r}: write a number and a unit, like 500ms, 30s, 5m, 1h")
     return sum(int(value) * _UNIT_SECONDS[unit] for unit, value in match.groupdict().items() if value)
 
 

@@ -34,8 +34,7 @@ class Matcher:
         found = _MATCHER.match(text)
         if found is None:
             raise InvalidMatcherError(
-                f"invalid matcher {text!r}: write name=\"value\", name!=\"value\", "
-                'name=~"regex" or name!~"regex"'
+                f'invalid matcher {text!r}: write name="value", name!="value", name=~"regex" or name!~"regex"'
             )
         raw = found["value"]
         value = json.loads(raw) if raw.startswith('"') else raw

@@ -15,15 +15,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import requests
 import yaml
-from prometheus_api_client.exceptions import PrometheusApiClientException
-from prometheus_api_client.prometheus_connect import PrometheusConnect
-from urllib3.util.retry import Retry
 
 from healer.config import PrometheusConfig
+
+if TYPE_CHECKING:
+    from prometheus_api_client.exceptions import PrometheusApiClientException
 from healer.logs import fields
 
 log = logging.getLogger(__name__)
@@ -99,9 +98,7 @@ def _error_from_client_exception(exc: PrometheusApiClientException) -> Exception
 def _to_samples(result: Any) -> list[Sample]:
     """Convert the `data.result` of an instant query (vector, scalar or string) into samples."""
     if not isinstance(result, list):
-        raise PrometheusUnavailableError(
-            f"unexpected query result from Prometheus: {result!r:.200}"
-        )
+        raise PrometheusUnavailableError(f"unexpected query result from Prometheus: {result!r:.200}")
     # A scalar or string result is `[timestamp, "value"]`, not a list of series.
     if len(result) == 2 and not isinstance(result[0], dict):
         try:
@@ -111,9 +108,7 @@ def _to_samples(result: Any) -> list[Sample]:
     samples = []
     for series in result:
         if not isinstance(series, dict):
-            raise PrometheusUnavailableError(
-                f"unexpected query result from Prometheus: {result!r:.200}"
-            )
+            raise PrometheusUnavailableError(f"unexpected query result from Prometheus: {result!r:.200}")
         if "value" not in series:
             raise PromQLError("query returned a range vector; use an instant vector expression")
         samples.append(
@@ -131,23 +126,35 @@ class PromQLClient:
     def __init__(self, config: PrometheusConfig) -> None:
         self.url = config.url
         self.timeout = config.timeout
-        self._session = requests.Session()
-        # The library's default retries three times with backoff (6 s on a closed port). Here a
-        # failed connect is retried once at once, nothing else is, so a query takes at most
-        # about two connect timeouts or one read timeout; callers poll on their own.
-        retry = Retry(
-            total=1, connect=1, read=0, other=0, status=0, backoff_factor=0, raise_on_status=False
-        )
-        # `timeout` is annotated int but goes straight to `requests`, which takes float seconds.
-        connect: Any = PrometheusConnect
-        self._prom: Any = connect(
-            url=config.url, session=self._session, retry=retry, timeout=config.timeout
-        )
+        self._session: Any = None
+        self._prom: Any = None
         self._external_labels: dict[str, str] | None = None
+
+    def _connect(self) -> Any:
+        """Create the library's client on first use, in the worker thread.
+
+        The import is deferred because `requests` and the client add about 4 MB of resident
+        memory that an exporter-only healer, which never queries, should not carry.
+        """
+        if self._prom is None:
+            import requests
+            from prometheus_api_client.prometheus_connect import PrometheusConnect
+            from urllib3.util.retry import Retry
+
+            self._session = requests.Session()
+            # The library's default retries three times with backoff (6 s on a closed port). Here a
+            # failed connect is retried once at once, nothing else is, so a query takes at most
+            # about two connect timeouts or one read timeout; callers poll on their own.
+            retry = Retry(total=1, connect=1, read=0, other=0, status=0, backoff_factor=0, raise_on_status=False)
+            # `timeout` is annotated int but goes straight to `requests`, which takes float seconds.
+            connect: Any = PrometheusConnect
+            self._prom = connect(url=self.url, session=self._session, retry=retry, timeout=self.timeout)
+        return self._prom
 
     def close(self) -> None:
         """Release the HTTP connection pool."""
-        self._session.close()
+        if self._session is not None:
+            self._session.close()
 
     async def __aenter__(self) -> PromQLClient:
         return self
@@ -156,9 +163,13 @@ class PromQLClient:
         self.close()
 
     def _query_sync(self, expr: str) -> list[Sample]:
+        import requests
+        from prometheus_api_client.exceptions import PrometheusApiClientException
+
+        prom = self._connect()
         try:
             # The timeout applies to connecting and to each read, as `requests` defines it.
-            result = self._prom.custom_query(query=expr, timeout=self.timeout)
+            result = prom.custom_query(query=expr, timeout=self.timeout)
         except PrometheusApiClientException as exc:
             raise _error_from_client_exception(exc) from None
         except requests.RequestException as exc:
@@ -166,9 +177,7 @@ class PromQLClient:
                 f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
             ) from None
         except (ValueError, KeyError, TypeError) as exc:  # 200 with a body that is not the API's
-            raise PrometheusUnavailableError(
-                f"unreadable answer from Prometheus at {self.url}: {exc}"
-            ) from None
+            raise PrometheusUnavailableError(f"unreadable answer from Prometheus at {self.url}: {exc}") from None
         return _to_samples(result)
 
     async def query(self, expr: str) -> list[Sample]:
@@ -192,6 +201,9 @@ class PromQLClient:
         return samples[0].value
 
     def _external_labels_sync(self) -> dict[str, str]:
+        import requests
+
+        self._connect()
         try:
             response = self._session.get(f"{self.url}/api/v1/status/config", timeout=self.timeout)
         except requests.RequestException as exc:
@@ -234,9 +246,7 @@ class PromQLClient:
         try:
             samples = await self.query(label_selector("ALERTS", matchers))
         except PromQLError as exc:  # our own selector cannot be wrong; the server is
-            raise PrometheusUnavailableError(
-                f"Prometheus rejected the ALERTS query: {exc}"
-            ) from None
+            raise PrometheusUnavailableError(f"Prometheus rejected the ALERTS query: {exc}") from None
         return bool(samples)
 
     async def verify_resolved(
@@ -289,16 +299,12 @@ class PromQLClient:
         outcome: VerifyOutcome = "not_healed" if reachable else "unverified"
         log.debug(
             "verification finished",
-            extra=fields(
-                outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""
-            ),
+            extra=fields(outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""),
         )
         return outcome
 
 
-async def _sleep_or_event(
-    sleep: Callable[[float], Awaitable[None]], delay: float, event: asyncio.Event
-) -> bool:
+async def _sleep_or_event(sleep: Callable[[float], Awaitable[None]], delay: float, event: asyncio.Event) -> bool:
     """Wait `delay` seconds or until `event` is set, whichever comes first; True if it was set."""
     sleeper = asyncio.ensure_future(sleep(delay))
     waiter = asyncio.ensure_future(event.wait())

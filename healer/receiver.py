@@ -34,8 +34,11 @@ def problem(status: int, message: str, **extra: Any) -> web.Response:
 def authenticate(request: web.Request) -> web.Response | None:
     """Return an error response unless the request carries the configured bearer token."""
     if QUERY_TOKEN_NAMES & {name.lower() for name in request.query}:
-        return problem(401, "send the token in the Authorization header, never in the URL",
-                       headers_hint="Authorization: Bearer <token>")
+        return problem(
+            401,
+            "send the token in the Authorization header, never in the URL",
+            headers_hint="Authorization: Bearer <token>",
+        )
     token = request.app.get(TOKEN)
     if token is None:
         return None
@@ -72,8 +75,7 @@ async def _receive(request: web.Request) -> web.Response:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         limit = engine.config.server.max_request_bytes
-        return problem(413, f"body larger than the limit of {limit} bytes (server.max_request_bytes)",
-                       detail=exc.text)
+        return problem(413, f"body larger than the limit of {limit} bytes (server.max_request_bytes)", detail=exc.text)
     try:
         document = json.loads(body)
     except RecursionError:
@@ -87,8 +89,11 @@ async def _receive(request: web.Request) -> web.Response:
             {"field": ".".join(str(p) for p in error["loc"]) or "(body)", "message": error["msg"]}
             for error in exc.errors(include_url=False, include_input=False)
         ]
-        return problem(422, f"payload does not match the Alertmanager webhook format: {errors[0]['field']}: "
-                            f"{errors[0]['message']}", errors=errors[:20])
+        return problem(
+            422,
+            f"payload does not match the Alertmanager webhook format: {errors[0]['field']}: {errors[0]['message']}",
+            errors=errors[:20],
+        )
     try:
         ids = await engine.store.accept(payload.alerts)
     except StoreUnavailableError as exc:
@@ -105,8 +110,12 @@ def _action_json(action: Any, episode: Any) -> dict[str, Any]:
     return {
         **action.to_json(),
         "episode": {
-            "id": episode.id, "fingerprint": episode.fingerprint, "starts_at": episode.starts_at,
-            "alertname": episode.alertname, "labels": episode.labels, "state": episode.state,
+            "id": episode.id,
+            "fingerprint": episode.fingerprint,
+            "starts_at": episode.starts_at,
+            "alertname": episode.alertname,
+            "labels": episode.labels,
+            "state": episode.state,
             "rule": episode.rule,
         },
     }
@@ -131,9 +140,14 @@ async def list_actions(request: web.Request) -> web.Response:
     query = request.query
     limit = _number(request, "limit", int) or 100
     flt = ActionFilter(
-        alertname=query.get("alertname"), fingerprint=query.get("fingerprint"),
-        episode_id=_number(request, "episode", int), rule=query.get("rule"), strategy=query.get("strategy"),
-        outcome=query.get("outcome"), since=_number(request, "since", float), until=_number(request, "until", float),
+        alertname=query.get("alertname"),
+        fingerprint=query.get("fingerprint"),
+        episode_id=_number(request, "episode", int),
+        rule=query.get("rule"),
+        strategy=query.get("strategy"),
+        outcome=query.get("outcome"),
+        since=_number(request, "since", float),
+        until=_number(request, "until", float),
         limit=max(1, min(limit, 1000)),
     )
     rows = await engine.store.call(engine.store.sync.list_actions, flt)

@@ -16,11 +16,11 @@ from healer.alertmanager import AlertmanagerClient
 from healer.config import HealerConfig
 from healer.exporter.host import HostCollector
 from healer.exporter.own import OwnMetrics
-from healer.healing.engine import Engine
-from healer.healing.metrics import HealingMetrics
-from healer.exporter.probes import Prober, ProbeMetrics
+from healer.exporter.probes import ProbeMetrics, Prober
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
+from healer.healing.engine import Engine
+from healer.healing.metrics import HealingMetrics
 from healer.logs import fields
 from healer.promql import PromQLClient
 from healer.receiver import ENGINE, TOKEN, add_routes
@@ -98,7 +98,11 @@ def build_engine(services: Services) -> Engine:
     except (OSError, sqlite3.Error) as exc:
         raise StoreUnavailableError(f"cannot open the store {config.store.path}: {exc}") from exc
     return Engine(
-        config, store, services.strategies, services.healing_metrics, PromQLClient(config.prometheus),
+        config,
+        store,
+        services.strategies,
+        services.healing_metrics,
+        PromQLClient(config.prometheus),
         AlertmanagerClient(config.alertmanager),
         config.server.external_url or f"http://{config.server.listen}",
     )

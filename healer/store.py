@@ -193,18 +193,43 @@ class Finish:
 
 def _episode(row: sqlite3.Row) -> Episode:
     return Episode(
-        row["id"], row["fingerprint"], row["starts_at"], row["starts_at_epoch"], row["alertname"],
-        json.loads(row["labels"]), json.loads(row["annotations"]), row["rule"], row["state"],
-        row["created_at"], row["ended_at"], row["resolved_at"], row["silence_id"],
+        row["id"],
+        row["fingerprint"],
+        row["starts_at"],
+        row["starts_at_epoch"],
+        row["alertname"],
+        json.loads(row["labels"]),
+        json.loads(row["annotations"]),
+        row["rule"],
+        row["state"],
+        row["created_at"],
+        row["ended_at"],
+        row["resolved_at"],
+        row["silence_id"],
     )
 
 
 def _action(row: sqlite3.Row) -> Action:
     return Action(
-        row["id"], row["episode_id"], row["attempt"], row["step"], row["rule"], row["strategy"], row["state"],
-        row["outcome"], row["skip_reason"], row["not_before"], row["approval_deadline"], bool(row["approved"]),
-        row["created_at"], row["started_at"], row["finished_at"],
-        json.loads(row["plan"]) if row["plan"] else None, row["detail"], row["exit_code"], row["output"],
+        row["id"],
+        row["episode_id"],
+        row["attempt"],
+        row["step"],
+        row["rule"],
+        row["strategy"],
+        row["state"],
+        row["outcome"],
+        row["skip_reason"],
+        row["not_before"],
+        row["approval_deadline"],
+        bool(row["approved"]),
+        row["created_at"],
+        row["started_at"],
+        row["finished_at"],
+        json.loads(row["plan"]) if row["plan"] else None,
+        row["detail"],
+        row["exit_code"],
+        row["output"],
     )
 
 
@@ -240,8 +265,14 @@ class SQLiteStore:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
-    def _event(self, db: sqlite3.Connection, kind: str, detail: dict[str, Any], episode_id: int | None = None,
-               action_id: int | None = None) -> None:
+    def _event(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        detail: dict[str, Any],
+        episode_id: int | None = None,
+        action_id: int | None = None,
+    ) -> None:
         db.execute(
             "INSERT INTO events (ts, episode_id, action_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
             (self._clock(), episode_id, action_id, kind, json.dumps(detail)),
@@ -254,15 +285,17 @@ class SQLiteStore:
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> list[list[int]]:
-            ids = []
+            ids: list[list[int]] = []
             for alerts in batches:
-                ids.append([
-                    int(db.execute(
-                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)",
-                        (now, a.status, a.fingerprint, a.starts_at, a.model_dump_json()),
-                    ).lastrowid or 0)
-                    for a in alerts
-                ])
+                batch_ids = []
+                for alert in alerts:
+                    cursor = db.execute(
+                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (now, alert.status, alert.fingerprint, alert.starts_at, alert.model_dump_json()),
+                    )
+                    batch_ids.append(int(cursor.lastrowid or 0))
+                ids.append(batch_ids)
             return ids
 
         return self._tx(work)
@@ -289,8 +322,13 @@ class SQLiteStore:
         return _episode(row) if row else None
 
     def open_episode(
-        self, inbox_id: int, alert: WebhookAlert, rule: str | None, state: str,
-        first: NewAction | None, events: Sequence[tuple[str, dict[str, Any]]] = (),
+        self,
+        inbox_id: int,
+        alert: WebhookAlert,
+        rule: str | None,
+        state: str,
+        first: NewAction | None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> tuple[Episode, bool]:
         """Create the episode of a firing alert with its first step, unless it exists; mark the inbox item done."""
         now = self._clock()
@@ -300,8 +338,15 @@ class SQLiteStore:
                 "INSERT OR IGNORE INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels,"
                 " annotations, rule, state, created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    alert.fingerprint, alert.starts_at, alert.starts_at_epoch, alert.alertname,
-                    json.dumps(alert.labels), json.dumps(alert.annotations), rule, state, now,
+                    alert.fingerprint,
+                    alert.starts_at,
+                    alert.starts_at_epoch,
+                    alert.alertname,
+                    json.dumps(alert.labels),
+                    json.dumps(alert.annotations),
+                    rule,
+                    state,
+                    now,
                     None if state == "open" else now,
                 ),
             )
@@ -335,10 +380,13 @@ class SQLiteStore:
             if row["resolved_at"] is None:
                 db.execute("UPDATE episodes SET resolved_at = ? WHERE id = ?", (now, episode_id))
                 self._event(db, "resolved", {"fingerprint": alert.fingerprint}, episode_id)
-            cancelled = [_action(r) for r in db.execute(
-                "SELECT * FROM actions WHERE episode_id = ? AND state IN ('pending', 'awaiting_approval')",
-                (episode_id,),
-            ).fetchall()]
+            cancelled = [
+                _action(r)
+                for r in db.execute(
+                    "SELECT * FROM actions WHERE episode_id = ? AND state IN ('pending', 'awaiting_approval')",
+                    (episode_id,),
+                ).fetchall()
+            ]
             for action in cancelled:
                 db.execute(
                     "UPDATE actions SET state = 'done', outcome = 'cancelled', skip_reason = 'resolved',"
@@ -346,14 +394,17 @@ class SQLiteStore:
                     (now, action.id),
                 )
                 self._event(db, "cancelled", {"reason": "resolved"}, episode_id, action.id)
-            cancelled = [_action(db.execute("SELECT * FROM actions WHERE id = ?", (a.id,)).fetchone()) for a in cancelled]
-            running = [_action(r) for r in db.execute(
-                "SELECT * FROM actions WHERE episode_id = ? AND state = 'running'", (episode_id,)
-            ).fetchall()]
+            cancelled = [
+                _action(db.execute("SELECT * FROM actions WHERE id = ?", (a.id,)).fetchone()) for a in cancelled
+            ]
+            running = [
+                _action(r)
+                for r in db.execute(
+                    "SELECT * FROM actions WHERE episode_id = ? AND state = 'running'", (episode_id,)
+                ).fetchall()
+            ]
             if not running and row["state"] == "open":
-                db.execute(
-                    "UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ?", (now, episode_id)
-                )
+                db.execute("UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ?", (now, episode_id))
             refreshed = db.execute("SELECT * FROM episodes WHERE id = ?", (episode_id,)).fetchone()
             return _episode(refreshed), cancelled, running
 
@@ -376,9 +427,7 @@ class SQLiteStore:
 
     def episodes_with_silences(self) -> list[Episode]:
         """Episodes that ended while their silence was still recorded (expire it after a restart)."""
-        rows = self._db.execute(
-            "SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'"
-        ).fetchall()
+        rows = self._db.execute("SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'").fetchall()
         return [_episode(r) for r in rows]
 
     # -- actions -------------------------------------------------------------------------------
@@ -391,8 +440,11 @@ class SQLiteStore:
         )
         action_id = int(cursor.lastrowid or 0)
         self._event(
-            db, "scheduled", {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
-            episode_id, action_id,
+            db,
+            "scheduled",
+            {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
+            episode_id,
+            action_id,
         )
         return action_id
 
@@ -410,9 +462,7 @@ class SQLiteStore:
         return [_action(r) for r in rows]
 
     def next_due(self) -> float | None:
-        row = self._db.execute(
-            "SELECT min(not_before) FROM actions WHERE state = 'pending'"
-        ).fetchone()
+        row = self._db.execute("SELECT min(not_before) FROM actions WHERE state = 'pending'").fetchone()
         return None if row[0] is None else float(row[0])
 
     def expired_approvals(self, now: float) -> list[Action]:
@@ -491,14 +541,23 @@ class SQLiteStore:
                 " output = ?, finished_at = ?, started_at = coalesce(started_at, ?),"
                 " plan = coalesce(?, plan) WHERE id = ?",
                 (
-                    finish.outcome, finish.skip_reason, finish.detail, finish.exit_code, finish.output, now,
-                    finish.started_at, json.dumps(finish.plan) if finish.plan is not None else None, action_id,
+                    finish.outcome,
+                    finish.skip_reason,
+                    finish.detail,
+                    finish.exit_code,
+                    finish.output,
+                    now,
+                    finish.started_at,
+                    json.dumps(finish.plan) if finish.plan is not None else None,
+                    action_id,
                 ),
             )
             self._event(
-                db, "finished",
+                db,
+                "finished",
                 {"outcome": finish.outcome, "skip_reason": finish.skip_reason, "detail": finish.detail},
-                action.episode_id, action_id,
+                action.episode_id,
+                action_id,
             )
             for kind, detail in finish.events:
                 self._event(db, kind, detail, action.episode_id, action_id)
@@ -510,8 +569,14 @@ class SQLiteStore:
                     " until = excluded.until, streak = excluded.streak",
                     (action.rule, until, streak, action.episode_id),
                 )
-            episode_state = db.execute("SELECT state, resolved_at FROM episodes WHERE id = ?", (action.episode_id,)).fetchone()
-            if finish.next_action is not None and episode_state["state"] == "open" and episode_state["resolved_at"] is None:
+            episode_state = db.execute(
+                "SELECT state, resolved_at FROM episodes WHERE id = ?", (action.episode_id,)
+            ).fetchone()
+            if (
+                finish.next_action is not None
+                and episode_state["state"] == "open"
+                and episode_state["resolved_at"] is None
+            ):
                 self._insert_action(db, action.episode_id, finish.next_action, now)
             elif finish.episode_state is not None:
                 db.execute(
@@ -535,18 +600,25 @@ class SQLiteStore:
         return (float(row[0]), int(row[1])) if row else (0.0, 0)
 
     def attempts(self, episode_id: int) -> int:
-        return int(self._db.execute(
-            "SELECT coalesce(max(attempt), 0) FROM actions WHERE episode_id = ?", (episode_id,)
-        ).fetchone()[0])
+        return int(
+            self._db.execute(
+                "SELECT coalesce(max(attempt), 0) FROM actions WHERE episode_id = ?", (episode_id,)
+            ).fetchone()[0]
+        )
 
     # -- audit ---------------------------------------------------------------------------------
 
     def list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
         """Steps newest first, filtered by alert, rule, strategy, outcome and time."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         for column, value in (
-            ("e.alertname", query.alertname), ("e.fingerprint", query.fingerprint), ("a.episode_id", query.episode_id),
-            ("a.rule", query.rule), ("a.strategy", query.strategy), ("a.outcome", query.outcome),
+            ("e.alertname", query.alertname),
+            ("e.fingerprint", query.fingerprint),
+            ("a.episode_id", query.episode_id),
+            ("a.rule", query.rule),
+            ("a.strategy", query.strategy),
+            ("a.outcome", query.outcome),
         ):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -558,11 +630,9 @@ class SQLiteStore:
             clauses.append("a.created_at <= ?")
             params.append(query.until)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.execute(
-            "SELECT a.*, e.id AS e_id FROM actions a JOIN episodes e ON e.id = a.episode_id"
-            f" {where} ORDER BY a.id DESC LIMIT ?",
-            (*params, query.limit),
-        ).fetchall()
+        # The clauses name fixed columns; every value is a bound parameter.
+        sql = f"SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id {where} ORDER BY a.id DESC LIMIT ?"  # noqa: S608
+        rows = self._db.execute(sql, (*params, query.limit)).fetchall()
         episodes: dict[int, Episode] = {}
         result = []
         for row in rows:
@@ -577,19 +647,26 @@ class SQLiteStore:
         rows = self._db.execute(
             "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = ? ORDER BY id", (episode_id,)
         ).fetchall()
-        return [{"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows]
+        return [
+            {"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows
+        ]
 
     def counts(self) -> dict[str, Any]:
         """Totals for the status report: alerts received, episodes by state, steps by outcome."""
         received = int(self._db.execute("SELECT count(*) FROM inbox").fetchone()[0])
         episodes = dict(self._db.execute("SELECT state, count(*) FROM episodes GROUP BY state").fetchall())
-        outcomes = dict(self._db.execute(
-            "SELECT outcome, count(*) FROM actions WHERE outcome IS NOT NULL GROUP BY outcome"
-        ).fetchall())
-        heal_times = [r[0] for r in self._db.execute(
-            "SELECT a.finished_at - e.starts_at_epoch FROM actions a JOIN episodes e ON e.id = a.episode_id"
-            " WHERE a.outcome = 'healed' ORDER BY 1"
-        ).fetchall()]
+        outcomes = dict(
+            self._db.execute(
+                "SELECT outcome, count(*) FROM actions WHERE outcome IS NOT NULL GROUP BY outcome"
+            ).fetchall()
+        )
+        heal_times = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT a.finished_at - e.starts_at_epoch FROM actions a JOIN episodes e ON e.id = a.episode_id"
+                " WHERE a.outcome = 'healed' ORDER BY 1"
+            ).fetchall()
+        ]
         return {"alerts_received": received, "episodes": episodes, "actions": outcomes, "heal_seconds": heal_times}
 
     def purge(self, older_than: float) -> int:
@@ -597,8 +674,8 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> int:
             old = "SELECT id FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?"
-            db.execute(f"DELETE FROM events WHERE episode_id IN ({old})", (older_than,))
-            db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))
+            db.execute(f"DELETE FROM events WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
+            db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             removed = db.execute(
                 "DELETE FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?", (older_than,)
             ).rowcount
@@ -639,8 +716,9 @@ class AsyncStore:
                 except Exception as exc:  # every waiter learns that its delivery was not stored
                     for _, future in batch:
                         if not future.done():
-                            future.set_exception(exc if isinstance(exc, StoreUnavailableError)
-                                                 else StoreUnavailableError(str(exc)))
+                            future.set_exception(
+                                exc if isinstance(exc, StoreUnavailableError) else StoreUnavailableError(str(exc))
+                            )
                     continue
                 for (_, future), batch_ids in zip(batch, ids, strict=True):
                     if not future.done():

@@ -55,9 +55,7 @@ class UpstreamMonitor:
             if up:
                 log.info("upstream reachable", extra=fields(dependency=name, url=upstream.url))
             else:
-                log.warning(
-                    "upstream unreachable", extra=fields(dependency=name, url=upstream.url, reason=reason)
-                )
+                log.warning("upstream unreachable", extra=fields(dependency=name, url=upstream.url, reason=reason))
         self._state[name] = up
         return up
 

@@ -63,9 +63,7 @@ CHILD = (
 )
 
 
-def alert(
-    labels: Mapping[str, str] | None = None, annotations: Mapping[str, str] | None = None
-) -> AlertContext:
+def alert(labels: Mapping[str, str] | None = None, annotations: Mapping[str, str] | None = None) -> AlertContext:
     """A firing alert named Test with the given labels."""
     return AlertContext(
         labels={"alertname": "Test", **(labels or {})},
@@ -126,15 +124,11 @@ async def test_exec_label_is_one_whole_argv_element(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == ["web-1", "literal"]
 
 
-async def test_exec_env_from_labels_and_minimal_base(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_exec_env_from_labels_and_minimal_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The program sees rendered env values, HEALER_* alert vars, PATH, and not healer's other env."""
     monkeypatch.setenv("HEALER_TEST_LEAK", "must-not-leak")
     script = "import json, os; print(json.dumps(dict(os.environ)))"
-    params = exec_params(
-        command=[PY, "-c", script], env={"SERVICE": "{labels.service}", "MODE": "fast"}
-    )
+    params = exec_params(command=[PY, "-c", script], env={"SERVICE": "{labels.service}", "MODE": "fast"})
     result = await ExecRunner().run(params, alert({"service": "api"}))
     assert result.ok, result
     env = json.loads(result.output)
@@ -198,9 +192,7 @@ async def test_exec_killed_by_signal_is_reported() -> None:
     assert result.exit_code == -signal.SIGKILL
 
 
-async def test_exec_timeout_kills_the_whole_process_group(
-    tmp_path: Path, reap_pids: list[int]
-) -> None:
+async def test_exec_timeout_kills_the_whole_process_group(tmp_path: Path, reap_pids: list[int]) -> None:
     """On timeout the child and a grandchild that ignores SIGTERM are both killed (SIGKILL after 2s)."""
     params = exec_params(command=[PY, "-c", CHILD, str(tmp_path), "ignore-term"], timeout="3s")
     started = time.monotonic()
@@ -215,9 +207,7 @@ async def test_exec_timeout_kills_the_whole_process_group(
     assert 4.5 <= elapsed < 10, elapsed  # 3s timeout + 2s grace for the SIGTERM-ignoring grandchild
 
 
-async def test_exec_cancellation_kills_the_whole_process_group(
-    tmp_path: Path, reap_pids: list[int]
-) -> None:
+async def test_exec_cancellation_kills_the_whole_process_group(tmp_path: Path, reap_pids: list[int]) -> None:
     """Cancelling the task that runs a step kills its process group and re-raises CancelledError."""
     params = exec_params(command=[PY, "-c", CHILD, str(tmp_path), "default"], timeout="60s")
     task = asyncio.create_task(ExecRunner().run(params, alert()))
@@ -242,9 +232,7 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("template", HOSTILE)
-async def test_hostile_labels_are_refused_before_anything_runs(
-    tmp_path: Path, template: str
-) -> None:
+async def test_hostile_labels_are_refused_before_anything_runs(tmp_path: Path, template: str) -> None:
     """With the default allow pattern a hostile label raises UnsafeLabelError and nothing runs."""
     marker, ran = tmp_path / "marker", tmp_path / "ran"
     value = template.format(marker=marker) if len(template) < 1000 else template
@@ -280,8 +268,11 @@ def test_missing_label_is_unsafe() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [pytest.param("ok\nsecond line", id="newline"), pytest.param("a\x00b", id="nul"),
-     pytest.param("a" * (MAX_VALUE_LENGTH + 1), id="too-long")],
+    [
+        pytest.param("ok\nsecond line", id="newline"),
+        pytest.param("a\x00b", id="nul"),
+        pytest.param("a" * (MAX_VALUE_LENGTH + 1), id="too-long"),
+    ],
 )
 def test_length_and_control_characters_are_refused_even_with_a_permissive_pattern(value: str) -> None:
     """Even `.*` cannot admit a value over 1024 characters or one with NUL or newline."""
@@ -399,7 +390,7 @@ async def test_http_expected_status_is_ok(recorder: tuple[Recorder, str]) -> Non
         url=f"{base}/restart/{{labels.service}}",
         headers={"X-Service": "{labels.service}"},
         body='{"service": "{labels.service}", "summary": "{annotations.summary}"}',
-        allow_labels={"annotations.summary": '^[ -~]+$'},
+        allow_labels={"annotations.summary": "^[ -~]+$"},
     )
     summary = 'say "hi" \\ there'
     result = await HttpRunner().run(params, alert({"service": "web"}, {"summary": summary}))
@@ -533,9 +524,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]
     """A real process with a SIGHUP handler that appends to a file; its cmdline has a unique token."""
     token = f"healer-signal-test-{uuid.uuid4().hex}"
     got = tmp_path / "got-hup"
-    proc = subprocess.Popen(
-        [PY, "-c", SIGHUP_LISTENER, str(got), token], stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([PY, "-c", SIGHUP_LISTENER, str(got), token], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     yield proc, got, token
@@ -543,9 +532,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]
     proc.wait(timeout=10)
 
 
-async def test_signal_by_pidfile(
-    tmp_path: Path, listener: tuple[subprocess.Popen[str], Path, str]
-) -> None:
+async def test_signal_by_pidfile(tmp_path: Path, listener: tuple[subprocess.Popen[str], Path, str]) -> None:
     """The process named in a pidfile receives the signal."""
     proc, got, _ = listener
     pidfile = tmp_path / "app.pid"
@@ -587,9 +574,7 @@ async def test_signal_without_a_match_fails() -> None:
         pytest.param("self", "names healer itself", id="self"),
     ],
 )
-async def test_signal_pidfile_problems_fail_safely(
-    tmp_path: Path, content: str | None, problem: str
-) -> None:
+async def test_signal_pidfile_problems_fail_safely(tmp_path: Path, content: str | None, problem: str) -> None:
     """A missing pidfile, pid 0 or below, or healer's own pid sends nothing and is ok=False."""
     pidfile = tmp_path / "app.pid"
     if content is not None:
@@ -651,9 +636,7 @@ async def test_systemd_refuses_hostile_and_option_like_units(fake_systemctl: Pat
     assert not fake_systemctl.exists()
 
 
-async def test_systemd_without_systemctl_is_a_failed_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_systemd_without_systemctl_is_a_failed_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no systemctl on PATH the step fails with a clear detail."""
     monkeypatch.setenv("PATH", str(tmp_path))
     result = await SystemdRunner().run(systemd_params(unit="web.service"), alert())
@@ -707,9 +690,7 @@ async def test_installed_plugin_is_registered_and_validated(plugin_on_path: None
     strategy_type = registry.get("myplug")
     assert isinstance(strategy_type.runner, StrategyRunner)
 
-    config = parse_config(
-        {"strategies": {"page": {"type": "myplug", "pager": "ops", "repeat": 2}}}, registry=registry
-    )
+    config = parse_config({"strategies": {"page": {"type": "myplug", "pager": "ops", "repeat": 2}}}, registry=registry)
     params = config.strategies["page"]
     assert type(params).__name__ == "PageParams"
     result = await strategy_type.runner.run(params, alert({"team": "db"}))

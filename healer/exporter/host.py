@@ -78,7 +78,9 @@ class HostCollector(InstrumentedCollector):
             value=memory.available,
         )
         yield GaugeMetricFamily(
-            "healer_host_memory_used_bytes", "Memory in use: total minus available.", value=memory.total - memory.available
+            "healer_host_memory_used_bytes",
+            "Memory in use: total minus available.",
+            value=memory.total - memory.available,
         )
 
     def _swap(self) -> Iterator[Metric]:
@@ -89,7 +91,9 @@ class HostCollector(InstrumentedCollector):
     def _filesystems(self) -> Iterator[Metric]:
         labels = ["device", "mountpoint", "fstype"]
         size = GaugeMetricFamily("healer_host_filesystem_size_bytes", "Filesystem size.", labels=labels)
-        free = GaugeMetricFamily("healer_host_filesystem_free_bytes", "Free space, including root's reserve.", labels=labels)
+        free = GaugeMetricFamily(
+            "healer_host_filesystem_free_bytes", "Free space, including root's reserve.", labels=labels
+        )
         avail = GaugeMetricFamily(
             "healer_host_filesystem_avail_bytes", "Space available to unprivileged users.", labels=labels
         )
@@ -117,8 +121,12 @@ class HostCollector(InstrumentedCollector):
         families = {
             "read_bytes": CounterMetricFamily("healer_host_disk_read_bytes", "Bytes read.", labels=["device"]),
             "write_bytes": CounterMetricFamily("healer_host_disk_written_bytes", "Bytes written.", labels=["device"]),
-            "read_count": CounterMetricFamily("healer_host_disk_reads_completed", "Reads completed.", labels=["device"]),
-            "write_count": CounterMetricFamily("healer_host_disk_writes_completed", "Writes completed.", labels=["device"]),
+            "read_count": CounterMetricFamily(
+                "healer_host_disk_reads_completed", "Reads completed.", labels=["device"]
+            ),
+            "write_count": CounterMetricFamily(
+                "healer_host_disk_writes_completed", "Writes completed.", labels=["device"]
+            ),
         }
         busy = CounterMetricFamily("healer_host_disk_io_time_seconds", "Time spent doing I/O.", labels=["device"])
         for device, io in sorted(counters.items()):

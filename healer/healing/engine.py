@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from healer.healing.metrics import HealingMetrics
 from healer.healing.payload import WebhookAlert
 from healer.healing.rails import CircuitBreaker, backoff
 from healer.logs import fields
-from healer.promql import PromQLClient, PrometheusUnavailableError
+from healer.promql import PrometheusUnavailableError, PromQLClient
 from healer.store import Action, ActionFilter, AsyncStore, Episode, Finish, InboxItem, NewAction
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
@@ -52,19 +53,28 @@ def decide(config: HealerConfig, labels: Mapping[str, str]) -> Decision:
         return Decision(rule, rule.strategies, 0, None, f"rule {rule.name!r} matches")
     if wanted in rule.strategies:
         return Decision(
-            rule, rule.strategies, rule.strategies.index(wanted), None,
+            rule,
+            rule.strategies,
+            rule.strategies.index(wanted),
+            None,
             f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} starts the ladder there",
         )
     return Decision(
-        rule, rule.strategies, 0, "strategy_not_allowed",
+        rule,
+        rule.strategies,
+        0,
+        "strategy_not_allowed",
         f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} is not in its ladder and is ignored",
     )
 
 
 def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
     return AlertContext(
-        labels=episode.labels, annotations=episode.annotations, fingerprint=episode.fingerprint,
-        starts_at=episode.starts_at, status=status,
+        labels=episode.labels,
+        annotations=episode.annotations,
+        fingerprint=episode.fingerprint,
+        starts_at=episode.starts_at,
+        status=status,
     )
 
 
@@ -150,7 +160,9 @@ class Engine:
             self.metrics.actions.labels(action.strategy, "interrupted").inc()
             log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
             if nxt is None:
-                await self._escalate(episode, rule.name if rule else action.rule, "attempts exhausted after interruption")
+                await self._escalate(
+                    episode, rule.name if rule else action.rule, "attempts exhausted after interruption"
+                )
         started = await self.store.call(self._recent_starts)
         self.circuit.restore(started)
         for episode in await self.store.call(self.store.sync.episodes_with_silences):
@@ -169,26 +181,29 @@ class Engine:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._drain_inbox()
+                more = await self._take_inbox_batch()
                 await self._expire_approvals()
                 delay = await self._dispatch_due()
             except Exception:
                 log.exception("healing loop failed; retrying")
-                delay = 1.0
+                more, delay = False, 1.0
+            if more:
+                # A burst of alerts must not starve the steps that are already due.
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
-    async def _drain_inbox(self) -> None:
-        while True:
-            items = await self.store.call(self.store.sync.unprocessed, 200)
-            if not items:
-                break
-            for item in items:
-                if item.alert.status == "firing":
-                    await self._on_firing(item)
-                else:
-                    await self._on_resolved(item)
-        self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
+    async def _take_inbox_batch(self, size: int = 50) -> bool:
+        """Process up to `size` inbox items; return whether more are waiting."""
+        items = await self.store.call(self.store.sync.unprocessed, size)
+        for item in items:
+            if item.alert.status == "firing":
+                await self._on_firing(item)
+            else:
+                await self._on_resolved(item)
+        depth = await self.store.call(self.store.sync.inbox_depth)
+        self.metrics.inbox_depth.set(depth)
+        return depth > 0
 
     async def _on_firing(self, item: InboxItem) -> None:
         alert = item.alert
@@ -208,8 +223,13 @@ class Engine:
         else:
             events.append(("unmatched", {"explanation": decision.explanation}))
         episode, created = await self.store.call(
-            self.store.sync.open_episode, item.id, alert, decision.rule.name if decision.rule else None,
-            state, first, events,
+            self.store.sync.open_episode,
+            item.id,
+            alert,
+            decision.rule.name if decision.rule else None,
+            state,
+            first,
+            events,
         )
         if not created:
             self.metrics.skipped.labels("duplicate").inc()
@@ -220,8 +240,13 @@ class Engine:
             self.metrics.skipped.labels("cooldown").inc()
         log.info(
             "alert received",
-            extra=fields(alertname=alert.alertname, fingerprint=alert.fingerprint, episode=episode.id,
-                         rule=episode.rule, explanation=decision.explanation),
+            extra=fields(
+                alertname=alert.alertname,
+                fingerprint=alert.fingerprint,
+                episode=episode.id,
+                rule=episode.rule,
+                explanation=decision.explanation,
+            ),
         )
 
     async def _on_resolved(self, item: InboxItem) -> None:
@@ -237,8 +262,12 @@ class Engine:
         rule = self._rules.get(episode.rule or "")
         for action in running:
             task = self._inflight.get(action.id)
-            if (task is not None and rule is not None and rule.cancel_running_on_resolve
-                    and action.id in self._in_runner):
+            if (
+                task is not None
+                and rule is not None
+                and rule.cancel_running_on_resolve
+                and action.id in self._in_runner
+            ):
                 task.cancel()
         if episode.state != "open":
             await self._expire_silence(episode)
@@ -249,8 +278,9 @@ class Engine:
             assert episode is not None
             self.metrics.skipped.labels("approval_expired").inc()
             await self._end_with_escalation(
-                action, episode, Finish(outcome="cancelled", skip_reason="approval_expired",
-                                        detail="nobody approved the step in time"),
+                action,
+                episode,
+                Finish(outcome="cancelled", skip_reason="approval_expired", detail="nobody approved the step in time"),
                 "approval expired",
             )
 
@@ -263,15 +293,20 @@ class Engine:
             if action.id not in self._inflight:
                 task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
-                task.add_done_callback(lambda _t, a=action.id: self._inflight.pop(a, None))
+                task.add_done_callback(functools.partial(self._forget, action.id))
         deadlines = [
-            d for d in (
+            d
+            for d in (
                 await self.store.call(self.store.sync.next_due),
                 await self.store.call(self.store.sync.next_approval_deadline),
-            ) if d is not None
+            )
+            if d is not None
         ]
         waits = [d - self._clock() for d in deadlines if d > now]
         return max(0.01, min(waits, default=5.0))
+
+    def _forget(self, action_id: int, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(action_id, None)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -299,9 +334,13 @@ class Engine:
         if rule is None or params is None:
             self.metrics.skipped.labels("disabled").inc()
             await self._end_with_escalation(
-                action, episode,
-                Finish(outcome="cancelled", skip_reason="disabled",
-                       detail=f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"),
+                action,
+                episode,
+                Finish(
+                    outcome="cancelled",
+                    skip_reason="disabled",
+                    detail=f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured",
+                ),
                 "configuration changed",
             )
             return
@@ -314,17 +353,27 @@ class Engine:
             self.metrics.actions.labels(action.strategy, "cancelled").inc()
             log.warning("unsafe label", extra=fields(action=action.id, reason=str(exc)))
             await self._continue_or_escalate(
-                action, rule, episode, Finish(outcome="cancelled", skip_reason="unsafe_label", detail=str(exc)),
+                action,
+                rule,
+                episode,
+                Finish(outcome="cancelled", skip_reason="unsafe_label", detail=str(exc)),
                 reason=f"unsafe label: {exc}",
             )
             return
         if self.config.healing.dry_run or rule.dry_run:
             self.metrics.skipped.labels("dry_run").inc()
             self.metrics.actions.labels(action.strategy, "dry_run").inc()
-            await store.call(store.sync.finish, action.id, Finish(
-                outcome="dry_run", skip_reason="dry_run", plan=plan, episode_state="dry_run",
-                detail="dry run: recorded what would have run",
-            ))
+            await store.call(
+                store.sync.finish,
+                action.id,
+                Finish(
+                    outcome="dry_run",
+                    skip_reason="dry_run",
+                    plan=plan,
+                    episode_state="dry_run",
+                    detail="dry run: recorded what would have run",
+                ),
+            )
             return
         if params.approval == "required" and not action.approved:
             deadline = self._clock() + self.config.healing.approval_timeout
@@ -336,17 +385,30 @@ class Engine:
         if firing is False:
             self.metrics.skipped.labels("resolved").inc()
             self.metrics.actions.labels(action.strategy, "cancelled").inc()
-            await store.call(store.sync.finish, action.id, Finish(
-                outcome="cancelled", skip_reason="resolved", episode_state="resolved", plan=plan,
-                detail="Prometheus no longer reports the alert firing",
-            ))
+            await store.call(
+                store.sync.finish,
+                action.id,
+                Finish(
+                    outcome="cancelled",
+                    skip_reason="resolved",
+                    episode_state="resolved",
+                    plan=plan,
+                    detail="Prometheus no longer reports the alert firing",
+                ),
+            )
             await self._episode_ended(episode)
             return
         if not self.circuit.acquire():
             self.metrics.skipped.labels("circuit_open").inc()
             await self._end_with_escalation(
-                action, episode, Finish(outcome="cancelled", skip_reason="circuit_open", plan=plan,
-                                        detail="the action budget is spent; the circuit breaker is open"),
+                action,
+                episode,
+                Finish(
+                    outcome="cancelled",
+                    skip_reason="circuit_open",
+                    plan=plan,
+                    detail="the action budget is spent; the circuit breaker is open",
+                ),
                 "circuit breaker open",
             )
             return
@@ -371,8 +433,10 @@ class Engine:
         started = time.monotonic()
         self.metrics.running.inc()
         self._in_runner.add(action.id)
-        log.info("step started", extra=fields(action=action.id, rule=rule.name, strategy=action.strategy,
-                                              attempt=action.attempt))
+        log.info(
+            "step started",
+            extra=fields(action=action.id, rule=rule.name, strategy=action.strategy, attempt=action.attempt),
+        )
         try:
             return await runner.run(params, alert_context(episode))  # type: ignore[no-any-return]
         except asyncio.CancelledError:
@@ -380,10 +444,16 @@ class Engine:
             # interrupted and retries it, exactly as after a crash.
             if not self._stopping:
                 self.metrics.actions.labels(action.strategy, "cancelled").inc()
-                await store.call(store.sync.finish, action.id, Finish(
-                    outcome="cancelled", skip_reason="resolved", episode_state="resolved",
-                    detail="the alert resolved while the step ran; the step was stopped",
-                ))
+                await store.call(
+                    store.sync.finish,
+                    action.id,
+                    Finish(
+                        outcome="cancelled",
+                        skip_reason="resolved",
+                        episode_state="resolved",
+                        detail="the alert resolved while the step ran; the step was stopped",
+                    ),
+                )
                 await self._episode_ended(episode)
             raise
         except UnsafeLabelError as exc:
@@ -402,17 +472,27 @@ class Engine:
         if not result.ok:
             outcome = "timeout" if result.timed_out else "failed"
             self.metrics.actions.labels(action.strategy, outcome).inc()
-            await self._continue_or_escalate(action, rule, episode, Finish(
-                outcome=outcome, detail=result.detail, exit_code=result.exit_code, output=result.output,
-                cooldown=cooldown,
-            ), reason=f"{action.strategy} {outcome}: {result.detail}")
+            await self._continue_or_escalate(
+                action,
+                rule,
+                episode,
+                Finish(
+                    outcome=outcome,
+                    detail=result.detail,
+                    exit_code=result.exit_code,
+                    output=result.output,
+                    cooldown=cooldown,
+                ),
+                reason=f"{action.strategy} {outcome}: {result.detail}",
+            )
             return
         verdict = await self.promql.verify_resolved(
             episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
         )
         self.metrics.actions.labels(action.strategy, verdict).inc()
-        base = Finish(outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output,
-                      cooldown=cooldown)
+        base = Finish(
+            outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output, cooldown=cooldown
+        )
         log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
         if verdict == "healed":
             self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
@@ -436,7 +516,8 @@ class Engine:
 
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
         done = await self.store.call(
-            self.store.sync.finish, action.id,
+            self.store.sync.finish,
+            action.id,
             replace(finish, episode_state="escalated", events=[("escalated", {"reason": reason})]),
         )
         if done:
@@ -445,10 +526,19 @@ class Engine:
 
     async def _escalate(self, episode: Episode, rule: str, reason: str) -> None:
         self.metrics.escalations.inc()
-        tried = [a.strategy for a, _ in await self.store.call(self.store.sync.list_actions, ActionFilter(episode_id=episode.id, limit=1000))]
+        tried = [
+            a.strategy
+            for a, _ in await self.store.call(
+                self.store.sync.list_actions, ActionFilter(episode_id=episode.id, limit=1000)
+            )
+        ]
         alert = AlertmanagerClient.healing_failed_alert(
-            episode.labels, episode.annotations, rule=rule, strategies_tried=list(reversed(tried)),
-            audit_url=f"{self.external_url}/api/v1/actions?episode={episode.id}", reason=reason,
+            episode.labels,
+            episode.annotations,
+            rule=rule,
+            strategies_tried=list(reversed(tried)),
+            audit_url=f"{self.external_url}/api/v1/actions?episode={episode.id}",
+            reason=reason,
         )
         log.warning("escalating", extra=fields(episode=episode.id, alertname=episode.alertname, reason=reason))
         self._spawn(self._post_with_retry(alert, episode.id))
@@ -522,9 +612,13 @@ def first_plans(config: HealerConfig, registry: StrategyRegistry, alert: Webhook
     """Describe what the engine would run for one alert, for `healer test-alert`."""
     decision = decide(config, alert.labels)
     report: dict[str, Any] = {
-        "alertname": alert.alertname, "status": alert.status, "fingerprint": alert.fingerprint,
-        "rule": decision.rule.name if decision.rule else None, "explanation": decision.explanation,
-        "skip_reason": decision.skip_reason, "ladder": [],
+        "alertname": alert.alertname,
+        "status": alert.status,
+        "fingerprint": alert.fingerprint,
+        "rule": decision.rule.name if decision.rule else None,
+        "explanation": decision.explanation,
+        "skip_reason": decision.skip_reason,
+        "ladder": [],
     }
     if decision.rule is None or alert.status != "firing":
         if alert.status != "firing":
@@ -532,10 +626,9 @@ def first_plans(config: HealerConfig, registry: StrategyRegistry, alert: Webhook
         return report
     context = AlertContext(alert.labels, alert.annotations, alert.fingerprint, alert.starts_at, alert.status)
     dry_run = config.healing.dry_run or bool(decision.rule.dry_run)
-    for name in decision.ladder[decision.start:]:
+    for name in decision.ladder[decision.start :]:
         params = config.strategies[name]
-        entry: dict[str, Any] = {"strategy": name, "type": params.type, "dry_run": dry_run,
-                                 "approval": params.approval}
+        entry: dict[str, Any] = {"strategy": name, "type": params.type, "dry_run": dry_run, "approval": params.approval}
         try:
             entry["plan"] = registry.get(params.type).runner.plan(params, context)
         except UnsafeLabelError as exc:

@@ -39,15 +39,22 @@ class HealingMetrics:
             "healer_webhook_requests", "Webhook requests by response class.", ["code"], registry=registry
         )
         self.actions = Counter(
-            "healer_actions", "Healing steps finished, by strategy and outcome.", ["strategy", "outcome"],
+            "healer_actions",
+            "Healing steps finished, by strategy and outcome.",
+            ["strategy", "outcome"],
             registry=registry,
         )
         self.action_duration = Histogram(
-            "healer_action_duration_seconds", "Time a strategy ran.", ["strategy"], buckets=ACTION_BUCKETS,
+            "healer_action_duration_seconds",
+            "Time a strategy ran.",
+            ["strategy"],
+            buckets=ACTION_BUCKETS,
             registry=registry,
         )
         self.time_to_heal = Histogram(
-            "healer_time_to_heal_seconds", "From the alert's startsAt to the verified heal.", buckets=HEAL_BUCKETS,
+            "healer_time_to_heal_seconds",
+            "From the alert's startsAt to the verified heal.",
+            buckets=HEAL_BUCKETS,
             registry=registry,
         )
         self.skipped = Counter("healer_skipped", "Steps not run, by reason.", ["reason"], registry=registry)

@@ -78,9 +78,7 @@ class StrategyRegistry:
     def register(self, strategy_type: StrategyType) -> None:
         """Add a strategy type, refusing a second one of the same name."""
         if strategy_type.name in self._types:
-            raise DuplicateStrategyTypeError(
-                f"strategy type {strategy_type.name!r} is registered twice"
-            )
+            raise DuplicateStrategyTypeError(f"strategy type {strategy_type.name!r} is registered twice")
         self._types[strategy_type.name] = strategy_type
 
     def get(self, name: str) -> StrategyType:

@@ -119,9 +119,7 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-async def terminate_group(
-    proc: asyncio.subprocess.Process, grace: float = KILL_GRACE_SECONDS
-) -> None:
+async def terminate_group(proc: asyncio.subprocess.Process, grace: float = KILL_GRACE_SECONDS) -> None:
     """SIGTERM the group of `proc`, SIGKILL what is left after `grace` seconds, reap `proc`."""
     pgid = proc.pid
     loop = asyncio.get_running_loop()
@@ -129,15 +127,23 @@ async def terminate_group(
     _signal_group(pgid, signal.SIGCONT)
     try:
         deadline = loop.time() + grace
-        while _group_alive(pgid):
+        while proc.returncode is None or _group_alive(pgid):
             if loop.time() >= deadline:
-                _signal_group(pgid, signal.SIGKILL)
+                _kill(proc)
                 break
             await asyncio.sleep(_POLL_SECONDS)
         await proc.wait()
     except asyncio.CancelledError:
-        _signal_group(pgid, signal.SIGKILL)
+        _kill(proc)
         raise
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the group and, should the group be unreachable, the process itself."""
+    _signal_group(proc.pid, signal.SIGKILL)
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 async def _drain(reader: asyncio.StreamReader, output: OutputBuffer) -> None:
@@ -190,7 +196,7 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             stderr=write_fd,
             env=env,
             cwd=invocation.cwd,
-            start_new_session=False,
+            start_new_session=True,
         )
     except (OSError, ValueError) as exc:
         os.close(read_fd)
@@ -210,9 +216,7 @@ async def run_invocation(invocation: Invocation) -> StepResult:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_READ_CHUNK)
         pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - handed to the transport
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         drain = asyncio.create_task(_drain(reader, output))
         try:
             async with asyncio.timeout(invocation.timeout):

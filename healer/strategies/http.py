@@ -62,9 +62,7 @@ class HttpRequest:
             "method": self.method,
             "url": self.url,
             "headers": {
-                name: REDACTED
-                if any(word in name.lower() for word in _SECRET_HEADER_WORDS)
-                else value
+                name: REDACTED if any(word in name.lower() for word in _SECRET_HEADER_WORDS) else value
                 for name, value in self.headers.items()
             },
             "body": self.body,
@@ -100,9 +98,7 @@ class HttpRunner:
     def request(self, params: StrategyParams, alert: AlertContext) -> HttpRequest:
         """Render URL, headers and body from the alert; raises UnsafeLabelError."""
         http_params = _http_params(params)
-        headers = {
-            name: render(value, params, alert) for name, value in http_params.headers.items()
-        }
+        headers = {name: render(value, params, alert) for name, value in http_params.headers.items()}
         body = None if http_params.body is None else render_body(http_params.body, params, alert)
         if body is not None and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
@@ -146,13 +142,7 @@ class HttpRunner:
                 timed_out=True,
             )
         except aiohttp.ClientConnectionError as exc:
-            return StepResult(
-                ok=False, detail=one_line(f"connection failed: {exc}"), output=output.text()
-            )
+            return StepResult(ok=False, detail=one_line(f"connection failed: {exc}"), output=output.text())
         except (aiohttp.ClientError, ValueError) as exc:
-            return StepResult(
-                ok=False, detail=one_line(f"request failed: {exc}"), output=output.text()
-            )
-        return StepResult(
-            ok=status in request.expected_status, detail=f"HTTP {status}", output=output.text()
-        )
+            return StepResult(ok=False, detail=one_line(f"request failed: {exc}"), output=output.text())
+        return StepResult(ok=status in request.expected_status, detail=f"HTTP {status}", output=output.text())

@@ -42,9 +42,7 @@ class UnsafeLabelError(Exception):
     annotation); `reason` says what is wrong with the value.
     """
 
-    def __init__(
-        self, label: str, reason: str, *, noun: str = "label", name: str | None = None
-    ) -> None:
+    def __init__(self, label: str, reason: str, *, noun: str = "label", name: str | None = None) -> None:
         self.label = label
         self.reason = reason
         self.noun = noun

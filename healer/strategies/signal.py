@@ -133,9 +133,7 @@ class SignalRunner:
         """Signal every target; ok when at least one process received the signal."""
         targets = await asyncio.to_thread(self.targets, params)
         if not targets.pids:
-            return StepResult(
-                ok=False, detail=targets.problem or f"no process matches {targets.source}"
-            )
+            return StepResult(ok=False, detail=targets.problem or f"no process matches {targets.source}")
         signum = signal_module.Signals[targets.signal]
         sent: list[int] = []
         failed: list[str] = []

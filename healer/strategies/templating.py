@@ -62,9 +62,7 @@ def lookup(kind: str, name: str, params: StrategyParams, alert: AlertContext) ->
     if value is None:
         raise unsafe("is missing from the alert")
     if len(value) > MAX_VALUE_LENGTH:
-        raise unsafe(
-            f"value is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are allowed"
-        )
+        raise unsafe(f"value is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are allowed")
     if _CONTROL.search(value):
         raise unsafe(f"value {_shown(value)} contains a control character such as NUL or newline")
     pattern = params.label_pattern(key)
@@ -112,6 +110,4 @@ def render_url(url: str, params: StrategyParams, alert: AlertContext) -> str:
 
 def render_body(body: str, params: StrategyParams, alert: AlertContext) -> str:
     """Substitute every placeholder in a body with its checked, JSON-string-escaped value."""
-    return PLACEHOLDER.sub(
-        lambda match: json.dumps(lookup(match.group(1), match.group(2), params, alert))[1:-1], body
-    )
+    return PLACEHOLDER.sub(lambda match: json.dumps(lookup(match.group(1), match.group(2), params, alert))[1:-1], body)
