@@ -187,7 +187,9 @@ def _unique_names(items: Sequence[ProcessWatch] | Sequence[ProbeConfig], what: s
 class ExporterConfig(_Strict):
     host: bool = True
     filesystems: FilesystemFilter = FilesystemFilter()
-    disks: DeviceFilter = DeviceFilter(exclude=r"^(ram|loop|fd|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$")
+    disks: DeviceFilter = DeviceFilter(
+        exclude=r"^(ram\d*|loop\d*|zram\d*|fd\d*|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$"
+    )
     network: DeviceFilter = DeviceFilter(exclude=r"^$")
     process_scan_interval: Duration = 5.0
     processes: list[ProcessWatch] = Field(default_factory=list)
