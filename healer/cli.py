@@ -1,4 +1,4 @@
-"""The `healer` command line: serve, check-config, test-alert."""
+"""The `healer` command line: serve, check-config, status, test-alert, demo."""
 
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("config", type=Path, help="path to healer.yml")
+
+    status = commands.add_parser("status", help="print the unified status report of a running healer")
+    status.add_argument("--url", default="http://127.0.0.1:9877", help="healer's base URL")
+    status.add_argument("--json", action="store_true", help="print the JSON report")
+
+    demo = commands.add_parser("demo", help="run the live demonstration on loopback")
+    demo.add_argument("--scenario", action="append", help="run only this fault (repeatable)")
+    demo.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    demo.add_argument("--workdir", type=Path, help="directory for the stack's files (default: a new temp dir)")
+    demo.add_argument("--report", type=Path, help="also write the results as JSON to this file")
 
     test_alert = commands.add_parser(
         "test-alert", help="show what would run for each alert of an Alertmanager payload, running nothing"
@@ -174,11 +184,34 @@ def serve(path: Path, listen: str | None, log_format: str | None) -> int:
     return EXIT_OK
 
 
+def status(url: str, as_json: bool) -> int:
+    """Fetch and print the status report of a running healer."""
+    import urllib.error
+    import urllib.request
+
+    from healer.status import render_status
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/status", timeout=15) as response:
+            report = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot read the status from {url}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report, indent=2) if as_json else render_status(report))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `healer` console script."""
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "status":
+        return status(args.url, args.json)
+    if args.command == "demo":
+        from healer.demo import run_demo
+
+        return run_demo(args.scenario, keep=args.keep, workdir=args.workdir, report=args.report)
     if args.command == "test-alert":
         return test_alert(args.config, args.payload, args.json)
     if args.command == "serve":

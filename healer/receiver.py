@@ -196,7 +196,15 @@ async def close_circuit(request: web.Request) -> web.Response:
     return web.json_response({"circuit_open": False})
 
 
+async def status(request: web.Request) -> web.Response:
+    """The unified status report as JSON."""
+    from healer.status import build_status
+
+    return web.json_response(await build_status(request.app[ENGINE]))
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/alertmanager", alertmanager_webhook)
     app.router.add_get("/api/v1/actions", list_actions)
     app.router.add_get("/api/v1/actions/{id}", get_action)

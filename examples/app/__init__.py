@@ -1,0 +1,1 @@
+"""The example application that `healer demo` breaks and heals."""

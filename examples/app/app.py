@@ -1,0 +1,257 @@
+"""An example web service with its own metrics, fault injection and the fixes healer applies.
+
+Faults (POST /admin/fault/NAME): memory-leak, cpu-burn, disk-fill, errors, latency, drift, crash.
+Fixes: POST /admin/cache/clear (errors come from a corrupted cache), /admin/cache/enable (latency
+comes from a disabled cache), /admin/memory/free, /admin/model/recalibrate, /admin/reload (clears
+every fault but a crash). Files that fill the data directory are `*.fill`; deleting them is the fix.
+
+Run: python -m examples.app.app --port 8000 --data-dir /var/tmp/healer-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+FAULTS = ("memory-leak", "cpu-burn", "disk-fill", "errors", "latency", "drift", "crash")
+LEAK_CHUNK_BYTES = 10 * 1024 * 1024
+LEAK_TOTAL_BYTES = 400 * 1024 * 1024
+FILL_CHUNK_BYTES = 1024 * 1024
+SLOW_SECONDS = 1.5
+HEALTHY_DRIFT = 0.05
+DRIFTED = 0.6
+
+
+class AppState:
+    """The faults the app suffers from and the resources they hold."""
+
+    def __init__(self, data_dir: Path, data_limit_bytes: int) -> None:
+        self.data_dir = data_dir
+        self.data_limit_bytes = data_limit_bytes
+        self.leaked: list[bytearray] = []
+        self.cache: dict[str, bytes] = {}
+        self.cache_enabled = True
+        self.cache_corrupted = False
+        self.slow = False
+        self.drift = HEALTHY_DRIFT
+        self.knowledge_updated = time.time()
+        self.burning = threading.Event()
+
+    def data_dir_bytes(self) -> int:
+        total = 0
+        for entry in os.scandir(self.data_dir):
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def active(self) -> dict[str, bool]:
+        return {
+            "memory-leak": bool(self.leaked),
+            "cpu-burn": self.burning.is_set(),
+            "disk-fill": any(self.data_dir.glob("*.fill")),
+            "errors": self.cache_corrupted,
+            "latency": self.slow,
+            "drift": self.drift > 0.3,
+        }
+
+
+class AppMetrics:
+    """The example app's own series on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry, state: AppState) -> None:
+        self.requests = Counter(
+            "app_http_requests", "HTTP requests by handler and status code.", ["handler", "code"], registry=registry
+        )
+        self.duration = Histogram(
+            "app_http_request_duration_seconds", "HTTP request duration.", ["handler"], registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        Gauge("app_cache_size_bytes", "Bytes held in the response cache.", registry=registry).set_function(
+            lambda: sum(len(v) for v in state.cache.values())
+        )
+        Gauge("app_cache_enabled", "1 while the response cache is on.", registry=registry).set_function(
+            lambda: 1.0 if state.cache_enabled else 0.0
+        )
+        Gauge("app_model_drift_score", "Distance of the model from its calibration, 0..1.", registry=registry
+              ).set_function(lambda: state.drift)
+        Gauge(
+            "app_knowledge_base_last_update_timestamp_seconds", "Unix time the knowledge base was last updated.",
+            registry=registry,
+        ).set_function(lambda: state.knowledge_updated)
+        Gauge("app_data_dir_bytes", "Bytes of files in the data directory.", registry=registry).set_function(
+            state.data_dir_bytes
+        )
+        Gauge("app_data_dir_limit_bytes", "Quota of the data directory.", registry=registry).set(
+            state.data_limit_bytes
+        )
+        Gauge("app_memory_leaked_bytes", "Bytes held by the memory-leak fault.", registry=registry).set_function(
+            lambda: sum(len(b) for b in state.leaked)
+        )
+        faults = Gauge("app_faults_active", "1 while a fault is active.", ["fault"], registry=registry)
+        for fault in FAULTS:
+            if fault != "crash":
+                faults.labels(fault).set_function(lambda f=fault: 1.0 if state.active()[f] else 0.0)
+        for handler in ("healthz", "work"):
+            self.duration.labels(handler)
+            for code in ("200", "500"):
+                self.requests.labels(handler, code)
+
+
+STATE = web.AppKey("state", AppState)
+METRICS = web.AppKey("metrics", AppMetrics)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+async def _serve_request(request: web.Request, handler: str) -> web.Response:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    if state.slow and not state.cache_enabled:
+        await asyncio.sleep(SLOW_SECONDS)
+    status = 500 if state.cache_corrupted else 200
+    if state.cache_enabled:
+        state.cache.setdefault(request.path_qs, os.urandom(256))
+    request.app[METRICS].requests.labels(handler, str(status)).inc()
+    request.app[METRICS].duration.labels(handler).observe(time.perf_counter() - started)
+    return web.Response(status=status, text="ok\n" if status == 200 else "cache corrupted\n")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return await _serve_request(request, "healthz")
+
+
+async def work(request: web.Request) -> web.Response:
+    return await _serve_request(request, "work")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _burn(state: AppState) -> None:
+    while state.burning.is_set():
+        sum(i * i for i in range(10_000))
+
+
+async def inject(request: web.Request) -> web.Response:
+    """Start a fault."""
+    state = request.app[STATE]
+    fault = request.match_info["fault"]
+    if fault not in FAULTS:
+        return web.json_response({"error": f"unknown fault {fault!r}; one of {', '.join(FAULTS)}"}, status=404)
+    if fault == "memory-leak":
+        while sum(len(b) for b in state.leaked) < LEAK_TOTAL_BYTES:
+            state.leaked.append(bytearray(b"x") * LEAK_CHUNK_BYTES)  # touched pages, so resident
+    elif fault == "cpu-burn" and not state.burning.is_set():
+        state.burning.set()
+        threading.Thread(target=_burn, args=(state,), daemon=True, name="cpu-burn").start()
+    elif fault == "disk-fill":
+        chunk = b"\0" * FILL_CHUNK_BYTES
+        index = 0
+        while state.data_dir_bytes() < 0.95 * state.data_limit_bytes:
+            (state.data_dir / f"junk-{index:05d}.fill").write_bytes(chunk)
+            index += 1
+    elif fault == "errors":
+        state.cache_corrupted = True
+    elif fault == "latency":
+        state.cache_enabled = False
+        state.slow = True
+    elif fault == "drift":
+        state.drift = DRIFTED
+    elif fault == "crash":
+        asyncio.get_running_loop().call_later(0.1, os._exit, 3)
+    return web.json_response({"injected": fault})
+
+
+async def clear_cache(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.cache.clear()
+    state.cache_corrupted = False
+    return web.json_response({"cache": "cleared"})
+
+
+async def enable_cache(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.cache_enabled = True
+    state.slow = False
+    return web.json_response({"cache": "enabled"})
+
+
+async def free_memory(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    freed = sum(len(b) for b in state.leaked)
+    state.leaked.clear()
+    return web.json_response({"freed_bytes": freed})
+
+
+async def recalibrate(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.drift = HEALTHY_DRIFT
+    state.knowledge_updated = time.time()
+    return web.json_response({"drift": state.drift})
+
+
+async def reload(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.leaked.clear()
+    state.burning.clear()
+    state.cache_corrupted = False
+    state.cache_enabled, state.slow = True, False
+    state.drift = HEALTHY_DRIFT
+    return web.json_response({"reloaded": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response({"pid": os.getpid(), "faults": request.app[STATE].active()})
+
+
+def create_app(data_dir: Path, data_limit_bytes: int) -> web.Application:
+    """Build the example app with its own registry."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = web.Application()
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    state = AppState(data_dir, data_limit_bytes)
+    app[STATE] = state
+    app[REGISTRY] = registry
+    app[METRICS] = AppMetrics(registry, state)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/work", work)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/status", status)
+    app.router.add_post("/admin/fault/{fault}", inject)
+    app.router.add_post("/admin/cache/clear", clear_cache)
+    app.router.add_post("/admin/cache/enable", enable_cache)
+    app.router.add_post("/admin/memory/free", free_memory)
+    app.router.add_post("/admin/model/recalibrate", recalibrate)
+    app.router.add_post("/admin/reload", reload)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", type=Path, default=Path("/var/tmp/healer-demo"))
+    parser.add_argument("--data-limit-bytes", type=int, default=64 * 1024 * 1024)
+    args = parser.parse_args()
+    web.run_app(create_app(args.data_dir, args.data_limit_bytes), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""`healer demo`: a real stack on loopback, real faults, healed and verified while you watch.
+
+It starts Prometheus and Alertmanager (the binaries on PATH), the example app under its
+supervisor, and healer, all on free loopback ports with the configs from `examples/` and the
+rules from `rules/`. The rules' `for` durations and range windows are compressed (divided by
+`TIME_COMPRESSION`) so that a fault fires, heals and clears within seconds instead of minutes;
+thresholds and expressions are otherwise the shipped ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from healer.durations import format_duration, parse_duration
+
+TIME_COMPRESSION = 30
+EXAMPLE_DATA_DIR = "/var/tmp/healer-demo"  # noqa: S108 - the path examples/healer.yml names, replaced here
+MIN_RANGE_SECONDS = 5.0
+MIN_FOR_SECONDS = 1.0
+SCENARIO_TIMEOUT = 120.0
+MISSING_BINARIES = (
+    "healer demo needs Prometheus and Alertmanager on PATH (`prometheus`, and `alertmanager` or "
+    "Debian's `prometheus-alertmanager`).\nOn Debian or Ubuntu: sudo apt-get install prometheus prometheus-alertmanager"
+)
+
+
+class DemoError(Exception):
+    """The demo cannot run; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault the example app can suffer, and the alert that healing answers."""
+
+    name: str
+    alert: str
+    story: str
+
+
+SCENARIOS = (
+    Scenario("memory-leak", "ProcessHighMemory", "the app leaks 400 MiB of memory"),
+    Scenario("cpu-burn", "ProcessHighCpu", "a runaway loop keeps a CPU busy"),
+    Scenario("disk-fill", "AppDataDirFull", "scratch files fill the app's data directory"),
+    Scenario("crash", "ProcessDown", "the app crashes"),
+    Scenario("errors", "AppHighErrorRate", "a corrupted cache makes every request fail"),
+    Scenario("latency", "AppHighLatency", "the cache is switched off and requests slow down"),
+    Scenario("drift", "ModelDriftHigh", "the model drifts away from its calibration"),
+)
+SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
+
+
+@dataclass
+class Result:
+    scenario: str
+    alert: str
+    outcome: str
+    strategies: list[str] = field(default_factory=list)
+    seconds_to_fire: float | None = None
+    seconds_to_heal: float | None = None
+    seconds_from_alert: float | None = None
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+_RANGE = re.compile(r"\[(\d+(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)(:[^\]]*)?\]")
+
+
+def compress(duration: str, minimum: float) -> str:
+    """Divide a Prometheus duration by TIME_COMPRESSION, not going below `minimum` seconds."""
+    return format_duration(max(parse_duration(duration) / TIME_COMPRESSION, minimum))
+
+
+def compress_rules(document: dict[str, Any]) -> dict[str, Any]:
+    """Return a rule file with every `for` and every range selector compressed in time."""
+    for group in document.get("groups", []):
+        for rule in group.get("rules", []):
+            if "for" in rule:
+                rule["for"] = compress(rule["for"], MIN_FOR_SECONDS)
+            rule["expr"] = _RANGE.sub(
+                lambda m: f"[{compress(m.group(1), MIN_RANGE_SECONDS)}{m.group(2) or ''}]", str(rule["expr"])
+            )
+    return document
+
+
+def source_tree() -> Path:
+    """The checkout that holds rules/ and examples/, which the demo needs beside the package."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "rules").is_dir() or not (root / "examples" / "app").is_dir():
+        raise DemoError(f"healer demo runs from a source checkout with rules/ and examples/; not found under {root}")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    prometheus: int = field(default_factory=free_port)
+    alertmanager: int = field(default_factory=free_port)
+    healer: int = field(default_factory=free_port)
+    app: int = field(default_factory=free_port)
+
+
+def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, data_dir: Path) -> dict[str, Any]:
+    """examples/healer.yml with the demo's ports, paths and short verification times."""
+    config: dict[str, Any] = yaml.safe_load((root / "examples" / "healer.yml").read_text())
+    app_url = f"http://127.0.0.1:{ports.app}"
+    config["server"].update(listen=f"127.0.0.1:{ports.healer}", auth={"bearer_token_file": str(token_file)})
+    config["prometheus"].update(url=f"http://127.0.0.1:{ports.prometheus}", check_interval="5s")
+    config["alertmanager"].update(url=f"http://127.0.0.1:{ports.alertmanager}", check_interval="5s")
+    config["store"]["path"] = str(workdir / "healer.db")
+    exporter = config["exporter"]
+    exporter["process_scan_interval"] = "1s"
+    for probe in exporter["probes"]:
+        probe.update(url=probe["url"].replace("http://127.0.0.1:8000", app_url), interval="2s", timeout="2s")
+    for rule in config["healing"]["rules"]:
+        rule.update(cooldown="2s", verify={"within": "20s", "interval": "1s"})
+    for strategy in config["strategies"].values():
+        if strategy["type"] == "http":
+            strategy["url"] = strategy["url"].replace("http://127.0.0.1:8000", app_url)
+        if strategy["type"] == "exec":
+            strategy["command"] = [
+                str(data_dir) if part == "/var/tmp/healer-demo" else part for part in strategy["command"]
+            ]
+    return config
+
+
+def prometheus_config(ports: Ports, rules_dir: Path) -> dict[str, Any]:
+    def job(name: str, port: int) -> dict[str, Any]:
+        return {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+
+    return {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules_dir / "*.yml")],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports.alertmanager}"]}]}]},
+        "scrape_configs": [job("healer", ports.healer), job("app", ports.app)],
+    }
+
+
+def alertmanager_config(ports: Ports, token_file: Path) -> dict[str, Any]:
+    return {
+        "route": {
+            "receiver": "healer",
+            # One group per alert, so every alert is sent the moment it fires.
+            "group_by": ["..."],
+            "group_wait": "0s",
+            "group_interval": "1s",
+            "repeat_interval": "1h",
+            "routes": [{"matchers": ['alertname=~"HealingFailed|Healer.*"'], "receiver": "humans"}],
+        },
+        "receivers": [
+            {
+                "name": "healer",
+                "webhook_configs": [
+                    {
+                        "url": f"http://127.0.0.1:{ports.healer}/api/v1/alertmanager",
+                        "send_resolved": True,
+                        "http_config": {"authorization": {"credentials_file": str(token_file)}},
+                    }
+                ],
+            },
+            {"name": "humans"},
+        ],
+    }
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def find_binaries() -> tuple[str, str]:
+    prometheus = shutil.which("prometheus")
+    alertmanager = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
+    if prometheus is None or alertmanager is None:
+        raise DemoError(MISSING_BINARIES)
+    return prometheus, alertmanager
+
+
+def http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, Any]:
+    # Only http://127.0.0.1 URLs that the demo built itself reach here.
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read(), exc.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+class Stack:
+    """The processes of the demo, each stopped by its own PID."""
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        self.root = root
+        self.workdir = workdir
+        self.ports = Ports()
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.data_dir = workdir / "app-data"
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{getattr(self.ports, name)}"
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        # A session of its own, so that Ctrl-C reaches the demo, which then stops everything in order.
+        self.processes[name] = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.root,
+            start_new_session=True,
+        )
+        log.close()
+
+    def wait_ready(self, name: str, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        process = self.processes[name]
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise DemoError(f"{name} exited with {process.returncode}:\n{log}")
+            try:
+                if http(self.url(name) + path, timeout=1)[0] == 200:
+                    return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise DemoError(f"{name} was not ready within {timeout:.0f}s; see {self.workdir / (name + '.log')}")
+
+    def start(self, say: Callable[[str], None]) -> None:
+        prometheus, alertmanager = find_binaries()
+        token_file = self.workdir / "token"
+        token_file.write_text(secrets.token_urlsafe(24))
+        token_file.chmod(0o600)
+        rules_dir = self.workdir / "rules"
+        rules_dir.mkdir()
+        for source in [*sorted((self.root / "rules").glob("*.yml")), self.root / "examples" / "app" / "rules.yml"]:
+            compressed = compress_rules(yaml.safe_load(source.read_text()))
+            (rules_dir / f"{source.parent.name}-{source.name}").write_text(yaml.safe_dump(compressed, sort_keys=False))
+        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(self.ports, rules_dir)))
+        (self.workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(self.ports, token_file)))
+        config = healer_config(self.root, self.workdir, self.ports, token_file, self.data_dir)
+        (self.workdir / "healer.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+        say("starting the example app under its supervisor")
+        self.spawn(
+            "app",
+            [
+                sys.executable,
+                "-m",
+                "examples.app.supervise",
+                "--port",
+                str(self.ports.app),
+                "--data-dir",
+                str(self.data_dir),
+                "--data-limit-bytes",
+                str(64 * 1024 * 1024),
+            ],
+        )
+        say("starting Alertmanager")
+        self.spawn(
+            "alertmanager",
+            [
+                alertmanager,
+                f"--config.file={self.workdir / 'alertmanager.yml'}",
+                f"--storage.path={self.workdir / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{self.ports.alertmanager}",
+                "--cluster.listen-address=",
+            ],
+        )
+        say("starting Prometheus")
+        self.spawn(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.ports.prometheus}",
+            ],
+        )
+        say("starting healer")
+        self.spawn("healer", [sys.executable, "-m", "healer", "serve", "-c", str(self.workdir / "healer.yml")])
+        self.wait_ready("app", "/healthz")
+        self.wait_ready("alertmanager", "/-/ready")
+        self.wait_ready("prometheus", "/-/ready")
+        self.wait_ready("healer", "/-/ready")
+        say("waiting for Prometheus to scrape healer and the app")
+        self.wait_for(
+            lambda: (
+                self.query('min(up{job=~"healer|app"})') == 1.0
+                and self.query('healer_process_up{process="web"}') == 1.0
+            ),
+            60,
+            "first scrapes",
+        )
+
+    def query(self, expr: str) -> float | None:
+        status, body = http(f"{self.url('prometheus')}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        if status != 200 or not body["data"]["result"]:
+            return None
+        return float(body["data"]["result"][0]["value"][1])
+
+    def wait_for(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except (urllib.error.URLError, OSError, KeyError, TypeError):
+                pass
+            time.sleep(0.25)
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.workdir}")
+
+    def stop(self) -> None:
+        for name in ("healer", "prometheus", "alertmanager", "app"):
+            process = self.processes.get(name)
+            if process is None or process.poll() is not None:
+                continue
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# -- the show ----------------------------------------------------------------------------------
+
+
+class Display:
+    """Progress lines, with an elapsed-time line that redraws in place on a terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self._pending = False
+
+    def say(self, text: str) -> None:
+        if self._pending:
+            self.out.write("\r\033[K")
+            self._pending = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def tick(self, text: str) -> None:
+        if self.live:
+            self.out.write("\r\033[K" + text)
+            self.out.flush()
+            self._pending = True
+
+
+def _since(t0: float, t: float | None) -> str:
+    return "" if t is None else f"+{t - t0:5.1f}s"
+
+
+def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
+    """Inject one fault and follow it through alert, rule, action and verification."""
+    result = Result(scenario.name, scenario.alert, "timeout")
+    healer, alertmanager = stack.url("healer"), stack.url("alertmanager")
+    display.say(f"\n== {scenario.name}: {scenario.story}")
+    t0 = time.time()
+    # The crash fault may take the app down before it answers.
+    with contextlib.suppress(urllib.error.URLError, OSError):
+        http(f"{stack.url('app')}/admin/fault/{scenario.name}", "POST", timeout=30)
+    display.say(f"  {_since(t0, time.time())}  fault injected")
+    seen: set[str] = set()
+    deadline = time.monotonic() + SCENARIO_TIMEOUT
+    while time.monotonic() < deadline:
+        display.tick(f"  {_since(t0, time.time())}  waiting for {scenario.alert} ...")
+        if "firing" not in seen:
+            query = urllib.parse.urlencode({"filter": f'alertname="{scenario.alert}"', "active": "true"})
+            status, alerts = http(f"{alertmanager}/api/v2/alerts?{query}")
+            if status == 200 and alerts:
+                seen.add("firing")
+                result.seconds_to_fire = time.time() - t0
+                labels = ", ".join(f"{k}={v}" for k, v in alerts[0]["labels"].items() if k != "alertname")
+                display.say(f"  {_since(t0, time.time())}  alert {scenario.alert} firing ({labels})")
+        status, body = http(
+            f"{healer}/api/v1/actions?"
+            + urllib.parse.urlencode({"alertname": scenario.alert, "since": f"{t0:.3f}", "limit": "50"})
+        )
+        actions = list(reversed(body["actions"])) if status == 200 else []
+        for action in actions:
+            key = f"{action['id']}:{action['state']}:{action['outcome']}"
+            if key in seen:
+                continue
+            seen.add(key)
+            where = _since(t0, action["finished_at"] or action["started_at"] or action["created_at"])
+            if action["state"] == "pending":
+                display.say(
+                    f"  {where}  rule {action['rule']} chose {action['strategy']} (attempt {action['attempt']})"
+                )
+            elif action["state"] == "running":
+                display.say(f"  {where}  running {action['strategy']}: {json.dumps(action['plan'])[:100]}")
+            elif action["state"] == "done":
+                detail = f" ({action['detail']})" if action["detail"] else ""
+                display.say(f"  {where}  {action['strategy']} finished: {action['outcome']}{detail}")
+                if action["strategy"] not in result.strategies:
+                    result.strategies.append(action["strategy"])
+        if actions and actions[-1]["episode"]["state"] != "open":
+            last = actions[-1]
+            result.outcome = last["episode"]["state"]
+            if result.outcome == "healed":
+                result.seconds_to_heal = last["finished_at"] - t0
+                starts = datetime.fromisoformat(last["episode"]["starts_at"]).timestamp()
+                result.seconds_from_alert = last["finished_at"] - starts
+                display.say(
+                    f"  {_since(t0, last['finished_at'])}  healed and verified by PromQL: "
+                    f"{result.seconds_to_heal:.1f}s from fault, {result.seconds_from_alert:.1f}s from the alert's start"
+                )
+            else:
+                display.say(f"  {_since(t0, time.time())}  episode ended {result.outcome}")
+            break
+        time.sleep(0.25)
+    else:
+        display.say(f"  gave up after {SCENARIO_TIMEOUT:.0f}s; logs in {stack.workdir}")
+    settle(stack, display)
+    return result
+
+
+def settle(stack: Stack, display: Display) -> None:
+    """Wait until the app is up and healthy again, so that the next fault starts from a clean state."""
+    display.tick("  settling ...")
+    stack.wait_for(lambda: http(f"{stack.url('app')}/healthz", timeout=2)[0] == 200, 60, "the app to answer")
+    stack.wait_for(
+        lambda: stack.query("max(app_faults_active)") == 0.0 and stack.query('healer_process_up{process="web"}') == 1,
+        60,
+        "the app to be clean",
+    )
+    stack.wait_for(
+        lambda: (
+            stack.query('count(ALERTS{alertstate="firing", alertname!~"Healer.*|AppErrorBudget.*|AppLow.*"})') is None
+        ),
+        90,
+        "the app's alerts to clear",
+    )
+
+
+def summary(results: list[Result]) -> str:
+    lines = ["\nSummary", f"  {'scenario':<12} {'alert':<18} {'outcome':<10} {'fired':>7} {'healed':>8}  strategies"]
+    for r in results:
+        fired = f"{r.seconds_to_fire:.1f}s" if r.seconds_to_fire is not None else "-"
+        healed = f"{r.seconds_to_heal:.1f}s" if r.seconds_to_heal is not None else "-"
+        lines.append(
+            f"  {r.scenario:<12} {r.alert:<18} {r.outcome:<10} {fired:>7} {healed:>8}  {' → '.join(r.strategies)}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    scenarios: list[str] | None,
+    *,
+    keep: bool = False,
+    workdir: Path | None = None,
+    report: Path | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run the demonstration; return the exit code (0 when every scenario healed)."""
+    from healer.status import render_status
+
+    unknown = sorted(set(scenarios or ()) - set(SCENARIO_NAMES))
+    if unknown:
+        print(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIO_NAMES)}", file=sys.stderr)
+        return 2
+    chosen = [s for s in SCENARIOS if not scenarios or s.name in scenarios]
+    display = Display(out)
+    try:
+        root = source_tree()
+        find_binaries()
+    except DemoError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="healer-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(root, workdir)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results: list[Result] = []
+    try:
+        stack.start(display.say)
+        for scenario in chosen:
+            results.append(run_scenario(stack, scenario, display))
+        display.say(summary(results))
+        status, body = http(f"{stack.url('healer')}/api/v1/status", timeout=15)
+        if status == 200:
+            display.say("\nStatus report (healer status --url " + stack.url("healer") + ")\n" + render_status(body))
+        display.say(
+            "\nWhere to look:\n"
+            f"  Prometheus    {stack.url('prometheus')}/alerts\n"
+            f"  Alertmanager  {stack.url('alertmanager')}/#/alerts\n"
+            f"  healer        {stack.url('healer')}/api/v1/actions  and  /api/v1/status  and  /metrics"
+            + (f"\n  files         {workdir}" if keep else "")
+        )
+        if report is not None:
+            report.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    except KeyboardInterrupt:
+        display.say("\ninterrupted; stopping the stack")
+        keep = False
+        return 130
+    except DemoError as exc:
+        display.say(f"\n{exc}")
+        keep = False
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            pids = " ".join(str(p.pid) for p in stack.processes.values())
+            display.say(f"\nThe stack keeps running. Stop it with: kill {pids}")
+        else:
+            stack.stop()
+            if os.environ.get("HEALER_DEMO_KEEP_FILES") is None and workdir.name.startswith("healer-demo-"):
+                shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if results and all(r.outcome == "healed" for r in results) else 1

@@ -1,0 +1,118 @@
+"""The unified status report: health from Prometheus, healing from the store, in ten seconds' reading."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from typing import Any
+
+from healer.healing.engine import Engine
+from healer.promql import PromQLError, PrometheusUnavailableError
+
+HEALTH_NAMES = {0: "HEALTHY", 1: "DEGRADED", 2: "CRITICAL", 3: "FAILING"}
+TREND_NAMES = {-1: "improving", 0: "stable", 1: "degrading"}
+# Each figure is the worst instance's, read from the recording rules in rules/.
+HEALTH_QUERIES = {
+    "status": "max(instance:healer_health_status:max)",
+    "trend": "max(instance:healer_health_status:trend30m)",
+    "cpu_ratio": "max(instance:healer_host_cpu_utilisation:ratio_rate1m)",
+    "memory_ratio": "max(instance:healer_host_memory_utilisation:ratio)",
+    "error_ratio": "max(probe:healer_probe_errors:ratio_rate5m)",
+    "latency_p99_seconds": "max(probe:healer_probe_duration_seconds:p99_rate5m)",
+    "alerts_firing": 'count(ALERTS{alertstate="firing"}) or vector(0)',
+}
+ENDED_BY_HEALER = ("healed", "escalated", "unverified")
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+async def health(engine: Engine) -> dict[str, Any]:
+    """Ask Prometheus for the health figures; report which were unavailable instead of failing."""
+    names = list(HEALTH_QUERIES)
+    results = await asyncio.gather(*(engine.promql.scalar(HEALTH_QUERIES[n]) for n in names), return_exceptions=True)
+    report: dict[str, Any] = {}
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, PrometheusUnavailableError):
+            return {"status": "UNKNOWN", "trend": "unknown", "error": str(result)}
+        report[name] = None if isinstance(result, (PromQLError, BaseException)) else result
+    status = report.pop("status")
+    trend = report.pop("trend")
+    report["status"] = HEALTH_NAMES.get(int(status), "UNKNOWN") if status is not None else "UNKNOWN"
+    report["trend"] = TREND_NAMES.get(int(trend), "unknown") if trend is not None else "unknown"
+    return report
+
+
+async def healing(engine: Engine) -> dict[str, Any]:
+    """Counts of the audit trail: alerts, episodes by outcome, resolution rate, time to heal."""
+    counts = await engine.store.call(engine.store.sync.counts)
+    episodes: dict[str, int] = counts["episodes"]
+    ended = sum(episodes.get(state, 0) for state in ENDED_BY_HEALER)
+    heal_seconds: list[float] = counts["heal_seconds"]
+    return {
+        "alerts_received": counts["alerts_received"],
+        "episodes": episodes,
+        "healed": episodes.get("healed", 0),
+        "not_healed": counts["actions"].get("not_healed", 0),
+        "escalated": episodes.get("escalated", 0),
+        "in_progress": episodes.get("open", 0),
+        "actions": counts["actions"],
+        "resolution_rate": (episodes.get("healed", 0) / ended) if ended else None,
+        "time_to_heal_seconds": {"p50": _quantile(heal_seconds, 0.5), "p95": _quantile(heal_seconds, 0.95)},
+        "circuit_open": engine.circuit.is_open,
+        "dry_run": engine.config.healing.dry_run,
+    }
+
+
+async def build_status(engine: Engine) -> dict[str, Any]:
+    """The whole report; goals and optimization stay empty until those subsystems exist."""
+    health_report, healing_report = await asyncio.gather(health(engine), healing(engine))
+    return {
+        "health": health_report,
+        "trend": health_report.get("trend", "unknown"),
+        "healing": healing_report,
+        "goals": {},
+        "optimization": {},
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """Format the status report for a person."""
+    h = report["health"]
+    lines = [f"Health     {h['status']} ({h.get('trend', 'unknown')})"]
+    if "error" in h:
+        lines.append(f"           Prometheus unavailable: {h['error']}")
+    else:
+        lines.append(
+            f"           CPU {_percent(h.get('cpu_ratio'))}, memory {_percent(h.get('memory_ratio'))}, "
+            f"errors {_percent(h.get('error_ratio'))}, p99 latency {_seconds(h.get('latency_p99_seconds'))}, "
+            f"{int(h.get('alerts_firing') or 0)} alerts firing"
+        )
+    g = report["healing"]
+    ttr = g["time_to_heal_seconds"]
+    lines += [
+        f"Healing    {g['alerts_received']} alerts received; {g['healed']} healed, {g['escalated']} escalated, "
+        f"{g['in_progress']} in progress; {g['not_healed']} steps did not heal",
+        f"           resolution rate {_percent(g['resolution_rate'])}, time to heal p50 {_seconds(ttr['p50'])}, "
+        f"p95 {_seconds(ttr['p95'])}"
+        + ("; CIRCUIT BREAKER OPEN" if g["circuit_open"] else "")
+        + ("; DRY RUN" if g["dry_run"] else ""),
+        f"Goals      {len(report['goals']) or 'none'}",
+        f"Optimizing {len(report['optimization']) or 'nothing'}",
+    ]
+    return "\n".join(lines)
