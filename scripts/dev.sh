@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian or Ubuntu machine for healer and runs it or its tests.
+#   scripts/dev.sh demo   the live demo: real faults healed and verified (extra arguments go to `healer demo`)
 #   scripts/dev.sh run    run healer on examples/healer.yml
 #   scripts/dev.sh test   run the test suite (extra arguments go to pytest)
 # Installs what is missing: python3-venv, Debian's prometheus and prometheus-alertmanager,
@@ -39,6 +40,11 @@ ensure_venv() {
 command=${1:-}
 shift || true
 case "$command" in
+  demo)
+    ensure_tools
+    ensure_venv
+    exec .venv/bin/healer demo "$@"
+    ;;
   run)
     ensure_tools
     ensure_venv
@@ -54,7 +60,7 @@ case "$command" in
     exit "$status"
     ;;
   *)
-    echo "usage: scripts/dev.sh run|test [ARGS...]" >&2
+    echo "usage: scripts/dev.sh demo|run|test [ARGS...]" >&2
     exit 2
     ;;
 esac
