@@ -192,7 +192,8 @@ def status(url: str, as_json: bool) -> int:
     from healer.status import render_status
 
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/status", timeout=15) as response:
+        # The user names healer's URL; only its status path is appended.
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/status", timeout=15) as response:  # noqa: S310
             report = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot read the status from {url}: {exc}", file=sys.stderr)

@@ -143,9 +143,7 @@ def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, dat
         if strategy["type"] == "http":
             strategy["url"] = strategy["url"].replace("http://127.0.0.1:8000", app_url)
         if strategy["type"] == "exec":
-            strategy["command"] = [
-                str(data_dir) if part == "/var/tmp/healer-demo" else part for part in strategy["command"]
-            ]
+            strategy["command"] = [str(data_dir) if part == EXAMPLE_DATA_DIR else part for part in strategy["command"]]
     return config
 
 

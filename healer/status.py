@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 from healer.healing.engine import Engine
-from healer.promql import PromQLError, PrometheusUnavailableError
+from healer.promql import PrometheusUnavailableError, PromQLError
 
 HEALTH_NAMES = {0: "HEALTHY", 1: "DEGRADED", 2: "CRITICAL", 3: "FAILING"}
 TREND_NAMES = {-1: "improving", 0: "stable", 1: "degrading"}
