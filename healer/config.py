@@ -23,7 +23,7 @@ from pydantic import (
 
 from healer.matchers import InvalidMatcherError, Matcher
 from healer.strategies.base import StrategyParams, StrategyRegistry, UnknownStrategyTypeError
-from healer.types import Duration, Regex
+from healer.types import Duration, PositiveDuration, Regex
 
 TOKEN_ENV = "HEALER_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
@@ -96,11 +96,11 @@ class AuthConfig(_Strict):
     def resolve_token(self, environ: dict[str, str] | None = None) -> SecretStr | None:
         """Return the bearer token: the environment variable first, then the file."""
         env = os.environ if environ is None else environ
-        if env.get(TOKEN_ENV):
-            return SecretStr(env[TOKEN_ENV].strip())
-        if self.bearer_token_file is not None:
-            return SecretStr(self.bearer_token_file.read_text().strip())
-        return None
+        token = env.get(TOKEN_ENV, "").strip()
+        if not token and self.bearer_token_file is not None:
+            token = self.bearer_token_file.read_text().strip()
+        # An empty token would make every request fail authentication; treat it as none.
+        return SecretStr(token) if token else None
 
 
 class ServerConfig(_Strict):
@@ -116,7 +116,7 @@ class ServerConfig(_Strict):
 class UpstreamConfig(_Strict):
     url: Url
     timeout: Duration = 5.0
-    check_interval: Duration = 15.0
+    check_interval: PositiveDuration = 15.0
 
 
 class PrometheusConfig(UpstreamConfig):
@@ -142,8 +142,13 @@ class FilesystemFilter(_Strict):
     exclude_mountpoints: Regex = r"^/(dev|proc|run|sys|var/lib/docker/.+|var/lib/containers/.+)($|/)"
 
 
-class DeviceFilter(_Strict):
-    exclude: Regex
+class DiskFilter(_Strict):
+    # Partitions, loop, RAM and optical devices: their I/O is counted on the whole disk or is noise.
+    exclude: Regex = r"^(ram\d*|loop\d*|zram\d*|fd\d*|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$"
+
+
+class NetworkFilter(_Strict):
+    exclude: Regex = r"^$"
 
 
 class ProcessWatch(_Strict):
@@ -187,11 +192,9 @@ def _unique_names(items: Sequence[ProcessWatch] | Sequence[ProbeConfig], what: s
 class ExporterConfig(_Strict):
     host: bool = True
     filesystems: FilesystemFilter = FilesystemFilter()
-    disks: DeviceFilter = DeviceFilter(
-        exclude=r"^(ram\d*|loop\d*|zram\d*|fd\d*|(h|s|v|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|dm-\d+|sr\d+)$"
-    )
-    network: DeviceFilter = DeviceFilter(exclude=r"^$")
-    process_scan_interval: Duration = 5.0
+    disks: DiskFilter = DiskFilter()
+    network: NetworkFilter = NetworkFilter()
+    process_scan_interval: PositiveDuration = 5.0
     processes: list[ProcessWatch] = Field(default_factory=list)
     probes: list[ProbeConfig] = Field(default_factory=list)
 
@@ -208,8 +211,8 @@ class Budget(_Strict):
 
 
 class VerifyConfig(_Strict):
-    within: Duration = 120.0
-    interval: Duration = 5.0
+    within: PositiveDuration = 120.0
+    interval: PositiveDuration = 5.0
 
 
 class HealingRule(_Strict):
@@ -225,6 +228,13 @@ class HealingRule(_Strict):
     dry_run: bool | None = None
     cancel_running_on_resolve: bool = False
     order: Literal["config", "learned"] = "config"
+
+    @field_validator("order")
+    @classmethod
+    def _order_available(cls, order: str) -> str:
+        if order == "learned":
+            raise ValueError("order: learned needs the optimizer, which this version does not have; use config")
+        return order
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Tell whether every matcher of this rule holds for the label set."""

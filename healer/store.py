@@ -290,8 +290,7 @@ class SQLiteStore:
                 batch_ids = []
                 for alert in alerts:
                     cursor = db.execute(
-                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert)"
-                        " VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)",
                         (now, alert.status, alert.fingerprint, alert.starts_at, alert.model_dump_json()),
                     )
                     batch_ids.append(int(cursor.lastrowid or 0))
@@ -591,6 +590,13 @@ class SQLiteStore:
             return True
 
         return self._tx(work)
+
+    def action_starts_since(self, horizon: float) -> list[float]:
+        """Start times of steps that really ran since `horizon`, to restore the action budget."""
+        rows = self._db.execute(
+            "SELECT started_at FROM actions WHERE started_at >= ? AND coalesce(outcome, '') != 'dry_run'", (horizon,)
+        ).fetchall()
+        return [float(r[0]) for r in rows]
 
     def cooldown(self, rule: str, fingerprint: str) -> tuple[float, int]:
         """Return (until, streak) of a rule and alert; (0, 0) when none was recorded."""

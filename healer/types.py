@@ -29,5 +29,15 @@ def _regex(value: str) -> str:
 Duration = Annotated[float, BeforeValidator(_duration)]
 """Seconds, written in config as a Prometheus duration."""
 
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
+
+
+PositiveDuration = Annotated[float, BeforeValidator(_duration), AfterValidator(_positive)]
+"""A duration that must be longer than zero, for intervals that drive loops."""
+
 Regex = Annotated[str, AfterValidator(_regex)]
 """A regular expression that is known to compile."""

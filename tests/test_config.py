@@ -163,3 +163,38 @@ def test_parse_duration_rejects(text: str) -> None:
 def test_duration_round_trip(millis: int) -> None:
     """Formatting a whole number of milliseconds and parsing it back gives the same value."""
     assert round(parse_duration(format_duration(millis / 1000)) * 1000) == millis
+
+
+def test_literal_braces_are_not_templates() -> None:
+    """find's `{}` is a literal argument; only `{labels.X}` placeholders are templates."""
+    config = parse_config({"strategies": {"purge": {"type": "exec", "command": ["find", "/x", "-exec", "rm", "{}", "+"]}}})
+    assert config.strategies["purge"].command[4] == "{}"  # type: ignore[attr-defined]
+
+
+def test_learned_order_is_refused_until_it_exists() -> None:
+    """`order: learned` names a feature this version lacks, so it is refused rather than ignored."""
+    with pytest.raises(ConfigError, match=r"healing\.rules\[0\]\.order: .*optimizer"):
+        parse_config({
+            "strategies": {"x": {"type": "exec", "command": ["true"]}},
+            "healing": {"rules": [{"name": "a", "match": ['alertname="A"'], "strategies": ["x"], "order": "learned"}]},
+        })
+
+
+@pytest.mark.parametrize("key", ["process_scan_interval"])
+def test_zero_interval_refused(key: str) -> None:
+    """An interval of 0s would spin a loop, so it is refused."""
+    with pytest.raises(ConfigError, match=rf"exporter\.{key}: .*longer than 0s"):
+        parse_config({"exporter": {key: "0s"}})
+
+
+def test_partial_filter_sections_keep_defaults() -> None:
+    """An empty `disks:` section keeps the default exclusion rather than demanding one."""
+    config = parse_config({"exporter": {"disks": {}, "network": {}}})
+    assert "loop" in config.exporter.disks.exclude
+
+
+def test_empty_token_counts_as_none(tmp_path: Path) -> None:
+    """A blank token file or variable is no token, so a public listen address stays refused."""
+    (tmp_path / "token").write_text("  \n")
+    config = parse_config({"server": {"auth": {"bearer_token_file": str(tmp_path / "token")}}})
+    assert config.server.auth.resolve_token(environ={"HEALER_TOKEN": " "}) is None

@@ -262,3 +262,21 @@ def test_test_alert_shows_plan_and_runs_nothing(tmp_path: Path) -> None:
     assert refused["ladder"][0]["skip_reason"] == "unsafe_label"
     assert none["rule"] is None and none["skip_reason"] == "no_rule"
     assert steps_log(tmp_path) == []
+
+
+def test_resolved_stops_the_running_step_when_the_rule_says_so(tmp_path: Path, servers: list[Server]) -> None:
+    """With cancel_running_on_resolve, a resolved notification stops the running step and its process."""
+    settings = config(tmp_path, step_seconds=60, rule={"cancel_running_on_resolve": True})
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    firing = alert("long")
+    post(healer.url + "/api/v1/alertmanager", payload(firing), AUTH)
+    wait_for(lambda: "start long" in steps_log(tmp_path), 20, what="step started")
+    resolved = {**firing, "status": "resolved", "endsAt": "2026-11-23T23:20:00Z"}
+    post(healer.url + "/api/v1/alertmanager", payload(resolved), AUTH)
+    wait_for(lambda: db_rows(tmp_path, "SELECT state FROM episodes") == [("resolved",)], 20, what="resolved")
+    assert db_rows(tmp_path, "SELECT outcome, skip_reason FROM actions") == [("cancelled", "resolved")]
+    time.sleep(0.5)
+    assert "end long" not in steps_log(tmp_path)
+    survivors = subprocess.run(["pgrep", "-f", str(tmp_path / "steps.log")], capture_output=True, text=True)
+    assert survivors.stdout.strip() == ""

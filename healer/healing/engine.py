@@ -68,6 +68,11 @@ def decide(config: HealerConfig, labels: Mapping[str, str]) -> Decision:
     )
 
 
+def dry_run_for(config: HealerConfig, rule: HealingRule) -> bool:
+    """A rule's own dry_run, when set, overrides the global one in both directions."""
+    return config.healing.dry_run if rule.dry_run is None else rule.dry_run
+
+
 def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
     return AlertContext(
         labels=episode.labels,
@@ -163,17 +168,10 @@ class Engine:
                 await self._escalate(
                     episode, rule.name if rule else action.rule, "attempts exhausted after interruption"
                 )
-        started = await self.store.call(self._recent_starts)
-        self.circuit.restore(started)
+        horizon = self._clock() - self.config.healing.budget.window
+        self.circuit.restore(await self.store.call(self.store.sync.action_starts_since, horizon))
         for episode in await self.store.call(self.store.sync.episodes_with_silences):
             await self._expire_silence(episode)
-
-    def _recent_starts(self) -> list[float]:
-        horizon = self._clock() - self.config.healing.budget.window
-        rows = self.store.sync._db.execute(
-            "SELECT started_at FROM actions WHERE started_at >= ? AND outcome NOT IN ('dry_run')", (horizon,)
-        ).fetchall()
-        return [float(r[0]) for r in rows]
 
     # -- the work loop -------------------------------------------------------------------------
 
@@ -211,7 +209,10 @@ class Engine:
         events: list[tuple[str, dict[str, Any]]] = [("received", {"alertname": alert.alertname})]
         first = None
         state = "unmatched"
-        if decision.rule is not None:
+        if decision.rule is not None and not self.config.healing.enabled:
+            state = "disabled"
+            events.append(("disabled", {"explanation": "healing.enabled is false; nothing runs"}))
+        elif decision.rule is not None:
             rule = decision.rule
             state = "open"
             events.append(("matched", {"rule": rule.name, "explanation": decision.explanation}))
@@ -234,7 +235,9 @@ class Engine:
         if not created:
             self.metrics.skipped.labels("duplicate").inc()
             return
-        if decision.skip_reason is not None:
+        if state == "disabled":
+            self.metrics.skipped.labels("disabled").inc()
+        elif decision.skip_reason is not None:
             self.metrics.skipped.labels(decision.skip_reason).inc()
         if first is not None and first.not_before > self._clock():
             self.metrics.skipped.labels("cooldown").inc()
@@ -277,6 +280,7 @@ class Engine:
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
             assert episode is not None
             self.metrics.skipped.labels("approval_expired").inc()
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
             await self._end_with_escalation(
                 action,
                 episode,
@@ -333,6 +337,7 @@ class Engine:
         params = self.config.strategies.get(action.strategy)
         if rule is None or params is None:
             self.metrics.skipped.labels("disabled").inc()
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
             await self._end_with_escalation(
                 action,
                 episode,
@@ -360,7 +365,7 @@ class Engine:
                 reason=f"unsafe label: {exc}",
             )
             return
-        if self.config.healing.dry_run or rule.dry_run:
+        if dry_run_for(self.config, rule):
             self.metrics.skipped.labels("dry_run").inc()
             self.metrics.actions.labels(action.strategy, "dry_run").inc()
             await store.call(
@@ -400,6 +405,7 @@ class Engine:
             return
         if not self.circuit.acquire():
             self.metrics.skipped.labels("circuit_open").inc()
+            self.metrics.actions.labels(action.strategy, "cancelled").inc()
             await self._end_with_escalation(
                 action,
                 episode,
@@ -512,6 +518,8 @@ class Engine:
             await self.store.call(self.store.sync.finish, action.id, replace(finish, next_action=nxt))
             self.wake()
             return
+        if action.attempt >= rule.max_attempts:
+            self.metrics.skipped.labels("max_attempts").inc()
         await self._end_with_escalation(action, episode, finish, reason)
 
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
@@ -566,7 +574,9 @@ class Engine:
             return None
 
     async def _silence(self, episode: Episode, rule: HealingRule) -> Episode:
-        duration = rule.verify.within * rule.max_attempts + rule.max_backoff
+        # Long enough for every attempt to run, verify and back off; it is expired when the episode ends.
+        longest_step = max((self.config.strategies[name].timeout for name in rule.strategies), default=0.0)
+        duration = (longest_step + rule.verify.within + rule.max_backoff) * rule.max_attempts
         try:
             silence_id = await self.alertmanager.create_silence(
                 episode.labels, duration, comment=f"healer is healing episode {episode.id} (rule {rule.name})"
@@ -625,7 +635,7 @@ def first_plans(config: HealerConfig, registry: StrategyRegistry, alert: Webhook
             report["explanation"] = "resolved notification: cancels the pending steps of its episode"
         return report
     context = AlertContext(alert.labels, alert.annotations, alert.fingerprint, alert.starts_at, alert.status)
-    dry_run = config.healing.dry_run or bool(decision.rule.dry_run)
+    dry_run = dry_run_for(config, decision.rule)
     for name in decision.ladder[decision.start :]:
         params = config.strategies[name]
         entry: dict[str, Any] = {"strategy": name, "type": params.type, "dry_run": dry_run, "approval": params.approval}

@@ -18,10 +18,8 @@ PLACEHOLDER = re.compile(r"\{(labels|annotations)\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _whole_placeholder_or_literal(value: str) -> str:
-    """Accept a literal string or exactly one `{labels.X}` placeholder, nothing mixed."""
-    if "{" not in value and "}" not in value:
-        return value
-    if PLACEHOLDER.fullmatch(value):
+    """Accept a literal string (braces such as find's `{}` included) or exactly one whole placeholder."""
+    if PLACEHOLDER.fullmatch(value) or not PLACEHOLDER.search(value):
         return value
     raise ValueError(
         f"{value!r}: a template must be exactly one whole placeholder such as "
