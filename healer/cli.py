@@ -68,11 +68,8 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
     from healer.healing.payload import WebhookPayload
     from healer.strategies.builtin import default_registry
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    config = _load_or_report(config_path)
+    if config is None:
         return EXIT_CONFIG
     try:
         payload = WebhookPayload.model_validate_json(payload_path.read_bytes())
@@ -109,13 +106,19 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
     return EXIT_OK
 
 
-def check_config(path: Path) -> int:
-    """Print every fault in a config file, one per line; return the exit code."""
+def _load_or_report(path: Path) -> HealerConfig | None:
+    """Load a config, or print each of its faults on its own line to stderr and return None."""
     try:
-        load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def check_config(path: Path) -> int:
+    """Print every fault in a config file, one per line; return the exit code."""
+    if _load_or_report(path) is None:
         return EXIT_CONFIG
     print(f"{path}: OK")
     return EXIT_OK
@@ -162,11 +165,8 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
 
 def serve(path: Path, listen: str | None, log_format: str | None) -> int:
     """Run healer until SIGTERM or SIGINT; return the exit code."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    config = _load_or_report(path)
+    if config is None:
         return EXIT_CONFIG
     configure_logging(log_format or config.server.log_format, config.server.log_level)
     try:

@@ -506,9 +506,11 @@ def run_demo(
         for scenario in chosen:
             results.append(run_scenario(stack, scenario, display))
         display.say(summary(results))
-        status, body = http(f"{stack.url('healer')}/api/v1/status", timeout=15)
+        status, body = http(f"{stack.url('healer')}/api/v1/status", timeout=30)
         if status == 200:
             display.say("\nStatus report (healer status --url " + stack.url("healer") + ")\n" + render_status(body))
+        else:
+            display.say(f"\nThe status report is unavailable: HTTP {status}: {str(body)[:300]}")
         display.say(
             "\nWhere to look:\n"
             f"  Prometheus    {stack.url('prometheus')}/alerts\n"

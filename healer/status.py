@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 from typing import Any
 
 from healer.healing.engine import Engine
-from healer.promql import PrometheusUnavailableError, PromQLError
+from healer.promql import PrometheusUnavailableError
 
 HEALTH_NAMES = {0: "HEALTHY", 1: "DEGRADED", 2: "CRITICAL", 3: "FAILING"}
 TREND_NAMES = {-1: "improving", 0: "stable", 1: "degrading"}
@@ -40,7 +41,9 @@ async def health(engine: Engine) -> dict[str, Any]:
     for name, result in zip(names, results, strict=True):
         if isinstance(result, PrometheusUnavailableError):
             return {"status": "UNKNOWN", "trend": "unknown", "error": str(result)}
-        report[name] = None if isinstance(result, (PromQLError, BaseException)) else result
+        # NaN (an empty denominator in a ratio) means "no data", and JSON cannot carry it.
+        usable = not isinstance(result, BaseException) and result is not None and math.isfinite(result)
+        report[name] = result if usable else None
     status = report.pop("status")
     trend = report.pop("trend")
     report["status"] = HEALTH_NAMES.get(int(status), "UNKNOWN") if status is not None else "UNKNOWN"

@@ -279,8 +279,7 @@ class Engine:
         for action in await self.store.call(self.store.sync.expired_approvals, self._clock()):
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
             assert episode is not None
-            self.metrics.skipped.labels("approval_expired").inc()
-            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self._count_skip(action.strategy, "approval_expired", "cancelled")
             await self._end_with_escalation(
                 action,
                 episode,
@@ -309,6 +308,11 @@ class Engine:
         waits = [d - self._clock() for d in deadlines if d > now]
         return max(0.01, min(waits, default=5.0))
 
+    def _count_skip(self, strategy: str, reason: str, outcome: str = "cancelled") -> None:
+        """Count a step that ended without running: why, and how it ended."""
+        self.metrics.skipped.labels(reason).inc()
+        self.metrics.actions.labels(strategy, outcome).inc()
+
     def _forget(self, action_id: int, _task: asyncio.Task[None]) -> None:
         self._inflight.pop(action_id, None)
 
@@ -336,8 +340,7 @@ class Engine:
         rule = self._rules.get(action.rule)
         params = self.config.strategies.get(action.strategy)
         if rule is None or params is None:
-            self.metrics.skipped.labels("disabled").inc()
-            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self._count_skip(action.strategy, "disabled", "cancelled")
             await self._end_with_escalation(
                 action,
                 episode,
@@ -354,8 +357,7 @@ class Engine:
         try:
             plan = runner.plan(params, alert)
         except UnsafeLabelError as exc:
-            self.metrics.skipped.labels("unsafe_label").inc()
-            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self._count_skip(action.strategy, "unsafe_label", "cancelled")
             log.warning("unsafe label", extra=fields(action=action.id, reason=str(exc)))
             await self._continue_or_escalate(
                 action,
@@ -366,8 +368,7 @@ class Engine:
             )
             return
         if dry_run_for(self.config, rule):
-            self.metrics.skipped.labels("dry_run").inc()
-            self.metrics.actions.labels(action.strategy, "dry_run").inc()
+            self._count_skip(action.strategy, "dry_run", "dry_run")
             await store.call(
                 store.sync.finish,
                 action.id,
@@ -388,8 +389,7 @@ class Engine:
             return
         firing = await self._still_firing(episode)
         if firing is False:
-            self.metrics.skipped.labels("resolved").inc()
-            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self._count_skip(action.strategy, "resolved", "cancelled")
             await store.call(
                 store.sync.finish,
                 action.id,
@@ -404,8 +404,7 @@ class Engine:
             await self._episode_ended(episode)
             return
         if not self.circuit.acquire():
-            self.metrics.skipped.labels("circuit_open").inc()
-            self.metrics.actions.labels(action.strategy, "cancelled").inc()
+            self._count_skip(action.strategy, "circuit_open", "cancelled")
             await self._end_with_escalation(
                 action,
                 episode,

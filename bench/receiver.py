@@ -1,0 +1,681 @@
+"""Benchmark healer's Alertmanager webhook against a bare aiohttp JSON handler, in the same run.
+
+What it measures
+----------------
+``POST /api/v1/alertmanager`` with Alertmanager v4 payloads of 1 and of 50 alerts, as seen by a
+load generator (an aiohttp client in its own process) over keep-alive connections:
+
+* closed loop: ``--connections`` (32) concurrent connections, each sending its next request as
+  soon as the previous answer arrived, for ``--seconds`` (10) after ``--warmup`` (1) seconds:
+  requests/s, alerts/s, p50 and p99 latency (request sent to full answer read);
+* open loop: ``--rate`` (200) 1-alert requests per second paced by the clock, whether or not
+  earlier answers came back, for ``--rate-seconds`` (10): p50 and p99 latency measured from the
+  moment each request was *due*, so a stall of the server counts in full (no coordinated
+  omission).
+
+Every request carries alerts with fingerprints never sent before (a counter in the
+fingerprint), so healer does its real work each time: authenticate, parse, validate, commit
+every alert to its SQLite inbox (WAL, group commit) before answering 200, and its engine then
+records each alert as an unmatched episode. healer runs ``python -m healer serve`` with a
+config in a temporary directory: a bearer token, no healing rules, the host exporter off, and
+Prometheus/Alertmanager URLs pointing at a closed loopback port.
+
+The baseline
+------------
+A bare aiohttp server, started by this script in its own process, whose handler only reads the
+body, runs ``json.loads`` on it and answers 200 (no access log, like healer). Both servers run
+side by side and are measured alternately, case by case, with the same load generator, so the
+healer/bare ratios are the figures to compare between runs on a shared, noisy machine. The load
+generator's own CPU use is reported: when it is near 100 % of one core the client, not the
+server, limits the bare server's figures.
+
+Checks printed as PASS/FAIL at the end: for each payload size healer's alerts/s is at least
+0.5 x the bare server's; healer's p99 is below 20 ms at 200 requests/s; healer's inbox table
+holds exactly as many alerts as were answered 200. The resident memory (RSS) of both servers is
+printed after each case.
+
+Usage: ``python bench/receiver.py [--seconds 10] [--json]``. Everything started is stopped by its
+own PID on exit, also on error or Ctrl-C. All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+TOKEN = "bench-receiver-token"
+CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
+MEGABYTE = 1_000_000
+RATIO_TARGET = 0.5
+P99_TARGET_MS = 20.0
+STOP_TIMEOUT_SECONDS = 15.0
+WEBHOOK_PATH = "/api/v1/alertmanager"
+
+# --------------------------------------------------------------------------- payloads
+
+# One alert shaped like a captured Alertmanager 0.25 alert (tests/fixtures), about 600 bytes.
+# FP is replaced by a fingerprint that is new for every alert of every request.
+_ALERT_TEMPLATE = json.dumps({
+    "status": "firing",
+    "labels": {
+        "alertname": "BenchAlert", "instance": "web-1:9877", "job": "healer", "process": "web",
+        "service": "demo-app", "severity": "warning", "id": "FP",
+    },
+    "annotations": {
+        "description": "web on web-1:9877 is above 85% memory for 2m",
+        "runbook_url": "https://example.org/runbook.md#processhighmemory",
+        "summary": "Process web uses 91% of memory",
+    },
+    "startsAt": "2026-11-23T23:14:16Z",
+    "endsAt": "0001-01-01T00:00:00Z",
+    "generatorURL": "http://127.0.0.1:9090/graph?g0.expr=healer_process_resident_memory_bytes+%3E+0",
+    "fingerprint": "FP",
+}, separators=(",", ":"))
+_ALERT_PARTS = _ALERT_TEMPLATE.split("FP")
+_PAYLOAD_HEAD = (
+    '{"receiver":"healer","status":"firing","alerts":['
+)
+_PAYLOAD_TAIL = (
+    '],"groupLabels":{"alertname":"BenchAlert"},"commonLabels":{"alertname":"BenchAlert","job":"healer"},'
+    '"commonAnnotations":{},"externalURL":"http://127.0.0.1:9093","version":"4",'
+    '"groupKey":"{}:{alertname=\\"BenchAlert\\"}","truncatedAlerts":0}'
+)
+
+
+def make_body(case: int, request: int, alerts: int) -> bytes:
+    """A v4 payload of `alerts` alerts whose 16-hex-digit fingerprints encode case, request and index."""
+    items = []
+    for index in range(alerts):
+        fingerprint = f"{case:02x}{request:010x}{index:04x}"
+        items.append(fingerprint.join(_ALERT_PARTS))
+    return (_PAYLOAD_HEAD + ",".join(items) + _PAYLOAD_TAIL).encode()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), int(fraction * len(sorted_values) + 0.999999)))
+    return sorted_values[rank - 1]
+
+
+# --------------------------------------------------------------------------- load generator (child)
+
+
+@dataclass
+class LoadResult:
+    """What one load-generator run saw; latencies in milliseconds."""
+
+    mode: str
+    alerts_per_request: int
+    seconds: float
+    requests: int  # measured requests (after warm-up) answered with any status
+    ok: int  # measured requests answered 200
+    requests_per_second: float
+    alerts_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int  # transport errors (connection refused, reset, timeout), measured and warm-up
+    statuses: dict[str, int]  # every answer, warm-up included
+    alerts_accepted: int  # alerts in 200 answers, warm-up included (the store must hold them all)
+    client_cpu_ratio: float  # CPU seconds of the load generator / wall seconds
+    max_send_lag_ms: float = 0.0  # open loop: how late the generator sent a request
+
+
+async def _post(session: Any, url: str, body: bytes, headers: dict[str, str]) -> int:
+    async with session.post(url, data=body, headers=headers) as response:
+        await response.read()
+        return int(response.status)
+
+
+async def closed_loop(url: str, alerts: int, case: int, connections: int, seconds: float,
+                      warmup: float) -> LoadResult:
+    """`connections` workers, each sending its next request when the previous one is answered."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    counter = iter(range(1 << 40))
+    accepted = 0
+    errors = 0
+    measured = 0
+    measured_ok = 0
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=30)
+    cpu_start = time.process_time()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        begin = time.perf_counter()
+        measure_from = begin + warmup
+        stop = measure_from + seconds
+
+        async def worker() -> None:
+            nonlocal accepted, errors, measured, measured_ok
+            while True:
+                body = make_body(case, next(counter), alerts)
+                start = time.perf_counter()
+                if start >= stop:
+                    return
+                try:
+                    status = await _post(session, url, body, headers)
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+                    continue
+                end = time.perf_counter()
+                statuses[str(status)] += 1
+                if status == 200:
+                    accepted += alerts
+                if start >= measure_from:
+                    measured += 1
+                    latencies.append(end - start)
+                    if status == 200:
+                        measured_ok += 1
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        wall = time.perf_counter() - begin
+    latencies.sort()
+    ms = [value * 1000 for value in latencies]
+    return LoadResult(
+        mode="closed", alerts_per_request=alerts, seconds=seconds, requests=measured, ok=measured_ok,
+        requests_per_second=measured_ok / seconds, alerts_per_second=measured_ok * alerts / seconds,
+        p50_ms=percentile(ms, 0.50), p90_ms=percentile(ms, 0.90), p99_ms=percentile(ms, 0.99),
+        max_ms=ms[-1] if ms else 0.0, errors=errors, statuses=dict(statuses), alerts_accepted=accepted,
+        client_cpu_ratio=(time.process_time() - cpu_start) / wall,
+    )
+
+
+async def open_loop(url: str, alerts: int, case: int, connections: int, rate: float, seconds: float,
+                    warmup: float) -> LoadResult:
+    """Requests due at a fixed rate, each sent at its due time; latency counts from the due time."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    lags: list[float] = []
+    accepted = 0
+    errors = 0
+    measured_ok = 0
+    warmup_requests = int(rate * warmup)
+    total = warmup_requests + int(rate * seconds)
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=30)
+    cpu_start = time.process_time()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        begin = time.perf_counter() + 0.05
+
+        async def one(index: int, due: float) -> None:
+            nonlocal accepted, errors, measured_ok
+            body = make_body(case, index, alerts)
+            sent = time.perf_counter()
+            try:
+                status = await _post(session, url, body, headers)
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+                return
+            end = time.perf_counter()
+            statuses[str(status)] += 1
+            if status == 200:
+                accepted += alerts
+            if index >= warmup_requests:
+                latencies.append(end - due)
+                lags.append(sent - due)
+                if status == 200:
+                    measured_ok += 1
+
+        tasks: list[asyncio.Task[None]] = []
+        for index in range(total):
+            due = begin + index / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index, due)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - begin
+    latencies.sort()
+    ms = [value * 1000 for value in latencies]
+    return LoadResult(
+        mode="open", alerts_per_request=alerts, seconds=seconds, requests=len(latencies), ok=measured_ok,
+        requests_per_second=measured_ok / seconds, alerts_per_second=measured_ok * alerts / seconds,
+        p50_ms=percentile(ms, 0.50), p90_ms=percentile(ms, 0.90), p99_ms=percentile(ms, 0.99),
+        max_ms=ms[-1] if ms else 0.0, errors=errors, statuses=dict(statuses), alerts_accepted=accepted,
+        client_cpu_ratio=(time.process_time() - cpu_start) / wall,
+        max_send_lag_ms=max(lags, default=0.0) * 1000,
+    )
+
+
+def load_main(argv: list[str]) -> int:
+    """Child process: run one load case and print its LoadResult as JSON on stdout."""
+    parser = argparse.ArgumentParser(prog="receiver.py _load")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--alerts", type=int, required=True)
+    parser.add_argument("--case", type=int, required=True)
+    parser.add_argument("--connections", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--warmup", type=float, required=True)
+    parser.add_argument("--rate", type=float, default=0.0, help="0 = closed loop")
+    args = parser.parse_args(argv)
+    if not args.url.startswith("http://127.0.0.1:"):
+        raise SystemExit("the load generator only sends to 127.0.0.1")
+    if args.rate > 0:
+        result = asyncio.run(open_loop(args.url, args.alerts, args.case, args.connections, args.rate,
+                                       args.seconds, args.warmup))
+    else:
+        result = asyncio.run(closed_loop(args.url, args.alerts, args.case, args.connections, args.seconds,
+                                         args.warmup))
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+# --------------------------------------------------------------------------- bare server (child)
+
+
+def bare_main(argv: list[str]) -> int:
+    """Child process: the baseline, an aiohttp handler that parses the JSON body and answers 200."""
+    from aiohttp import web
+
+    parser = argparse.ArgumentParser(prog="receiver.py _bare")
+    parser.add_argument("--max-request-bytes", type=int, default=1024 * 1024)
+    args = parser.parse_args(argv)
+
+    async def webhook(request: web.Request) -> web.Response:
+        json.loads(await request.read())
+        return web.Response(status=200)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ready\n")
+
+    async def serve() -> None:
+        app = web.Application(client_max_size=args.max_request_bytes)
+        app.router.add_post(WEBHOOK_PATH, webhook)
+        app.router.add_get("/-/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(json.dumps({"event": "listening", "address": f"{host}:{port}"}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(serve())
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@dataclass
+class Child:
+    """A process this benchmark started; stopped by its own PID."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        with suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        with suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(STOP_TIMEOUT_SECONDS)
+
+
+def spawn(name: str, argv: list[str], workdir: Path, children: list[Child]) -> Child:
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=workdir)
+    child = Child(name, process, log_path)
+    children.append(child)
+    return child
+
+
+def wait_listening(child: Child, timeout: float = 30.0) -> str:
+    """Read the bound address from the child's JSON `listening` log line, then wait for /-/ready."""
+    deadline = time.monotonic() + timeout
+    address = ""
+    while time.monotonic() < deadline and not address:
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
+        for line in child.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("event") == "listening":
+                        address = str(record["address"])
+        time.sleep(0.05)
+    if not address.startswith("127.0.0.1:"):
+        raise RuntimeError(f"{child.name} did not report a loopback address in {timeout}s:\n{child.log_tail()}")
+    child.url = f"http://{address}"
+    while time.monotonic() < deadline:
+        with suppress(OSError, urllib.error.URLError), urllib.request.urlopen(
+            child.url + "/-/ready", timeout=2
+        ) as response:
+            if response.status == 200:
+                return child.url
+        time.sleep(0.05)
+    raise RuntimeError(f"{child.name} not ready in {timeout}s:\n{child.log_tail()}")
+
+
+def healer_config(workdir: Path) -> Path:
+    """healer with a token, a store in `workdir`, no healing rules, no host exporter, no upstreams."""
+    (workdir / "token").write_text(TOKEN)
+    config = {
+        "server": {"auth": {"bearer_token_file": str(workdir / "token")}, "shutdown_timeout": "2s",
+                   "max_request_bytes": 4 * 1024 * 1024},
+        "prometheus": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
+        "alertmanager": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
+        "store": {"path": str(workdir / "healer.db")},
+        "exporter": {"host": False},
+        "healing": {"rules": []},
+    }
+    path = workdir / "healer.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def db_scalar(db_path: Path, sql: str) -> int:
+    """One integer from healer's store, read through a separate read-only connection (WAL allows it)."""
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10) as db:
+        return int(db.execute(sql).fetchone()[0])
+
+
+def wait_drained(db_path: Path, timeout: float) -> tuple[int, float, int]:
+    """Wait for healer's engine to process its inbox backlog, at most `timeout` seconds.
+
+    Return (unprocessed inbox items when called, seconds waited, unprocessed items left at the end).
+    """
+    unprocessed = "SELECT count(*) FROM inbox WHERE processed_at IS NULL"
+    backlog = left = db_scalar(db_path, unprocessed)
+    start = time.monotonic()
+    while left and time.monotonic() - start < timeout:
+        time.sleep(0.1)
+        left = db_scalar(db_path, unprocessed)
+    return backlog, time.monotonic() - start, left
+
+
+@dataclass
+class CaseResult:
+    server: str
+    load: LoadResult
+    server_cpu_ratio: float  # server CPU seconds / wall seconds of the case (1.0 = one core busy)
+    server_cpu_us_per_alert: float
+    rss_mb: float
+    other_cpu_ratio: float  # CPU seconds of everything else on the machine / wall seconds
+    inbox_backlog_after: int | None = None  # healer: unprocessed inbox items when the load stopped
+    drain_seconds: float | None = None  # healer: time its engine then took to process them
+    backlog_left: int | None = None  # healer: items still unprocessed when the drain wait gave up
+
+
+@dataclass
+class Report:
+    cpus: int
+    python: str
+    load_average: list[float]
+    connections: int
+    seconds: float
+    rate: float
+    rate_seconds: float
+    cases: list[CaseResult] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    store_alerts: int = 0
+    alerts_answered_200: int = 0
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+def run_load(workdir: Path, children: list[Child], server: Child, alerts: int, case: int,
+             args: argparse.Namespace, rate: float) -> LoadResult:
+    seconds = args.rate_seconds if rate > 0 else args.seconds
+    argv = [
+        sys.executable, str(Path(__file__).resolve()), "_load", "--url", server.url + WEBHOOK_PATH,
+        "--alerts", str(alerts), "--case", str(case), "--connections", str(args.connections),
+        "--seconds", str(seconds), "--warmup", str(args.warmup), "--rate", str(rate),
+    ]
+    out_path = workdir / f"load-{case}-{server.name}.json"
+    with out_path.open("wb") as out, (workdir / f"load-{case}-{server.name}.err").open("wb") as err:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    child = Child(f"load-{case}-{server.name}", process, workdir / f"load-{case}-{server.name}.err")
+    children.append(child)
+    try:
+        code = process.wait(seconds + args.warmup + 90)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"load generator for case {case} did not finish in time") from None
+    finally:
+        child.stop()
+    if code != 0:
+        raise RuntimeError(f"load generator failed ({code}):\n{child.log_tail()}")
+    return LoadResult(**json.loads(out_path.read_text()))
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle since boot."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's waited-for children (the load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(workdir: Path, children: list[Child], server: Child, alerts: int, case: int,
+            args: argparse.Namespace, rate: float, report: Report) -> CaseResult:
+    proc = psutil.Process(server.pid)
+    cpu_before = sum(proc.cpu_times()[:2])
+    machine_before = busy_seconds()
+    client_before = children_cpu_seconds()
+    wall_before = time.monotonic()
+    load = run_load(workdir, children, server, alerts, case, args, rate)
+    wall = time.monotonic() - wall_before
+    cpu = sum(proc.cpu_times()[:2]) - cpu_before
+    # Whatever else ran on the machine meanwhile (other people's jobs): a disturbed case shows here.
+    other = busy_seconds() - machine_before - cpu - (children_cpu_seconds() - client_before)
+    if server.process.poll() is not None:
+        raise RuntimeError(f"{server.name} died during case {case}:\n{server.log_tail()}")
+    rss = proc.memory_info().rss / MEGABYTE
+    report.peak_rss_mb[server.name] = max(report.peak_rss_mb.get(server.name, 0.0), rss)
+    total_alerts = max(1, load.alerts_accepted)
+    result = CaseResult(server.name, load, cpu / wall, cpu / total_alerts * 1e6, rss, max(0.0, other / wall))
+    if server.name == "healer":
+        report.alerts_answered_200 += load.alerts_accepted
+        result.inbox_backlog_after, result.drain_seconds, result.backlog_left = wait_drained(
+            workdir / "healer.db", args.drain_timeout)
+    return result
+
+
+def run(args: argparse.Namespace) -> Report:
+    report = Report(os.cpu_count() or 0, sys.version.split()[0], [round(x, 2) for x in os.getloadavg()],
+                    args.connections, args.seconds, args.rate,
+                    args.rate_seconds)
+    children: list[Child] = []
+    with tempfile.TemporaryDirectory(prefix="bench-receiver-") as tmp:
+        workdir = Path(tmp)
+        try:
+            healer = spawn("healer", [sys.executable, "-m", "healer", "serve", "-c", str(healer_config(workdir)),
+                                      "--listen", "127.0.0.1:0", "--log-format", "json"], workdir, children)
+            bare = spawn("bare", [sys.executable, str(Path(__file__).resolve()), "_bare"], workdir, children)
+            wait_listening(healer)
+            wait_listening(bare)
+            case = 0
+            # The open-loop run comes after the first (smallest) closed-loop size, once healer's engine has
+            # worked off that case's backlog; the large payloads leave a backlog that takes minutes.
+            plan: list[tuple[int, float]] = [(args.sizes[0], 0.0), (1, args.rate)]
+            plan += [(alerts, 0.0) for alerts in args.sizes[1:]]
+            for alerts, rate in plan:
+                for server in (bare, healer):  # alternate, so both see the same machine noise
+                    case += 1
+                    if rate:
+                        progress(args, f"open loop: {server.name}, {rate:g} requests/s, {args.rate_seconds:g}s")
+                    else:
+                        progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
+                    report.cases.append(measure(workdir, children, server, alerts, case, args, rate, report))
+            report.store_alerts = db_scalar(workdir / "healer.db", "SELECT count(*) FROM inbox")
+            for server in (healer, bare):
+                report.rss_mb[server.name] = psutil.Process(server.pid).memory_info().rss / MEGABYTE
+        finally:
+            for child in reversed(children):
+                child.stop()
+    report.checks = checks(report, args.sizes)
+    return report
+
+
+def progress(args: argparse.Namespace, message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def find(report: Report, server: str, mode: str, alerts: int) -> CaseResult:
+    return next(c for c in report.cases
+                if c.server == server and c.load.mode == mode and c.load.alerts_per_request == alerts)
+
+
+def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
+    result = []
+    for alerts in sizes:
+        healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
+        ratio = healer.load.alerts_per_second / max(bare.load.alerts_per_second, 1e-9)
+        result.append({
+            "check": f"healer alerts/s >= {RATIO_TARGET} x bare, {alerts} alert(s)/request",
+            "value": round(ratio, 3), "limit": RATIO_TARGET, "passed": ratio >= RATIO_TARGET,
+        })
+    healer_rate = find(report, "healer", "open", 1)
+    result.append({
+        "check": f"healer p99 < {P99_TARGET_MS:g} ms at {report.rate:g} requests/s",
+        "value": round(healer_rate.load.p99_ms, 2), "limit": P99_TARGET_MS,
+        "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
+    })
+    result.append({
+        "check": "healer inbox rows == alerts answered 200",
+        "value": report.store_alerts, "limit": report.alerts_answered_200,
+        "passed": report.store_alerts == report.alerts_answered_200,
+    })
+    return result
+
+
+def print_report(report: Report) -> None:
+    print(f"receiver benchmark: {report.cpus} CPUs (load average at start {report.load_average}),"
+          f" Python {report.python}, {report.connections} connections,"
+          f" closed loop {report.seconds:g}s per case, open loop {report.rate:g} req/s for {report.rate_seconds:g}s")
+    print()
+    header = (f"{'mode':<7}{'server':<8}{'alerts/req':>10}{'req/s':>10}{'alerts/s':>10}{'p50 ms':>9}"
+              f"{'p99 ms':>9}{'max ms':>9}{'non-200':>8}{'srv cpu':>8}{'us/alert':>9}{'cli cpu':>8}{'other':>6}"
+              f"{'RSS MB':>8}"
+              f"{'backlog':>8}{'drain s':>8}")
+    print(header)
+    for c in report.cases:
+        load = c.load
+        non_ok = sum(n for s, n in load.statuses.items() if s != "200") + load.errors
+        backlog = "" if c.inbox_backlog_after is None else str(c.inbox_backlog_after)
+        drain = "" if c.drain_seconds is None else f"{c.drain_seconds:.1f}"
+        if c.backlog_left:
+            drain = f">{c.drain_seconds:.0f}"
+        print(f"{load.mode:<7}{c.server:<8}{load.alerts_per_request:>10}{load.requests_per_second:>10.0f}"
+              f"{load.alerts_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{load.max_ms:>9.1f}"
+              f"{non_ok:>8}{c.server_cpu_ratio:>8.2f}{c.server_cpu_us_per_alert:>9.0f}{load.client_cpu_ratio:>8.2f}"
+              f"{c.other_cpu_ratio:>6.2f}"
+              f"{c.rss_mb:>8.1f}{backlog:>8}{drain:>8}")
+    print()
+    for alerts in sorted({c.load.alerts_per_request for c in report.cases if c.load.mode == "closed"}):
+        healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
+        print(f"healer/bare, {alerts} alert(s)/request: requests/s {healer.load.requests_per_second:.0f}/"
+              f"{bare.load.requests_per_second:.0f} = "
+              f"{healer.load.requests_per_second / max(bare.load.requests_per_second, 1e-9):.3f}; p50 "
+              f"{healer.load.p50_ms:.2f}/{bare.load.p50_ms:.2f} ms; p99 {healer.load.p99_ms:.2f}/"
+              f"{bare.load.p99_ms:.2f} ms")
+    for c in report.cases:
+        if c.inbox_backlog_after and c.drain_seconds:
+            done = c.inbox_backlog_after - (c.backlog_left or 0)
+            print(f"healer engine after the {c.load.mode}-loop {c.load.alerts_per_request}-alert case: processed"
+                  f" {done} of {c.inbox_backlog_after} queued alerts in {c.drain_seconds:.1f} s"
+                  f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic")
+    print(f"healer store: {report.store_alerts} alerts in the inbox table; {report.alerts_answered_200} alerts"
+          f" answered 200")
+    print("RSS at the end: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.rss_mb.items())
+          + "; peak after a case: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.peak_rss_mb.items()))
+    print("(srv cpu / cli cpu / other: CPU seconds per wall second of the server / the load generator / everything"
+          " else on the machine; us/alert: server CPU per alert answered 200; backlog: inbox items healer's engine"
+          " had not yet processed when the load stopped)")
+    print()
+    for check in report.checks:
+        verdict = "PASS" if check["passed"] else "FAIL"
+        print(f"{verdict}  {check['check']}: {check['value']} (limit {check['limit']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_load"]:
+        return load_main(argv[1:])
+    if argv[:1] == ["_bare"]:
+        return bare_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per closed-loop case")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 50],
+                        help="alerts per request, comma separated (default 1,50)")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the open-loop run")
+    parser.add_argument("--rate-seconds", type=float, default=10.0)
+    parser.add_argument("--drain-timeout", type=float, default=60.0,
+                        help="after each healer case, wait at most this long for its engine to work off the inbox"
+                             " backlog (the rate it does so is reported)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if not (0 < args.seconds <= 600 and 0 < args.rate_seconds <= 600 and 1 <= args.connections <= 1024
+            and 0 < args.rate <= 20000 and all(1 <= s <= 10000 for s in args.sizes) and 0 <= args.warmup <= 60):
+        parser.error("out of bounds: seconds <= 600, connections 1..1024, rate <= 20000, sizes 1..10000")
+    report = run(args)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print_report(report)
+    return 0  # a failed check is reported by its FAIL line; non-zero means the benchmark itself failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
