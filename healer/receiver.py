@@ -77,17 +77,14 @@ async def _receive(request: web.Request) -> web.Response:
         limit = engine.config.server.max_request_bytes
         return problem(413, f"body larger than the limit of {limit} bytes (server.max_request_bytes)", detail=exc.text)
     try:
-        document = json.loads(body)
-    except RecursionError:
-        return problem(400, "body is not usable JSON: nested too deeply")
-    except ValueError as exc:
-        return problem(400, f"body is not valid JSON: {exc}")
-    try:
-        payload = WebhookPayload.model_validate(document)
+        # Parsing and validating in one pass (pydantic's JSON parser) is about twice as fast as two.
+        payload = WebhookPayload.model_validate_json(body)
     except ValidationError as exc:
+        details = exc.errors(include_url=False, include_input=False)
+        if details and details[0]["type"] == "json_invalid":
+            return problem(400, f"body is not valid JSON: {details[0]['msg']}")
         errors = [
-            {"field": ".".join(str(p) for p in error["loc"]) or "(body)", "message": error["msg"]}
-            for error in exc.errors(include_url=False, include_input=False)
+            {"field": ".".join(str(p) for p in error["loc"]) or "(body)", "message": error["msg"]} for error in details
         ]
         return problem(
             422,

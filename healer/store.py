@@ -112,6 +112,25 @@ class NewAction:
 
 
 @dataclass(frozen=True)
+class OpenRequest:
+    """A firing alert from the inbox and what the engine decided for it."""
+
+    inbox_id: int
+    alert: WebhookAlert
+    rule: str | None
+    state: str
+    first: NewAction | None
+    events: Sequence[tuple[str, dict[str, Any]]] = ()
+
+
+@dataclass(frozen=True)
+class Opened:
+    episode: Episode
+    created: bool
+    deferred_until: float | None
+
+
+@dataclass(frozen=True)
 class InboxItem:
     id: int
     received_at: float
@@ -285,16 +304,20 @@ class SQLiteStore:
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> list[list[int]]:
+            rows = [
+                (now, alert.status, alert.fingerprint, alert.starts_at, alert.model_dump_json())
+                for alerts in batches
+                for alert in alerts
+            ]
+            db.executemany(
+                "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)", rows
+            )
+            # One writer, and rowids without AUTOINCREMENT are max + 1, so the new ids are contiguous.
+            next_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
             ids: list[list[int]] = []
             for alerts in batches:
-                batch_ids = []
-                for alert in alerts:
-                    cursor = db.execute(
-                        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)",
-                        (now, alert.status, alert.fingerprint, alert.starts_at, alert.model_dump_json()),
-                    )
-                    batch_ids.append(int(cursor.lastrowid or 0))
-                ids.append(batch_ids)
+                ids.append(list(range(next_id, next_id + len(alerts))))
+                next_id += len(alerts)
             return ids
 
         return self._tx(work)
@@ -320,49 +343,58 @@ class SQLiteStore:
         row = self._db.execute("SELECT * FROM episodes WHERE id = ?", (episode_id,)).fetchone()
         return _episode(row) if row else None
 
-    def open_episode(
-        self,
-        inbox_id: int,
-        alert: WebhookAlert,
-        rule: str | None,
-        state: str,
-        first: NewAction | None,
-        events: Sequence[tuple[str, dict[str, Any]]] = (),
-    ) -> tuple[Episode, bool]:
-        """Create the episode of a firing alert with its first step, unless it exists; mark the inbox item done."""
+    def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
+        """Create the episodes of firing alerts with their first steps, in one transaction.
+
+        An episode that exists already is left alone (Alertmanager re-sends). A first step waits
+        out the rule's cooldown for that alert. Every inbox item is marked processed.
+        """
         now = self._clock()
 
-        def work(db: sqlite3.Connection) -> tuple[Episode, bool]:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels,"
-                " annotations, rule, state, created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    alert.fingerprint,
-                    alert.starts_at,
-                    alert.starts_at_epoch,
-                    alert.alertname,
-                    json.dumps(alert.labels),
-                    json.dumps(alert.annotations),
-                    rule,
-                    state,
-                    now,
-                    None if state == "open" else now,
-                ),
-            )
-            created = cursor.rowcount == 1
-            db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
-            row = db.execute(
-                "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
-            ).fetchone()
-            episode = _episode(row)
-            if created:
-                for kind, detail in events:
-                    self._event(db, kind, detail, episode.id)
-                if first is not None:
-                    self._insert_action(db, episode.id, first, now)
-            return episode, created
+        def work(db: sqlite3.Connection) -> list[Opened]:
+            return [self._open_episode(db, request, now) for request in requests]
 
         return self._tx(work)
+
+    def _open_episode(self, db: sqlite3.Connection, request: OpenRequest, now: float) -> Opened:
+        alert = request.alert
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels,"
+            " annotations, rule, state, created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                alert.fingerprint,
+                alert.starts_at,
+                alert.starts_at_epoch,
+                alert.alertname,
+                json.dumps(alert.labels),
+                json.dumps(alert.annotations),
+                request.rule,
+                request.state,
+                now,
+                None if request.state == "open" else now,
+            ),
+        )
+        created = cursor.rowcount == 1
+        db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, request.inbox_id))
+        row = db.execute(
+            "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
+        ).fetchone()
+        episode = _episode(row)
+        deferred_until = None
+        if created:
+            for kind, detail in request.events:
+                self._event(db, kind, detail, episode.id)
+            first = request.first
+            if first is not None:
+                cooldown = db.execute(
+                    "SELECT until FROM cooldowns WHERE rule = ? AND fingerprint = ?", (first.rule, alert.fingerprint)
+                ).fetchone()
+                if cooldown is not None and cooldown[0] > first.not_before:
+                    deferred_until = float(cooldown[0])
+                    first = NewAction(first.attempt, first.step, first.rule, first.strategy, deferred_until)
+                    self._event(db, "deferred", {"reason": "cooldown", "until": deferred_until}, episode.id)
+                self._insert_action(db, episode.id, first, now)
+        return Opened(episode, created, deferred_until)
 
     def resolve_episode(self, inbox_id: int, alert: WebhookAlert) -> tuple[Episode | None, list[Action], list[Action]]:
         """Record a resolved notification: cancel the episode's open steps, report its running ones."""

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from healer.healing.payload import WebhookAlert, WebhookPayload
-from healer.store import ActionFilter, AsyncStore, Finish, NewAction, SQLiteStore, StoreUnavailableError
+from healer.store import (
+    ActionFilter,
+    AsyncStore,
+    Finish,
+    NewAction,
+    OpenRequest,
+    SQLiteStore,
+    StoreUnavailableError,
+)
 
 
 @pytest.fixture
@@ -31,8 +39,10 @@ def store(tmp_path: Path) -> SQLiteStore:
 
 def open_with_first_step(store: SQLiteStore, alert: WebhookAlert, not_before: float = 0.0) -> tuple[int, bool]:
     [[inbox_id]] = store.accept([[alert]])
-    episode, created = store.open_episode(inbox_id, alert, "web", "open", NewAction(1, 0, "web", "restart", not_before))
-    return episode.id, created
+    [opened] = store.open_episodes(
+        [OpenRequest(inbox_id, alert, "web", "open", NewAction(1, 0, "web", "restart", not_before))]
+    )
+    return opened.episode.id, opened.created
 
 
 def test_accepted_alerts_survive_reopening(tmp_path: Path, firing: WebhookAlert) -> None:
@@ -117,9 +127,11 @@ def test_finish_schedules_next_step_once(store: SQLiteStore, firing: WebhookAler
 def test_events_record_every_decision(store: SQLiteStore, firing: WebhookAlert) -> None:
     """The audit trail holds received, scheduled, started and finished events in order."""
     [[inbox_id]] = store.accept([[firing]])
-    episode, _ = store.open_episode(
-        inbox_id, firing, "web", "open", NewAction(1, 0, "web", "restart", 0.0), [("received", {}), ("matched", {})]
+    [opened] = store.open_episodes(
+        [OpenRequest(inbox_id, firing, "web", "open", NewAction(1, 0, "web", "restart", 0.0),
+                     [("received", {}), ("matched", {})])]
     )
+    episode = opened.episode
     [action] = store.due_actions(now=1e12)
     store.claim(action.id, None)
     store.finish(action.id, Finish(outcome="healed", episode_state="healed"))
@@ -155,3 +167,16 @@ async def test_unwritable_store_fails_every_waiter(tmp_path: Path, firing: Webho
     results = await asyncio.gather(*(store.accept([firing]) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, StoreUnavailableError) for r in results)
     await store.close()
+
+
+def test_first_step_waits_out_the_cooldown(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A new episode of an alert still in its rule's cooldown gets a first step deferred to the cooldown's end."""
+    episode_id, _ = open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    store.finish(action.id, Finish(outcome="healed", episode_state="healed", cooldown=(5000.0, 1)))
+    later = firing.model_copy(update={"startsAt": firing.startsAt.replace(year=2027)})
+    [[inbox_id]] = store.accept([[later]])
+    [opened] = store.open_episodes([OpenRequest(inbox_id, later, "web", "open", NewAction(1, 0, "web", "restart", 10.0))])
+    assert opened.created and opened.deferred_until == 5000.0
+    assert store.due_actions(now=4999.0) == [] and len(store.due_actions(now=5000.0)) == 1

@@ -23,7 +23,7 @@ from healer.healing.payload import WebhookAlert
 from healer.healing.rails import CircuitBreaker, backoff
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient
-from healer.store import Action, ActionFilter, AsyncStore, Episode, Finish, InboxItem, NewAction
+from healer.store import Action, ActionFilter, AsyncStore, Episode, Finish, InboxItem, NewAction, OpenRequest
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
 
@@ -168,6 +168,9 @@ class Engine:
                 await self._escalate(
                     episode, rule.name if rule else action.rule, "attempts exhausted after interruption"
                 )
+        self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
+        # The first PromQL call pays for imports and a connection; pay it now, not in the first heal.
+        self._spawn(self._warm_promql())
         horizon = self._clock() - self.config.healing.budget.window
         self.circuit.restore(await self.store.call(self.store.sync.action_starts_since, horizon))
         for episode in await self.store.call(self.store.sync.episodes_with_silences):
@@ -191,19 +194,23 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
-    async def _take_inbox_batch(self, size: int = 50) -> bool:
-        """Process up to `size` inbox items; return whether more are waiting."""
+    async def _take_inbox_batch(self, size: int = 200) -> bool:
+        """Process up to `size` inbox items in order; return whether more may be waiting."""
         items = await self.store.call(self.store.sync.unprocessed, size)
+        firing: list[InboxItem] = []
         for item in items:
             if item.alert.status == "firing":
-                await self._on_firing(item)
-            else:
-                await self._on_resolved(item)
-        depth = await self.store.call(self.store.sync.inbox_depth)
-        self.metrics.inbox_depth.set(depth)
-        return depth > 0
+                firing.append(item)
+                continue
+            # A resolved notification must see the episodes of the firing alerts before it.
+            await self._open_all(firing)
+            firing = []
+            await self._on_resolved(item)
+        await self._open_all(firing)
+        self.metrics.inbox_depth.dec(len(items))
+        return len(items) == size
 
-    async def _on_firing(self, item: InboxItem) -> None:
+    def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
         alert = item.alert
         decision = decide(self.config, alert.labels)
         events: list[tuple[str, dict[str, Any]]] = [("received", {"alertname": alert.alertname})]
@@ -216,41 +223,40 @@ class Engine:
             rule = decision.rule
             state = "open"
             events.append(("matched", {"rule": rule.name, "explanation": decision.explanation}))
-            until, _ = await self.store.call(self.store.sync.cooldown, rule.name, alert.fingerprint)
-            now = self._clock()
-            first = NewAction(1, decision.start, rule.name, decision.ladder[decision.start], max(now, until))
-            if until > now:
-                events.append(("deferred", {"reason": "cooldown", "until": until}))
+            first = NewAction(1, decision.start, rule.name, decision.ladder[decision.start], self._clock())
         else:
             events.append(("unmatched", {"explanation": decision.explanation}))
-        episode, created = await self.store.call(
-            self.store.sync.open_episode,
-            item.id,
-            alert,
-            decision.rule.name if decision.rule else None,
-            state,
-            first,
-            events,
-        )
-        if not created:
-            self.metrics.skipped.labels("duplicate").inc()
+        rule_name = decision.rule.name if decision.rule else None
+        return OpenRequest(item.id, alert, rule_name, state, first, events), decision
+
+    async def _open_all(self, items: list[InboxItem]) -> None:
+        """Open the episodes of a run of firing alerts in one store transaction."""
+        if not items:
             return
-        if state == "disabled":
-            self.metrics.skipped.labels("disabled").inc()
-        elif decision.skip_reason is not None:
-            self.metrics.skipped.labels(decision.skip_reason).inc()
-        if first is not None and first.not_before > self._clock():
-            self.metrics.skipped.labels("cooldown").inc()
-        log.info(
-            "alert received",
-            extra=fields(
-                alertname=alert.alertname,
-                fingerprint=alert.fingerprint,
-                episode=episode.id,
-                rule=episode.rule,
-                explanation=decision.explanation,
-            ),
-        )
+        planned = [self._plan_first_step(item) for item in items]
+        opened = await self.store.call(self.store.sync.open_episodes, [request for request, _ in planned])
+        for (request, decision), result in zip(planned, opened, strict=True):
+            if not result.created:
+                self.metrics.skipped.labels("duplicate").inc()
+                continue
+            if request.state == "disabled":
+                self.metrics.skipped.labels("disabled").inc()
+            elif decision.skip_reason is not None:
+                self.metrics.skipped.labels(decision.skip_reason).inc()
+            if result.deferred_until is not None:
+                self.metrics.skipped.labels("cooldown").inc()
+            # Unmatched alerts are in the audit trail; logging each one would flood the log in a storm.
+            log.log(
+                logging.INFO if decision.rule is not None else logging.DEBUG,
+                "alert received",
+                extra=fields(
+                    alertname=request.alert.alertname,
+                    fingerprint=request.alert.fingerprint,
+                    episode=result.episode.id,
+                    rule=request.rule,
+                    explanation=decision.explanation,
+                ),
+            )
 
     async def _on_resolved(self, item: InboxItem) -> None:
         episode, cancelled, running = await self.store.call(self.store.sync.resolve_episode, item.id, item.alert)
@@ -565,6 +571,10 @@ class Engine:
         task = asyncio.create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+    async def _warm_promql(self) -> None:
+        with contextlib.suppress(PrometheusUnavailableError, ValueError):
+            await self.promql.alert_firing({"alertname": "HealerWarmUp"})
 
     async def _still_firing(self, episode: Episode) -> bool | None:
         try:
