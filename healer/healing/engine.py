@@ -169,8 +169,10 @@ class Engine:
                     episode, rule.name if rule else action.rule, "attempts exhausted after interruption"
                 )
         self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
-        # The first PromQL call pays for imports and a connection; pay it now, not in the first heal.
-        self._spawn(self._warm_promql())
+        if self.config.healing.rules:
+            # The first PromQL call pays for imports and a connection (about 40 ms); pay it now, not in
+            # the first heal. Without rules healer never queries, and skips the imports' 4 MB.
+            self._spawn(self._warm_promql())
         horizon = self._clock() - self.config.healing.budget.window
         self.circuit.restore(await self.store.call(self.store.sync.action_starts_since, horizon))
         for episode in await self.store.call(self.store.sync.episodes_with_silences):
