@@ -131,6 +131,13 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class Agenda:
+    due: list[Action]
+    expired_approvals: list[Action]
+    next_wake: float | None
+
+
+@dataclass(frozen=True)
 class InboxItem:
     id: int
     received_at: float
@@ -492,21 +499,20 @@ class SQLiteStore:
         ).fetchall()
         return [_action(r) for r in rows]
 
-    def next_due(self) -> float | None:
-        row = self._db.execute("SELECT min(not_before) FROM actions WHERE state = 'pending'").fetchone()
-        return None if row[0] is None else float(row[0])
-
-    def expired_approvals(self, now: float) -> list[Action]:
-        rows = self._db.execute(
-            "SELECT * FROM actions WHERE state = 'awaiting_approval' AND approval_deadline <= ?", (now,)
-        ).fetchall()
-        return [_action(r) for r in rows]
-
-    def next_approval_deadline(self) -> float | None:
-        row = self._db.execute(
-            "SELECT min(approval_deadline) FROM actions WHERE state = 'awaiting_approval'"
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
+    def agenda(self, now: float) -> Agenda:
+        """What the engine must do now, and when it must look again, in one read."""
+        expired = [
+            _action(r)
+            for r in self._db.execute(
+                "SELECT * FROM actions WHERE state = 'awaiting_approval' AND approval_deadline <= ?", (now,)
+            ).fetchall()
+        ]
+        later = self._db.execute(
+            "SELECT min(CASE WHEN state = 'pending' THEN not_before ELSE approval_deadline END) FROM actions"
+            " WHERE (state = 'pending' AND not_before > ?) OR (state = 'awaiting_approval' AND approval_deadline > ?)",
+            (now, now),
+        ).fetchone()[0]
+        return Agenda(self.due_actions(now), expired, None if later is None else float(later))
 
     def running_actions(self) -> list[Action]:
         return [_action(r) for r in self._db.execute("SELECT * FROM actions WHERE state = 'running'").fetchall()]

@@ -66,7 +66,9 @@ def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
 def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None) -> Any:
     """Send a request with an optional JSON body and decode the JSON answer."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         raw = response.read()
         return json.loads(raw) if raw else None
@@ -101,11 +103,17 @@ class Server:
         return self.process.returncode
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(
+    name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = workdir / f"{name}.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(
-        argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+        argv,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=workdir,
         env={**os.environ, **(env or {})},
     )
     log_file.close()
@@ -149,8 +157,12 @@ def start_prometheus(
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [
-        PROMETHEUS, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", "--log.level=warn",
+        PROMETHEUS,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+        "--log.level=warn",
     ]
     process, log_path = _spawn("prometheus", argv, workdir)
     return _await_ready(Server("prometheus", process, f"http://127.0.0.1:{port}", log_path))
@@ -163,8 +175,12 @@ def start_alertmanager(workdir: Path, config: dict[str, Any]) -> Server:
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [
-        ALERTMANAGER, f"--config.file={config_path}", f"--storage.path={workdir / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
+        ALERTMANAGER,
+        f"--config.file={config_path}",
+        f"--storage.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
     ]
     process, log_path = _spawn("alertmanager", argv, workdir)
     return _await_ready(Server("alertmanager", process, f"http://127.0.0.1:{port}", log_path))

@@ -74,7 +74,7 @@ class HealingStack:
         _, body = http_get(self.healer.url + "/metrics")
         total = 0.0
         for line in body.decode().splitlines():
-            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -120,34 +120,41 @@ def start_stack(
     try:
         wait_for(lambda: http_get(f"http://127.0.0.1:{app_port}/")[0] == 200, 10, what="fault app")
         healer_port = free_port()
-        alertmanager = start_alertmanager(workdir / "alertmanager", {
-            "route": {
-                "receiver": "healer",
-                "group_by": ["alertname", "fault"],
-                "group_wait": "0s",
-                "group_interval": group_interval,
-                "repeat_interval": "1h",
-                "routes": [{"matchers": ['alertname="HealingFailed"'], "receiver": "humans"}],
-            },
-            "receivers": [
-                {
-                    "name": "healer",
-                    "webhook_configs": [{
-                        "url": f"http://127.0.0.1:{healer_port}/api/v1/alertmanager",
-                        "send_resolved": True,
-                        "http_config": {"authorization": {"credentials": TOKEN}},
-                    }],
+        alertmanager = start_alertmanager(
+            workdir / "alertmanager",
+            {
+                "route": {
+                    "receiver": "healer",
+                    "group_by": ["alertname", "fault"],
+                    "group_wait": "0s",
+                    "group_interval": group_interval,
+                    "repeat_interval": "1h",
+                    "routes": [{"matchers": ['alertname="HealingFailed"'], "receiver": "humans"}],
                 },
-                {"name": "humans"},
-            ],
-        })
+                "receivers": [
+                    {
+                        "name": "healer",
+                        "webhook_configs": [
+                            {
+                                "url": f"http://127.0.0.1:{healer_port}/api/v1/alertmanager",
+                                "send_resolved": True,
+                                "http_config": {"authorization": {"credentials": TOKEN}},
+                            }
+                        ],
+                    },
+                    {"name": "humans"},
+                ],
+            },
+        )
         started.append(alertmanager)
         rules = workdir / "rules.yml"
         rules.write_text(yaml.safe_dump(FAULT_RULES))
         prometheus = start_prometheus(
             workdir / "prometheus",
             [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}]}],
-            rule_files=[str(rules)], interval=interval, alertmanager_url=alertmanager.url,
+            rule_files=[str(rules)],
+            interval=interval,
+            alertmanager_url=alertmanager.url,
         )
         started.append(prometheus)
         config = healer_base_config(workdir, prometheus.url, alertmanager.url)
@@ -171,6 +178,8 @@ def remove_fault_command(faults: Path) -> list[str]:
 
 def dump(stack: HealingStack) -> str:
     """Logs of every server, for assertion messages."""
-    return "\n".join(
-        f"--- {s.name}\n{s.log()[-4000:]}" for s in (stack.healer, stack.prometheus, stack.alertmanager)
-    ) + "\n--- actions\n" + json.dumps(stack.actions(), indent=1)[-4000:]
+    return (
+        "\n".join(f"--- {s.name}\n{s.log()[-4000:]}" for s in (stack.healer, stack.prometheus, stack.alertmanager))
+        + "\n--- actions\n"
+        + json.dumps(stack.actions(), indent=1)[-4000:]
+    )

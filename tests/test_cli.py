@@ -19,7 +19,10 @@ def test_refuses_public_listen_without_token(tmp_path: Path) -> None:
     config.write_text("exporter: {host: false}\n")
     result = subprocess.run(
         [sys.executable, "-m", "healer", "serve", "-c", str(config), "--listen", "0.0.0.0:0", "--log-format", "json"],
-        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
     event = json.loads(result.stderr.strip().splitlines()[-1])

@@ -96,16 +96,12 @@ def fault_target() -> Iterator[FaultTarget]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(
-    tmp_path_factory: pytest.TempPathFactory, fault_target: FaultTarget
-) -> Iterator[Server]:
+def prometheus(tmp_path_factory: pytest.TempPathFactory, fault_target: FaultTarget) -> Iterator[Server]:
     """A Prometheus scraping the fault target and evaluating the TestFault rule every 100 ms."""
     workdir = tmp_path_factory.mktemp("prometheus")
     (workdir / "rules.yml").write_text(yaml.safe_dump(RULES, allow_unicode=True))
     scrape = [{"job_name": "fault", "static_configs": [{"targets": [fault_target.address]}]}]
-    server = start_prometheus(
-        workdir, scrape, rule_files=[str(workdir / "rules.yml")], interval="100ms"
-    )
+    server = start_prometheus(workdir, scrape, rule_files=[str(workdir / "rules.yml")], interval="100ms")
     try:
         # External labels reach Alertmanager but not ALERTS; the client must cope with them.
         config = yaml.safe_load((workdir / "prometheus.yml").read_text())
@@ -114,9 +110,7 @@ def prometheus(
         http_json(f"{server.url}/-/reload", method="POST")
         # Prometheus 2.42 applies discovered targets on a fixed 5 s tick: the first scrape
         # comes about 5 s after start, whatever the scrape interval. Pay for it once, here.
-        wait_for(
-            lambda: prom_query(server, 'up{job="fault"} == 1'), timeout=30, what="first scrape"
-        )
+        wait_for(lambda: prom_query(server, 'up{job="fault"} == 1'), timeout=30, what="first scrape")
         yield server
     finally:
         server.stop(signal.SIGTERM)
@@ -254,9 +248,7 @@ async def test_alert_firing_escapes_hostile_values(prom: PromQLClient, fault: Fa
 
 
 @pytest.mark.slow
-async def test_verify_resolved_healed_when_fault_clears_midway(
-    prom: PromQLClient, fault: FaultTarget
-) -> None:
+async def test_verify_resolved_healed_when_fault_clears_midway(prom: PromQLClient, fault: FaultTarget) -> None:
     """verify_resolved returns healed only after the fault has been cleared part-way through."""
     fault.value = 1
     await eventually(lambda: prom.alert_firing(ALERT))
@@ -283,9 +275,7 @@ async def test_verify_resolved_event_cuts_the_wait(prom: PromQLClient, fault: Fa
     fault.value = 1
     await eventually(lambda: prom.alert_firing(ALERT))
     resolved = asyncio.Event()
-    task = asyncio.create_task(
-        prom.verify_resolved(ALERT, within=60.0, interval=30.0, resolved=resolved)
-    )
+    task = asyncio.create_task(prom.verify_resolved(ALERT, within=60.0, interval=30.0, resolved=resolved))
     await asyncio.sleep(0.2)
     fault.value = 0
     await eventually(lambda: _not(prom.alert_firing(ALERT)))
@@ -296,18 +286,13 @@ async def test_verify_resolved_event_cuts_the_wait(prom: PromQLClient, fault: Fa
 
 
 @pytest.mark.slow
-async def test_verify_resolved_event_does_not_override_prometheus(
-    prom: PromQLClient, fault: FaultTarget
-) -> None:
+async def test_verify_resolved_event_does_not_override_prometheus(prom: PromQLClient, fault: FaultTarget) -> None:
     """An already-set `resolved` event does not make a still-firing alert count as healed."""
     fault.value = 1
     await eventually(lambda: prom.alert_firing(ALERT))
     resolved = asyncio.Event()
     resolved.set()
-    assert (
-        await prom.verify_resolved(ALERT, within=0.4, interval=0.1, resolved=resolved)
-        == "not_healed"
-    )
+    assert await prom.verify_resolved(ALERT, within=0.4, interval=0.1, resolved=resolved) == "not_healed"
 
 
 async def test_prometheus_unreachable() -> None:
@@ -420,9 +405,7 @@ async def test_post_healing_failed_alert(am: AlertmanagerClient) -> None:
         reason="not healed",
     )
     await am.post_alerts([alert])
-    listed = await eventually(
-        lambda: am.alerts(filter={"alertname": "HealingFailed", "test_id": test_id})
-    )
+    listed = await eventually(lambda: am.alerts(filter={"alertname": "HealingFailed", "test_id": test_id}))
     assert len(listed) == 1
     assert listed[0]["labels"] == {**alert["labels"]}
     assert listed[0]["labels"]["instance"] == "web-1:9100"

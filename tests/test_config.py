@@ -68,8 +68,11 @@ def test_example_config_is_valid() -> None:
             "healing.rules[0].strategies[0]",
             id="undefined-strategy",
         ),
-        pytest.param("healing:\n  rules:\n    - {name: a, match: ['alertname~A'], strategies: [x]}\n",
-                     "healing.rules[0].match[0]", id="bad-matcher"),
+        pytest.param(
+            "healing:\n  rules:\n    - {name: a, match: ['alertname~A'], strategies: [x]}\n",
+            "healing.rules[0].match[0]",
+            id="bad-matcher",
+        ),
         pytest.param("strategies:\n  x: {type: teleport}\n", "strategies.x.type", id="unknown-strategy-type"),
     ],
 )
@@ -167,17 +170,23 @@ def test_duration_round_trip(millis: int) -> None:
 
 def test_literal_braces_are_not_templates() -> None:
     """find's `{}` is a literal argument; only `{labels.X}` placeholders are templates."""
-    config = parse_config({"strategies": {"purge": {"type": "exec", "command": ["find", "/x", "-exec", "rm", "{}", "+"]}}})
+    config = parse_config(
+        {"strategies": {"purge": {"type": "exec", "command": ["find", "/x", "-exec", "rm", "{}", "+"]}}}
+    )
     assert config.strategies["purge"].command[4] == "{}"  # type: ignore[attr-defined]
 
 
 def test_learned_order_is_refused_until_it_exists() -> None:
     """`order: learned` names a feature this version lacks, so it is refused rather than ignored."""
     with pytest.raises(ConfigError, match=r"healing\.rules\[0\]\.order: .*optimizer"):
-        parse_config({
-            "strategies": {"x": {"type": "exec", "command": ["true"]}},
-            "healing": {"rules": [{"name": "a", "match": ['alertname="A"'], "strategies": ["x"], "order": "learned"}]},
-        })
+        parse_config(
+            {
+                "strategies": {"x": {"type": "exec", "command": ["true"]}},
+                "healing": {
+                    "rules": [{"name": "a", "match": ['alertname="A"'], "strategies": ["x"], "order": "learned"}]
+                },
+            }
+        )
 
 
 @pytest.mark.parametrize("key", ["process_scan_interval"])

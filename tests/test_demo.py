@@ -20,7 +20,9 @@ def test_every_scenario_heals(tmp_path: Path) -> None:
     arguments = [arg for name in SCENARIO_NAMES for arg in ("--scenario", name)]
     result = subprocess.run(
         [sys.executable, "-m", "healer", "demo", *arguments, "--report", str(report), "--workdir", str(tmp_path / "w")],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     results = {r["scenario"]: r for r in json.loads(report.read_text())}
@@ -47,10 +49,17 @@ def test_unknown_scenario_is_refused() -> None:
 
 def test_compressed_rules_keep_expressions_but_shorten_time() -> None:
     """Compression divides `for` and range windows by 30 with floors, and leaves the rest alone."""
-    rules = {"groups": [{"name": "g", "rules": [
-        {"alert": "A", "expr": "rate(x[5m]) > 1 and y[1h:1m] and z[1m]", "for": "10m"},
-        {"record": "r", "expr": "sum(rate(x[3d]))"},
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "g",
+                "rules": [
+                    {"alert": "A", "expr": "rate(x[5m]) > 1 and y[1h:1m] and z[1m]", "for": "10m"},
+                    {"record": "r", "expr": "sum(rate(x[3d]))"},
+                ],
+            }
+        ]
+    }
     compressed = compress_rules(rules)["groups"][0]["rules"]
     assert compressed[0] == {"alert": "A", "expr": "rate(x[10s]) > 1 and y[2m:1m] and z[5s]", "for": "20s"}
     assert compressed[1]["expr"] == "sum(rate(x[2h24m]))"

@@ -7,8 +7,8 @@ about what runs and how often, not about whether it healed (tests/test_healing_e
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import copy
+import hashlib
 import json
 import signal
 import sqlite3
@@ -19,8 +19,6 @@ import urllib.error
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.servers import Server, http_get, http_json, start_healer, wait_for
 from tests.test_receiver import post
@@ -33,8 +31,14 @@ RECORD = (
 )
 
 
-def config(workdir: Path, *, step_seconds: float = 0.0, rule: dict[str, Any] | None = None,
-           strategy: dict[str, Any] | None = None, healing: dict[str, Any] | None = None) -> dict[str, Any]:
+def config(
+    workdir: Path,
+    *,
+    step_seconds: float = 0.0,
+    rule: dict[str, Any] | None = None,
+    strategy: dict[str, Any] | None = None,
+    healing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A healer whose one rule runs an exec step that logs `start ID` and `end ID` around a sleep."""
     (workdir / "token").write_text(TOKEN)
     return {
@@ -47,14 +51,23 @@ def config(workdir: Path, *, step_seconds: float = 0.0, rule: dict[str, Any] | N
             "budget": {"actions": 100000, "window": "1m"},
             "max_concurrent": 8,
             **(healing or {}),
-            "rules": [{
-                "name": "record", "match": ['alertname="Broken"'], "strategies": ["record"], "max_attempts": 2,
-                "cooldown": "100ms", "verify": {"within": "300ms", "interval": "100ms"}, **(rule or {}),
-            }],
+            "rules": [
+                {
+                    "name": "record",
+                    "match": ['alertname="Broken"'],
+                    "strategies": ["record"],
+                    "max_attempts": 2,
+                    "cooldown": "100ms",
+                    "verify": {"within": "300ms", "interval": "100ms"},
+                    **(rule or {}),
+                }
+            ],
         },
         "strategies": {
             "record": {
-                "type": "exec", "max_concurrent": 8, "timeout": "10s",
+                "type": "exec",
+                "max_concurrent": 8,
+                "timeout": "10s",
                 "command": [sys.executable, "-c", RECORD, str(workdir / "steps.log"), "{labels.id}", str(step_seconds)],
                 **(strategy or {}),
             }
@@ -75,11 +88,20 @@ def alert(identifier: str, **labels: str) -> dict[str, Any]:
 
 
 def payload(*alerts: dict[str, Any]) -> bytes:
-    return json.dumps({
-        "version": "4", "status": "firing", "receiver": "healer", "groupKey": "{}", "truncatedAlerts": 0,
-        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://127.0.0.1:9093",
-        "alerts": list(alerts),
-    }).encode()
+    return json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "receiver": "healer",
+            "groupKey": "{}",
+            "truncatedAlerts": 0,
+            "groupLabels": {},
+            "commonLabels": {},
+            "commonAnnotations": {},
+            "externalURL": "http://127.0.0.1:9093",
+            "alerts": list(alerts),
+        }
+    ).encode()
 
 
 def steps_log(workdir: Path) -> list[str]:
@@ -106,8 +128,11 @@ def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Serve
         codes = list(pool.map(lambda _: post(url, body, AUTH)[0], range(20)))
     codes += [post(url, body, AUTH)[0] for _ in range(20)]
     assert codes == [200] * 40
-    wait_for(lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 2
-             and episodes_open(tmp_path) == 0, 30, what="both episodes ended")
+    wait_for(
+        lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 2 and episodes_open(tmp_path) == 0,
+        30,
+        what="both episodes ended",
+    )
     assert sorted(line for line in steps_log(tmp_path) if line.startswith("start")) == ["start a", "start b"]
     assert db_rows(tmp_path, "SELECT count(*) FROM actions") == [(2,)]
     assert db_rows(tmp_path, "SELECT count(*) FROM inbox") == [(80,)]
@@ -141,8 +166,14 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
 
     restarted = start_healer(tmp_path, settings)
     servers.append(restarted)
-    wait_for(lambda: episodes_open(tmp_path) == 0 and not db_rows(
-        tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL"), 120, interval=0.5, what="all work done")
+    wait_for(
+        lambda: (
+            episodes_open(tmp_path) == 0 and not db_rows(tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL")
+        ),
+        120,
+        interval=0.5,
+        what="all work done",
+    )
 
     stored = {json.loads(row[0])["labels"]["id"] for row in db_rows(tmp_path, "SELECT alert FROM inbox")}
     assert set(accepted) <= stored
@@ -164,12 +195,18 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
         assert counts["unverified"] == 1, (identifier, counts)
 
 
-HOSTILE = ["; touch {marker}", "$(touch {marker})", "`touch {marker}`", "x\ntouch {marker}", "../../{marker}",
-           "v" * 100_000]
+HOSTILE = [
+    "; touch {marker}",
+    "$(touch {marker})",
+    "`touch {marker}`",
+    "x\ntouch {marker}",
+    "../../{marker}",
+    "v" * 100_000,
+]
 
 
 def test_hostile_labels_never_run(tmp_path: Path, servers: list[Server]) -> None:
-    """Labels holding shell syntax, newlines, paths or 100 kB never reach a command; the step is skipped as unsafe_label."""
+    """Labels with shell syntax, newlines, paths or 100 kB never reach a command; the step is skipped unsafe_label."""
     marker = tmp_path / "pwned"
     settings = config(tmp_path)
     settings["server"]["max_request_bytes"] = 4 * 1024 * 1024
@@ -177,8 +214,11 @@ def test_hostile_labels_never_run(tmp_path: Path, servers: list[Server]) -> None
     servers.append(healer)
     alerts = [alert(value.format(marker=marker)) for value in HOSTILE]
     assert post(healer.url + "/api/v1/alertmanager", payload(*alerts), AUTH)[0] == 200
-    wait_for(lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == len(HOSTILE)
-             and episodes_open(tmp_path) == 0, 30, what="episodes ended")
+    wait_for(
+        lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == len(HOSTILE) and episodes_open(tmp_path) == 0,
+        30,
+        what="episodes ended",
+    )
     assert not marker.exists()
     assert steps_log(tmp_path) == []
     reasons = db_rows(tmp_path, "SELECT skip_reason, count(*) FROM actions GROUP BY skip_reason")
@@ -204,8 +244,11 @@ def test_approval_required_waits_for_an_operator(tmp_path: Path, servers: list[S
     healer = start_healer(tmp_path, config(tmp_path, strategy={"approval": "required"}))
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("needs-ok")), AUTH)
-    action = wait_for(lambda: [a for a in http_json(healer.url + "/api/v1/actions")["actions"]
-                               if a["state"] == "awaiting_approval"], 20, what="awaiting approval")[0]
+    action = wait_for(
+        lambda: [a for a in http_json(healer.url + "/api/v1/actions")["actions"] if a["state"] == "awaiting_approval"],
+        20,
+        what="awaiting approval",
+    )[0]
     time.sleep(0.5)
     assert steps_log(tmp_path) == []
     approve = f"{healer.url}/api/v1/actions/{action['id']}/approve"
@@ -253,8 +296,19 @@ def test_test_alert_shows_plan_and_runs_nothing(tmp_path: Path) -> None:
     unmatched["labels"]["alertname"] = "Other"
     (tmp_path / "payload.json").write_bytes(payload(alert("web-1"), hostile, unmatched))
     result = subprocess.run(
-        [sys.executable, "-m", "healer", "test-alert", "-c", str(config_path), str(tmp_path / "payload.json"), "--json"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "healer",
+            "test-alert",
+            "-c",
+            str(config_path),
+            str(tmp_path / "payload.json"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     ok, refused, none = json.loads(result.stdout)

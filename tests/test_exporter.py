@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from healer.config import ExporterConfig, ProbeConfig, ProcessWatch
 from healer.exporter.host import HostCollector
-from healer.exporter.probes import Prober, ProbeMetrics
+from healer.exporter.probes import ProbeMetrics, Prober
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
 
@@ -116,12 +116,18 @@ def test_unreadable_mount_hides_only_itself() -> None:
 
     stats = CollectorStats()
     registry = registry_with(HostCollector(ExporterConfig(), stats, ps=Partitions({}), statvfs=statvfs))
-    assert registry.get_sample_value(
-        "healer_host_filesystem_size_bytes", {"device": "/dev/ok", "mountpoint": "/", "fstype": "ext4"}
-    ) is not None
-    assert registry.get_sample_value(
-        "healer_host_filesystem_size_bytes", {"device": "nfs:/x", "mountpoint": "/mnt/stale", "fstype": "nfs4"}
-    ) is None
+    assert (
+        registry.get_sample_value(
+            "healer_host_filesystem_size_bytes", {"device": "/dev/ok", "mountpoint": "/", "fstype": "ext4"}
+        )
+        is not None
+    )
+    assert (
+        registry.get_sample_value(
+            "healer_host_filesystem_size_bytes", {"device": "nfs:/x", "mountpoint": "/mnt/stale", "fstype": "nfs4"}
+        )
+        is None
+    )
     assert stats.errors["host"] == 2  # one per scrape, two scrapes
 
 
@@ -152,7 +158,9 @@ def test_pidfile_process(tmp_path: Path, sleeper: tuple[subprocess.Popen[bytes],
     process, _ = sleeper
     pidfile = tmp_path / "app.pid"
     pidfile.write_text(f"{process.pid}\n")
-    registry = registry_with(ProcessCollector(ProcessFinder([ProcessWatch(name="app", pidfile=pidfile)]), CollectorStats()))
+    registry = registry_with(
+        ProcessCollector(ProcessFinder([ProcessWatch(name="app", pidfile=pidfile)]), CollectorStats())
+    )
     assert registry.get_sample_value("healer_process_up", {"process": "app"}) == 1
     pidfile.write_text("not a pid")
     assert registry.get_sample_value("healer_process_up", {"process": "app"}) == 0
@@ -162,7 +170,7 @@ def test_pidfile_process(tmp_path: Path, sleeper: tuple[subprocess.Popen[bytes],
 
 def test_access_denied_fds_gives_fewer_series(sleeper: tuple[subprocess.Popen[bytes], str]) -> None:
     """A process whose file descriptors cannot be read is still up; only the fd series is missing."""
-    process, marker = sleeper
+    _, marker = sleeper
 
     class DeniedProcess(psutil.Process):
         def num_fds(self) -> int:

@@ -195,9 +195,11 @@ def test_instance_filters_work_with_all(path: Path) -> None:
 def test_every_expression_parses(tmp_path: Path) -> None:
     """promtool parses every panel and annotation expression (as recording rules) with the variables filled in."""
     found = [q for p in DASHBOARD_FILES for a in (False, True) for q in queries(p, annotations=a)]
-    rules = {"groups": [{"name": "grafana", "rules": [
-        {"record": f"grafana:query{i}", "expr": q.expr} for i, q in enumerate(found)
-    ]}]}
+    rules = {
+        "groups": [
+            {"name": "grafana", "rules": [{"record": f"grafana:query{i}", "expr": q.expr} for i, q in enumerate(found)]}
+        ]
+    }
     rule_file = tmp_path / "queries.yml"
     rule_file.write_text(yaml.safe_dump(rules))
     result = subprocess.run([PROMTOOL, "check", "rules", str(rule_file)], capture_output=True, text=True, timeout=60)
@@ -267,10 +269,21 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_
 # Alerts for the fixture's healing. healer acts only on alerts Prometheus reports firing, and calls
 # a step healed when Prometheus stops reporting it: GrafanaHeals fires while the victim process
 # runs, and its strategy kills it; GrafanaHopeless fires while healer is up, and its strategy fails.
-TEST_RULES = {"groups": [{"name": "grafana-test", "rules": [
-    {"alert": "GrafanaHeals", "expr": 'healer_process_up{process="victim"} == 1', "labels": {"severity": "warning"}},
-    {"alert": "GrafanaHopeless", "expr": 'up{job="healer"} == 1', "labels": {"severity": "critical"}},
-]}]}
+TEST_RULES = {
+    "groups": [
+        {
+            "name": "grafana-test",
+            "rules": [
+                {
+                    "alert": "GrafanaHeals",
+                    "expr": 'healer_process_up{process="victim"} == 1',
+                    "labels": {"severity": "warning"},
+                },
+                {"alert": "GrafanaHopeless", "expr": 'up{job="healer"} == 1', "labels": {"severity": "critical"}},
+            ],
+        }
+    ]
+}
 KILL = "import os, signal, sys; os.kill(int(sys.argv[1]), signal.SIGTERM)"
 
 
@@ -303,8 +316,12 @@ def alert(name: str, episode: str) -> dict[str, Any]:
     """An Alertmanager alert; healer verifies by its labels, so they are a subset of Prometheus's ALERTS series."""
     starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
     return {
-        "status": "firing", "labels": {"alertname": name}, "annotations": {},
-        "startsAt": starts, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://127.0.0.1/graph",
+        "status": "firing",
+        "labels": {"alertname": name},
+        "annotations": {},
+        "startsAt": starts,
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://127.0.0.1/graph",
         "fingerprint": hashlib.sha256(f"{name}/{episode}".encode()).hexdigest()[:16],
     }
 
@@ -337,8 +354,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", victim_marker])
     started: list[Server] = []
     try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{app_port}/metrics", timeout=1)[0] == 200, 30,
-                 what=f"app up: {(workdir / 'app.log').read_text(errors='replace')}")
+        wait_for(
+            lambda: http_get(f"http://127.0.0.1:{app_port}/metrics", timeout=1)[0] == 200,
+            30,
+            what=f"app up: {(workdir / 'app.log').read_text(errors='replace')}",
+        )
         rule_file = workdir / "test-rules.yml"
         rule_file.write_text(yaml.safe_dump(TEST_RULES))
         prometheus = start_prometheus(
@@ -360,22 +380,43 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 "host": True,
                 "process_scan_interval": "500ms",
                 "processes": [{"name": "app", "cmdline": marker}, {"name": "victim", "cmdline": victim_marker}],
-                "probes": [{"name": "app", "url": f"http://127.0.0.1:{app_port}/healthz",
-                            "interval": "500ms", "timeout": "400ms"}],
+                "probes": [
+                    {
+                        "name": "app",
+                        "url": f"http://127.0.0.1:{app_port}/healthz",
+                        "interval": "500ms",
+                        "timeout": "400ms",
+                    }
+                ],
             },
             "healing": {
                 # Two actions fit in the budget; a third one opens the circuit breaker.
                 "budget": {"actions": 2, "window": "10m"},
                 "rules": [
-                    {"name": "heals", "match": ['alertname="GrafanaHeals"'], "strategies": ["kill-victim"],
-                     "max_attempts": 1, "cooldown": "100ms", "verify": {"within": "15s", "interval": "200ms"}},
-                    {"name": "hopeless", "match": ['alertname="GrafanaHopeless"'], "strategies": ["fail"],
-                     "max_attempts": 1, "cooldown": "100ms", "verify": {"within": "1s", "interval": "200ms"}},
+                    {
+                        "name": "heals",
+                        "match": ['alertname="GrafanaHeals"'],
+                        "strategies": ["kill-victim"],
+                        "max_attempts": 1,
+                        "cooldown": "100ms",
+                        "verify": {"within": "15s", "interval": "200ms"},
+                    },
+                    {
+                        "name": "hopeless",
+                        "match": ['alertname="GrafanaHopeless"'],
+                        "strategies": ["fail"],
+                        "max_attempts": 1,
+                        "cooldown": "100ms",
+                        "verify": {"within": "1s", "interval": "200ms"},
+                    },
                 ],
             },
             "strategies": {
-                "kill-victim": {"type": "exec", "command": [sys.executable, "-c", KILL, str(victim.pid)],
-                                "timeout": "10s"},
+                "kill-victim": {
+                    "type": "exec",
+                    "command": [sys.executable, "-c", KILL, str(victim.pid)],
+                    "timeout": "10s",
+                },
                 "fail": {"type": "exec", "command": [sys.executable, "-c", "raise SystemExit(1)"], "timeout": "10s"},
             },
         }
@@ -385,20 +426,32 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         def firing(expr: str) -> bool:
             return bool(prom_query(prometheus, expr))
 
-        wait_for(lambda: firing('up{job="healer"} == 1') and firing('up{job="app"} == 1'), 30,
-                 what="healer and app scraped")
+        wait_for(
+            lambda: firing('up{job="healer"} == 1') and firing('up{job="app"} == 1'), 30, what="healer and app scraped"
+        )
         first_up = time.monotonic()
-        wait_for(lambda: firing('ALERTS{alertname=~"GrafanaHeals|GrafanaHopeless", alertstate="firing"} == 1')
-                 and len(prom_query(prometheus, 'ALERTS{alertname=~"Grafana.*", alertstate="firing"}')) == 2,
-                 30, what="the test alerts firing")
+        wait_for(
+            lambda: (
+                firing('ALERTS{alertname=~"GrafanaHeals|GrafanaHopeless", alertstate="firing"} == 1')
+                and len(prom_query(prometheus, 'ALERTS{alertname=~"Grafana.*", alertstate="firing"}')) == 2
+            ),
+            30,
+            what="the test alerts firing",
+        )
         time.sleep(max(0.0, 2.0 - (time.monotonic() - first_up)))  # counters have samples before the events
         webhook = healer.url + "/api/v1/alertmanager"
         body = payload(alert("GrafanaHeals", "1"), alert("GrafanaHopeless", "1"))
         assert post(webhook, body, AUTH)[0] == 200
         assert post(webhook, body, AUTH)[0] == 200  # Alertmanager's re-send: skipped as a duplicate
         try:
-            wait_for(lambda: metric(healer, "healer_actions_total", strategy="kill-victim", outcome="healed") >= 1
-                     and metric(healer, "healer_escalations_total") >= 1, 40, what="one heal and one escalation")
+            wait_for(
+                lambda: (
+                    metric(healer, "healer_actions_total", strategy="kill-victim", outcome="healed") >= 1
+                    and metric(healer, "healer_escalations_total") >= 1
+                ),
+                40,
+                what="one heal and one escalation",
+            )
             # A third action is over the budget of two: the circuit breaker opens.
             assert post(webhook, payload(alert("GrafanaHopeless", "2")), AUTH)[0] == 200
             wait_for(lambda: metric(healer, "healer_circuit_open") == 1, 30, what="circuit breaker open")

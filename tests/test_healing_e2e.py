@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.stack import HealingStack, dump, remove_fault_command, start_stack
 from tests.servers import wait_for
+from tests.stack import HealingStack, dump, remove_fault_command, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
     slow_remove = "import os, sys, time; time.sleep(3); os.remove(os.path.join(sys.argv[1], sys.argv[2]))"
     strategies = {
         "remove-fault": {
-            "type": "exec", "command": remove_fault_command(faults), "allow_labels": {"fault": "^[a-z]+$"},
+            "type": "exec",
+            "command": remove_fault_command(faults),
+            "allow_labels": {"fault": "^[a-z]+$"},
             "timeout": "10s",
         },
         "slow-remove-fault": {
-            "type": "exec", "command": [sys.executable, "-c", slow_remove, str(faults), "{labels.fault}"],
+            "type": "exec",
+            "command": [sys.executable, "-c", slow_remove, str(faults), "{labels.fault}"],
             "timeout": "10s",
         },
         "does-nothing": {"type": "exec", "command": ["true"], "timeout": "5s"},
@@ -92,7 +95,8 @@ def test_ladder_climbs_to_the_strategy_that_heals(stack: HealingStack) -> None:
     stack.inject("ladder")
     actions = wait_episode_end(stack, "ladder")
     assert [(a["strategy"], a["outcome"]) for a in actions] == [
-        ("does-nothing", "not_healed"), ("remove-fault", "healed"),
+        ("does-nothing", "not_healed"),
+        ("remove-fault", "healed"),
     ], dump(stack)
     assert actions[1]["started_at"] >= actions[0]["finished_at"] + 1.0  # the backoff of cooldown 1s
 
@@ -104,8 +108,11 @@ def test_exhausted_ladder_escalates_to_alertmanager(stack: HealingStack) -> None
         actions = wait_episode_end(stack, "hopeless")
         assert [a["outcome"] for a in actions] == ["not_healed", "not_healed"]
         assert actions[-1]["episode"]["state"] == "escalated"
-        [escalation] = wait_for(lambda: stack.am_alerts(alertname="HealingFailed", fault="hopeless"), 20,
-                                what="HealingFailed in Alertmanager")
+        [escalation] = wait_for(
+            lambda: stack.am_alerts(alertname="HealingFailed", fault="hopeless"),
+            20,
+            what="HealingFailed in Alertmanager",
+        )
         labels = escalation["labels"]
         assert labels["healed_alertname"] == "FaultActive" and labels["healer_rule"] == "hopeless"
         assert labels["severity"] == "critical"
@@ -128,7 +135,8 @@ def test_resolved_notification_cancels_pending_step(stack: HealingStack) -> None
     (stack.faults / "pending").unlink()
     actions = wait_episode_end(stack, "pending")
     assert [(a["strategy"], a["outcome"], a["skip_reason"]) for a in actions] == [
-        ("does-nothing", "not_healed", None), ("remove-fault", "cancelled", "resolved"),
+        ("does-nothing", "not_healed", None),
+        ("remove-fault", "cancelled", "resolved"),
     ], dump(stack)
     assert actions[-1]["episode"]["state"] == "resolved"
 

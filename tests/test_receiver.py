@@ -24,7 +24,9 @@ def post(
     url: str, body: bytes, headers: dict[str, str] | None = None, content_type: str = "application/json"
 ) -> tuple[int, dict[str, Any]]:
     """POST raw bytes and return the status and the decoded JSON body."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"null")

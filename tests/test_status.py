@@ -47,6 +47,7 @@ def test_status_cli_reports_unreachable_healer() -> None:
     from tests.servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    result = subprocess.run([sys.executable, "-m", "healer", "status", "--url", url], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "healer", "status", "--url", url], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and url in result.stderr

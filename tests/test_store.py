@@ -79,7 +79,7 @@ def test_not_before_delays_a_step(store: SQLiteStore, firing: WebhookAlert) -> N
     open_with_first_step(store, firing, not_before=1000.0)
     assert store.due_actions(now=999.0) == []
     assert len(store.due_actions(now=1000.0)) == 1
-    assert store.next_due() == 1000.0
+    assert store.agenda(now=999.0).next_wake == 1000.0
 
 
 def test_resolved_cancels_pending_steps(store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert) -> None:
@@ -112,13 +112,15 @@ def test_finish_schedules_next_step_once(store: SQLiteStore, firing: WebhookAler
     episode_id, _ = open_with_first_step(store, firing)
     [action] = store.due_actions(now=1e12)
     store.claim(action.id, None)
-    finish = Finish(outcome="not_healed", detail="exit 0", next_action=NewAction(2, 1, "web", "rollback", 5.0),
-                    cooldown=(50.0, 1))
+    finish = Finish(
+        outcome="not_healed", detail="exit 0", next_action=NewAction(2, 1, "web", "rollback", 5.0), cooldown=(50.0, 1)
+    )
     assert store.finish(action.id, finish) is True
     assert store.finish(action.id, finish) is False
     rows = store.list_actions(ActionFilter(episode_id=episode_id))
     assert [(a.attempt, a.strategy, a.state, a.outcome) for a, _ in rows] == [
-        (2, "rollback", "pending", None), (1, "restart", "done", "not_healed"),
+        (2, "rollback", "pending", None),
+        (1, "restart", "done", "not_healed"),
     ]
     assert store.cooldown("web", firing.fingerprint) == (50.0, 1)
     assert store.attempts(episode_id) == 2
@@ -128,8 +130,16 @@ def test_events_record_every_decision(store: SQLiteStore, firing: WebhookAlert) 
     """The audit trail holds received, scheduled, started and finished events in order."""
     [[inbox_id]] = store.accept([[firing]])
     [opened] = store.open_episodes(
-        [OpenRequest(inbox_id, firing, "web", "open", NewAction(1, 0, "web", "restart", 0.0),
-                     [("received", {}), ("matched", {})])]
+        [
+            OpenRequest(
+                inbox_id,
+                firing,
+                "web",
+                "open",
+                NewAction(1, 0, "web", "restart", 0.0),
+                [("received", {}), ("matched", {})],
+            )
+        ]
     )
     episode = opened.episode
     [action] = store.due_actions(now=1e12)
@@ -171,12 +181,14 @@ async def test_unwritable_store_fails_every_waiter(tmp_path: Path, firing: Webho
 
 def test_first_step_waits_out_the_cooldown(store: SQLiteStore, firing: WebhookAlert) -> None:
     """A new episode of an alert still in its rule's cooldown gets a first step deferred to the cooldown's end."""
-    episode_id, _ = open_with_first_step(store, firing)
+    open_with_first_step(store, firing)
     [action] = store.due_actions(now=1e12)
     store.claim(action.id, None)
     store.finish(action.id, Finish(outcome="healed", episode_state="healed", cooldown=(5000.0, 1)))
     later = firing.model_copy(update={"startsAt": firing.startsAt.replace(year=2027)})
     [[inbox_id]] = store.accept([[later]])
-    [opened] = store.open_episodes([OpenRequest(inbox_id, later, "web", "open", NewAction(1, 0, "web", "restart", 10.0))])
+    [opened] = store.open_episodes(
+        [OpenRequest(inbox_id, later, "web", "open", NewAction(1, 0, "web", "restart", 10.0))]
+    )
     assert opened.created and opened.deferred_until == 5000.0
     assert store.due_actions(now=4999.0) == [] and len(store.due_actions(now=5000.0)) == 1

@@ -23,7 +23,7 @@ from healer.healing.payload import WebhookAlert
 from healer.healing.rails import CircuitBreaker, backoff
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient
-from healer.store import Action, ActionFilter, AsyncStore, Episode, Finish, InboxItem, NewAction, OpenRequest
+from healer.store import Action, ActionFilter, Agenda, AsyncStore, Episode, Finish, InboxItem, NewAction, OpenRequest
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
 
@@ -185,8 +185,9 @@ class Engine:
             self._wake.clear()
             try:
                 more = await self._take_inbox_batch()
-                await self._expire_approvals()
-                delay = await self._dispatch_due()
+                agenda = await self.store.call(self.store.sync.agenda, self._clock())
+                await self._expire_approvals(agenda.expired_approvals)
+                delay = self._dispatch_due(agenda)
             except Exception:
                 log.exception("healing loop failed; retrying")
                 more, delay = False, 1.0
@@ -283,8 +284,8 @@ class Engine:
         if episode.state != "open":
             await self._expire_silence(episode)
 
-    async def _expire_approvals(self) -> None:
-        for action in await self.store.call(self.store.sync.expired_approvals, self._clock()):
+    async def _expire_approvals(self, expired: list[Action]) -> None:
+        for action in expired:
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
             assert episode is not None
             self._count_skip(action.strategy, "approval_expired", "cancelled")
@@ -295,26 +296,18 @@ class Engine:
                 "approval expired",
             )
 
-    async def _dispatch_due(self) -> float:
+    def _dispatch_due(self, agenda: Agenda) -> float:
         """Start every due step; return how long the loop may sleep before the next one is due."""
         if self._stopping:
             return 1.0
-        now = self._clock()
-        for action in await self.store.call(self.store.sync.due_actions, now):
+        for action in agenda.due:
             if action.id not in self._inflight:
                 task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
                 task.add_done_callback(functools.partial(self._forget, action.id))
-        deadlines = [
-            d
-            for d in (
-                await self.store.call(self.store.sync.next_due),
-                await self.store.call(self.store.sync.next_approval_deadline),
-            )
-            if d is not None
-        ]
-        waits = [d - self._clock() for d in deadlines if d > now]
-        return max(0.01, min(waits, default=5.0))
+        if agenda.next_wake is None:
+            return 5.0
+        return max(0.01, min(5.0, agenda.next_wake - self._clock()))
 
     def _count_skip(self, strategy: str, reason: str, outcome: str = "cancelled") -> None:
         """Count a step that ended without running: why, and how it ended."""
