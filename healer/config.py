@@ -25,6 +25,7 @@ from healer.matchers import InvalidMatcherError, Matcher
 from healer.strategies.base import StrategyParams, StrategyRegistry, UnknownStrategyTypeError
 from healer.types import Duration, PositiveDuration, Regex
 
+GRAFANA_TOKEN_ENV = "HEALER_GRAFANA_TOKEN"  # noqa: S105 - the variable's name, not a secret
 TOKEN_ENV = "HEALER_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
@@ -257,6 +258,21 @@ class HealingConfig(_Strict):
         return rules
 
 
+class GrafanaConfig(_Strict):
+    url: Url | None = None
+    api_token_file: Path | None = None
+    timeout: Duration = 5.0
+    tags: list[str] = Field(default_factory=lambda: ["healer"])
+
+    def resolve_token(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        """The service-account token: HEALER_GRAFANA_TOKEN first, then api_token_file."""
+        env = os.environ if environ is None else environ
+        token = env.get(GRAFANA_TOKEN_ENV, "").strip()
+        if not token and self.api_token_file is not None:
+            token = self.api_token_file.read_text().strip()
+        return SecretStr(token) if token else None
+
+
 class HealerConfig(_Strict):
     server: ServerConfig = ServerConfig()
     prometheus: PrometheusConfig = PrometheusConfig()
@@ -264,6 +280,7 @@ class HealerConfig(_Strict):
     store: StoreConfig = StoreConfig()
     exporter: ExporterConfig = ExporterConfig()
     healing: HealingConfig = HealingConfig()
+    grafana: GrafanaConfig = GrafanaConfig()
     strategies: dict[str, StrategyParams] = Field(default_factory=dict)
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from healer.alertmanager import AlertmanagerClient
+from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig
 from healer.exporter.host import HostCollector
 from healer.exporter.own import OwnMetrics
@@ -105,6 +106,7 @@ def build_engine(services: Services) -> Engine:
         PromQLClient(config.prometheus),
         AlertmanagerClient(config.alertmanager),
         config.server.external_url or f"http://{config.server.listen}",
+        GrafanaAnnotator(config.grafana, services.registry),
     )
 
 
@@ -119,6 +121,7 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     purge.cancel()
     await engine.stop(config.server.shutdown_timeout)
     await engine.alertmanager.close()
+    await engine.annotator.close()
     engine.promql.close()
     await engine.store.close()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from healer.alertmanager import AlertmanagerClient, AlertmanagerUnavailableError
+from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig, HealingRule
 from healer.healing.metrics import HealingMetrics
 from healer.healing.payload import WebhookAlert
@@ -95,6 +96,7 @@ class Engine:
         promql: PromQLClient,
         alertmanager: AlertmanagerClient,
         external_url: str,
+        annotator: GrafanaAnnotator,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -103,6 +105,7 @@ class Engine:
         self.metrics = metrics
         self.promql = promql
         self.alertmanager = alertmanager
+        self.annotator = annotator
         self.external_url = external_url.rstrip("/")
         self._clock = clock
         self._rules = {rule.name: rule for rule in config.healing.rules}
@@ -428,8 +431,9 @@ class Engine:
         async with self._global_slots, slots:
             if not await store.call(store.sync.claim, action.id, plan):
                 return
+            started = self._clock()
             result = await self._run_strategy(action, rule, params, episode)
-        await self._conclude(action, rule, episode, result, resolved)
+        await self._conclude(action, rule, episode, result, resolved, started)
 
     async def _run_strategy(
         self, action: Action, rule: HealingRule, params: StrategyParams, episode: Episode
@@ -470,7 +474,13 @@ class Engine:
             self.metrics.action_duration.labels(action.strategy).observe(time.monotonic() - started)
 
     async def _conclude(
-        self, action: Action, rule: HealingRule, episode: Episode, result: StepResult, resolved: asyncio.Event
+        self,
+        action: Action,
+        rule: HealingRule,
+        episode: Episode,
+        result: StepResult,
+        resolved: asyncio.Event,
+        started: float,
     ) -> None:
         """Verify a step that ran, then end the episode or schedule the next step of the ladder."""
         store = self.store
@@ -478,6 +488,7 @@ class Engine:
         if not result.ok:
             outcome = "timeout" if result.timed_out else "failed"
             self.metrics.actions.labels(action.strategy, outcome).inc()
+            self._annotate(action, episode, outcome, result.detail, started)
             await self._continue_or_escalate(
                 action,
                 rule,
@@ -496,6 +507,7 @@ class Engine:
             episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
         )
         self.metrics.actions.labels(action.strategy, verdict).inc()
+        self._annotate(action, episode, verdict, result.detail, started)
         base = Finish(
             outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output, cooldown=cooldown
         )
@@ -509,6 +521,13 @@ class Engine:
             await self._episode_ended(episode)
         else:
             await self._continue_or_escalate(action, rule, episode, base, reason="the alert still fires")
+
+    def _annotate(self, action: Action, episode: Episode, outcome: str, detail: str, started: float) -> None:
+        """Mark the step on Grafana's graphs, from its start to now, without waiting for Grafana."""
+        if self.annotator.enabled:
+            text = f"healer ran {action.strategy} for {episode.alertname} (rule {action.rule}): {outcome}, {detail}"
+            tags = [f"strategy:{action.strategy}", f"outcome:{outcome}", f"alertname:{episode.alertname}"]
+            self._spawn(self.annotator.annotate(text, tags, started))
 
     async def _continue_or_escalate(
         self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, reason: str
