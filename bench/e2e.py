@@ -44,31 +44,24 @@ PID on exit, also on error or Ctrl-C. All traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.server
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-T = TypeVar("T")
+# isort: split
+import common  # bench/common.py: `python bench/e2e.py` puts bench/ first on sys.path
+from common import WEBHOOK_PATH, free_port, percentile, wait_for
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 ALERTMANAGER = (
@@ -77,9 +70,7 @@ ALERTMANAGER = (
 RM = shutil.which("rm") or "/bin/rm"
 TOKEN = "bench-e2e-token"
 TARGET_MS = 20.0
-STOP_TIMEOUT_SECONDS = 15.0
 FAULT_TIMEOUT_SECONDS = 20.0
-WEBHOOK_PATH = "/api/v1/alertmanager"
 
 FAULT_RULES = {
     "groups": [{
@@ -137,164 +128,33 @@ def floor_main(argv: list[str]) -> int:
         sys.stdout.flush()
         return web.Response(status=200)
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(text="ready\n")
-
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post(WEBHOOK_PATH, webhook)
-        app.router.add_get("/-/ready", ready)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        print(json.dumps({"event": "listening", "address": f"{host}:{port}"}), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(serve())
+    app = web.Application()
+    app.router.add_post(WEBHOOK_PATH, webhook)
+    common.serve_on_loopback(app)
     return 0
 
 
-# --------------------------------------------------------------------------- process handling
-
-
-@dataclass
-class Child:
-    """A process this benchmark started; stopped by its own PID."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        with suppress(OSError):
-            return self.log_path.read_text(errors="replace")
-        return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        with suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(STOP_TIMEOUT_SECONDS)
-
-
-class Keeper:
-    """Starts children with their output in a log file and stops each one by PID, newest first."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.children: list[Child] = []
-
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> Child:
-        log_path = self.workdir / f"{name}.log"
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       cwd=cwd or self.workdir)
-        child = Child(name, process, log_path)
-        self.children.append(child)
-        return child
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
-    """Call `check` until it returns something truthy; raise TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, urllib.error.URLError, ValueError) as exc:  # not up yet
-            last_error = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}")
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
+# --------------------------------------------------------------------------- stacks
 
 
 def get_json(url: str) -> Any:
-    status, body = http_get(url)
+    status, body = common.http_get(url)
     if status != 200:
         raise RuntimeError(f"GET {url}: HTTP {status}: {body[:300]!r}")
     return json.loads(body)
-
-
-def await_ready(child: Child, url: str, timeout: float = 30.0) -> None:
-    def ready() -> bool:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
-        return http_get(url, timeout=1)[0] == 200
-
-    wait_for(ready, f"{child.name} at {url}", timeout)
-    child.url = url.rsplit("/-/", 1)[0] if "/-/" in url else url
-
-
-def listening_address(child: Child, timeout: float = 30.0) -> str:
-    """The address from a child's JSON `listening` log line (healer and the floor both write one)."""
-
-    def address() -> str | None:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
-        for line in child.log().splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == "listening":
-                    return str(record["address"])
-        return None
-
-    return wait_for(address, f"{child.name} listening", timeout)
-
-
-# --------------------------------------------------------------------------- stacks
 
 
 @dataclass
 class Stack:
     workdir: Path
     faults: Path
-    prometheus: Child
-    alertmanager: Child
-    floor: Child
-    healer: Child
+    prometheus: common.Child
+    alertmanager: common.Child
+    floor: common.Child
+    healer: common.Child
 
 
-def start_alertmanager(keeper: Keeper, workdir: Path, floor_url: str, healer_url: str) -> Child:
+def start_alertmanager(keeper: common.Keeper, workdir: Path, floor_url: str, healer_url: str) -> common.Child:
     """Alertmanager sending every FaultActive group to the floor (continue: true) and to healer."""
     webhook = {"send_resolved": True, "http_config": {"authorization": {"credentials": TOKEN}}}
     config = {
@@ -313,34 +173,35 @@ def start_alertmanager(keeper: Keeper, workdir: Path, floor_url: str, healer_url
     }
     directory = workdir / "alertmanager"
     directory.mkdir(parents=True)
-    (directory / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    common.write_yaml(directory / "alertmanager.yml", config)
     port = free_port()
     child = keeper.start("alertmanager", [
         ALERTMANAGER, f"--config.file={directory / 'alertmanager.yml'}", f"--storage.path={directory / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
     ])
-    await_ready(child, f"http://127.0.0.1:{port}/-/ready")
+    common.wait_ready(child, f"http://127.0.0.1:{port}")
     return child
 
 
-def start_prometheus(keeper: Keeper, workdir: Path, interval: str, app_port: int, alertmanager: Child) -> Child:
+def start_prometheus(keeper: common.Keeper, workdir: Path, interval: str, app_port: int,
+                     alertmanager: common.Child) -> common.Child:
     directory = workdir / "prometheus"
     directory.mkdir(parents=True)
     rules = directory / "rules.yml"
-    rules.write_text(yaml.safe_dump(FAULT_RULES))
+    common.write_yaml(rules, FAULT_RULES)
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "scrape_configs": [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}]}],
         "rule_files": [str(rules)],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager.url.split("//", 1)[1]]}]}]},
     }
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    common.write_yaml(directory / "prometheus.yml", config)
     port = free_port()
     child = keeper.start("prometheus", [
         PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
     ])
-    await_ready(child, f"http://127.0.0.1:{port}/-/ready")
+    common.wait_ready(child, f"http://127.0.0.1:{port}")
 
     def scraping_and_notifying() -> bool:
         up = get_json(f"{child.url}/api/v1/query?" + urllib.parse.urlencode({"query": 'up{job="app"} == 1'}))
@@ -351,14 +212,13 @@ def start_prometheus(keeper: Keeper, workdir: Path, interval: str, app_port: int
     return child
 
 
-def start_fault_app(keeper: Keeper, workdir: Path) -> tuple[Path, int]:
+def start_fault_app(keeper: common.Keeper, workdir: Path) -> tuple[Path, int]:
     faults = workdir / "faults"
     faults.mkdir(parents=True)
     port = free_port()
     child = keeper.start("fault-app", [sys.executable, str(Path(__file__).resolve()), "_fault_app", str(port),
                                        str(faults)])
-    wait_for(lambda: child.process.poll() is None and http_get(f"http://127.0.0.1:{port}/")[0] == 200,
-             "fault app", 10)
+    common.wait_ready(child, f"http://127.0.0.1:{port}", "/", timeout=10)
     return faults, port
 
 
@@ -386,24 +246,19 @@ def healer_config(workdir: Path, faults: Path, prometheus: str, alertmanager: st
     }
 
 
-def start_stack(keeper: Keeper, workdir: Path, interval: str) -> Stack:
+def start_stack(keeper: common.Keeper, workdir: Path, interval: str) -> Stack:
     faults, app_port = start_fault_app(keeper, workdir)
     floor = keeper.start("floor", [sys.executable, str(Path(__file__).resolve()), "_floor"])
-    await_ready(floor, f"http://{listening_address(floor)}/-/ready")
+    common.wait_listening(floor)
     healer_port = free_port()
     alertmanager = start_alertmanager(keeper, workdir, floor.url + WEBHOOK_PATH,
                                       f"http://127.0.0.1:{healer_port}{WEBHOOK_PATH}")
     prometheus = start_prometheus(keeper, workdir, interval, app_port, alertmanager)
     (workdir / "healer").mkdir()
-    config_path = workdir / "healer" / "healer.yml"
-    config_path.write_text(yaml.safe_dump(healer_config(workdir / "healer", faults, prometheus.url,
-                                                        alertmanager.url)))
-    healer = keeper.start("healer", [
-        sys.executable, "-m", "healer", "serve", "-c", str(config_path),
-        "--listen", f"127.0.0.1:{healer_port}", "--log-format", "json",
-    ], cwd=workdir / "healer")
-    listening_address(healer)
-    await_ready(healer, f"http://127.0.0.1:{healer_port}/-/ready")
+    config_path = common.write_yaml(workdir / "healer" / "healer.yml",
+                                    healer_config(workdir / "healer", faults, prometheus.url, alertmanager.url))
+    healer = common.start_healer(keeper, config_path, listen=f"127.0.0.1:{healer_port}", cwd=workdir / "healer")
+    common.wait_listening(healer)
     return Stack(workdir, faults, prometheus, alertmanager, floor, healer)
 
 
@@ -493,15 +348,6 @@ def run_fault(stack: Stack, fault: str, interval: float, rng: random.Random) -> 
     )
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (0.0 for no values)."""
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    rank = max(1, min(len(ordered), int(fraction * len(ordered) + 0.999999)))
-    return ordered[rank - 1]
-
-
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": round(percentile(values, 0.5), 1), "p90": round(percentile(values, 0.9), 1),
             "max": round(max(values, default=0.0), 1), "min": round(min(values, default=0.0), 1)}
@@ -526,7 +372,7 @@ def run(args: argparse.Namespace) -> Report:
     rng = random.Random(args.seed)
     run_id = f"{rng.randrange(16 ** 4):04x}"
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        keeper = Keeper(Path(tmp))
+        keeper = common.Keeper(Path(tmp))
         try:
             stack = start_stack(keeper, Path(tmp), report.interval)
             for index in range(args.faults):

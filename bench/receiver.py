@@ -45,30 +45,26 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
+
+# isort: split
+import common  # bench/common.py: `python bench/receiver.py` puts bench/ first on sys.path
+from common import WEBHOOK_PATH, percentile
 
 TOKEN = "bench-receiver-token"
 CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
-MEGABYTE = 1_000_000
 RATIO_TARGET = 0.5
 P99_TARGET_MS = 20.0
-STOP_TIMEOUT_SECONDS = 15.0
-WEBHOOK_PATH = "/api/v1/alertmanager"
 
 # --------------------------------------------------------------------------- payloads
 
@@ -108,17 +104,6 @@ def make_body(case: int, request: int, alerts: int) -> bytes:
         fingerprint = f"{case:02x}{request:010x}{index:04x}"
         items.append(fingerprint.join(_ALERT_PARTS))
     return (_PAYLOAD_HEAD + ",".join(items) + _PAYLOAD_TAIL).encode()
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(fraction * len(sorted_values) + 0.999999)))
-    return sorted_values[rank - 1]
 
 
 # --------------------------------------------------------------------------- load generator (child)
@@ -306,99 +291,13 @@ def bare_main(argv: list[str]) -> int:
         json.loads(await request.read())
         return web.Response(status=200)
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(text="ready\n")
-
-    async def serve() -> None:
-        app = web.Application(client_max_size=args.max_request_bytes)
-        app.router.add_post(WEBHOOK_PATH, webhook)
-        app.router.add_get("/-/ready", ready)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        print(json.dumps({"event": "listening", "address": f"{host}:{port}"}), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(serve())
+    app = web.Application(client_max_size=args.max_request_bytes)
+    app.router.add_post(WEBHOOK_PATH, webhook)
+    common.serve_on_loopback(app)
     return 0
 
 
 # --------------------------------------------------------------------------- orchestration
-
-
-@dataclass
-class Child:
-    """A process this benchmark started; stopped by its own PID."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        with suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        with suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(STOP_TIMEOUT_SECONDS)
-
-
-def spawn(name: str, argv: list[str], workdir: Path, children: list[Child]) -> Child:
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   cwd=workdir)
-    child = Child(name, process, log_path)
-    children.append(child)
-    return child
-
-
-def wait_listening(child: Child, timeout: float = 30.0) -> str:
-    """Read the bound address from the child's JSON `listening` log line, then wait for /-/ready."""
-    deadline = time.monotonic() + timeout
-    address = ""
-    while time.monotonic() < deadline and not address:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
-        for line in child.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with suppress(ValueError):
-                    record = json.loads(line)
-                    if record.get("event") == "listening":
-                        address = str(record["address"])
-        time.sleep(0.05)
-    if not address.startswith("127.0.0.1:"):
-        raise RuntimeError(f"{child.name} did not report a loopback address in {timeout}s:\n{child.log_tail()}")
-    child.url = f"http://{address}"
-    while time.monotonic() < deadline:
-        with suppress(OSError, urllib.error.URLError), urllib.request.urlopen(
-            child.url + "/-/ready", timeout=2
-        ) as response:
-            if response.status == 200:
-                return child.url
-        time.sleep(0.05)
-    raise RuntimeError(f"{child.name} not ready in {timeout}s:\n{child.log_tail()}")
 
 
 def healer_config(workdir: Path) -> Path:
@@ -413,9 +312,7 @@ def healer_config(workdir: Path) -> Path:
         "exporter": {"host": False},
         "healing": {"rules": []},
     }
-    path = workdir / "healer.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return common.write_yaml(workdir / "healer.yml", config)
 
 
 def db_scalar(db_path: Path, sql: str) -> int:
@@ -468,21 +365,18 @@ class Report:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
-def run_load(workdir: Path, children: list[Child], server: Child, alerts: int, case: int,
-             args: argparse.Namespace, rate: float) -> LoadResult:
+def run_load(keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace,
+             rate: float) -> LoadResult:
     seconds = args.rate_seconds if rate > 0 else args.seconds
     argv = [
         sys.executable, str(Path(__file__).resolve()), "_load", "--url", server.url + WEBHOOK_PATH,
         "--alerts", str(alerts), "--case", str(case), "--connections", str(args.connections),
         "--seconds", str(seconds), "--warmup", str(args.warmup), "--rate", str(rate),
     ]
-    out_path = workdir / f"load-{case}-{server.name}.json"
-    with out_path.open("wb") as out, (workdir / f"load-{case}-{server.name}.err").open("wb") as err:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    child = Child(f"load-{case}-{server.name}", process, workdir / f"load-{case}-{server.name}.err")
-    children.append(child)
+    out_path = keeper.workdir / f"load-{case}-{server.name}.json"
+    child = keeper.start(f"load-{case}-{server.name}", argv, stdout=out_path)  # stderr goes to its log
     try:
-        code = process.wait(seconds + args.warmup + 90)
+        code = child.process.wait(seconds + args.warmup + 90)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"load generator for case {case} did not finish in time") from None
     finally:
@@ -504,28 +398,28 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(workdir: Path, children: list[Child], server: Child, alerts: int, case: int,
-            args: argparse.Namespace, rate: float, report: Report) -> CaseResult:
+def measure(keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace,
+            rate: float, report: Report) -> CaseResult:
     proc = psutil.Process(server.pid)
     cpu_before = sum(proc.cpu_times()[:2])
     machine_before = busy_seconds()
     client_before = children_cpu_seconds()
     wall_before = time.monotonic()
-    load = run_load(workdir, children, server, alerts, case, args, rate)
+    load = run_load(keeper, server, alerts, case, args, rate)
     wall = time.monotonic() - wall_before
     cpu = sum(proc.cpu_times()[:2]) - cpu_before
     # Whatever else ran on the machine meanwhile (other people's jobs): a disturbed case shows here.
     other = busy_seconds() - machine_before - cpu - (children_cpu_seconds() - client_before)
     if server.process.poll() is not None:
         raise RuntimeError(f"{server.name} died during case {case}:\n{server.log_tail()}")
-    rss = proc.memory_info().rss / MEGABYTE
+    rss = common.rss_mb(server.pid)
     report.peak_rss_mb[server.name] = max(report.peak_rss_mb.get(server.name, 0.0), rss)
     total_alerts = max(1, load.alerts_accepted)
     result = CaseResult(server.name, load, cpu / wall, cpu / total_alerts * 1e6, rss, max(0.0, other / wall))
     if server.name == "healer":
         report.alerts_answered_200 += load.alerts_accepted
         result.inbox_backlog_after, result.drain_seconds, result.backlog_left = wait_drained(
-            workdir / "healer.db", args.drain_timeout)
+            keeper.workdir / "healer.db", args.drain_timeout)
     return result
 
 
@@ -533,15 +427,14 @@ def run(args: argparse.Namespace) -> Report:
     report = Report(os.cpu_count() or 0, sys.version.split()[0], [round(x, 2) for x in os.getloadavg()],
                     args.connections, args.seconds, args.rate,
                     args.rate_seconds)
-    children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="bench-receiver-") as tmp:
         workdir = Path(tmp)
+        keeper = common.Keeper(workdir)
         try:
-            healer = spawn("healer", [sys.executable, "-m", "healer", "serve", "-c", str(healer_config(workdir)),
-                                      "--listen", "127.0.0.1:0", "--log-format", "json"], workdir, children)
-            bare = spawn("bare", [sys.executable, str(Path(__file__).resolve()), "_bare"], workdir, children)
-            wait_listening(healer)
-            wait_listening(bare)
+            healer = common.start_healer(keeper, healer_config(workdir))
+            bare = keeper.start("bare", [sys.executable, str(Path(__file__).resolve()), "_bare"])
+            common.wait_listening(healer)
+            common.wait_listening(bare)
             case = 0
             # The open-loop run comes after the first (smallest) closed-loop size, once healer's engine has
             # worked off that case's backlog; the large payloads leave a backlog that takes minutes.
@@ -554,13 +447,12 @@ def run(args: argparse.Namespace) -> Report:
                         progress(args, f"open loop: {server.name}, {rate:g} requests/s, {args.rate_seconds:g}s")
                     else:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
-                    report.cases.append(measure(workdir, children, server, alerts, case, args, rate, report))
+                    report.cases.append(measure(keeper, server, alerts, case, args, rate, report))
             report.store_alerts = db_scalar(workdir / "healer.db", "SELECT count(*) FROM inbox")
             for server in (healer, bare):
-                report.rss_mb[server.name] = psutil.Process(server.pid).memory_info().rss / MEGABYTE
+                report.rss_mb[server.name] = common.rss_mb(server.pid)
         finally:
-            for child in reversed(children):
-                child.stop()
+            keeper.stop_all()
     report.checks = checks(report, args.sizes)
     return report
 

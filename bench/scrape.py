@@ -36,174 +36,47 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
-import yaml
 
-T = TypeVar("T")
+# isort: split
+import common  # bench/common.py: `python bench/scrape.py` puts bench/ first on sys.path
 
 NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "/usr/bin/prometheus-node-exporter"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 PROMETHEUS_TEXT_FORMAT = "text/plain;version=0.0.4"
-MEGABYTE = 1_000_000
 P50_LIMIT_MS = 5.0
 RSS_LIMIT_MB = 60.0
 # A sleeper outlives the benchmark by at most this long if the benchmark itself is SIGKILLed.
 SLEEPER_SECONDS = "3600"
-STOP_TIMEOUT_SECONDS = 10.0
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class StartedProcess:
-    """A child process this benchmark started and must stop by its PID."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def exit_error(self) -> RuntimeError | None:
-        """Return an error describing the exit if the process has already exited."""
-        if self.process.poll() is None:
-            return None
-        code = self.process.returncode
-        return RuntimeError(f"{self.name} (pid {self.pid}) exited with {code}:\n{self.log_tail()}")
-
-
-class ProcessKeeper:
-    """Starts child processes and stops each one by its own PID: terminate, wait, kill."""
-
-    def __init__(self, workdir: Path) -> None:
-        self._workdir = workdir
-        self._started: list[StartedProcess] = []
-
-    def start(
-        self, name: str, argv: list[str], *, executable: str | None = None, log: bool = True
-    ) -> StartedProcess:
-        log_path = self._workdir / f"{name}.log" if log else None
-        output = log_path.open("wb") if log_path else subprocess.DEVNULL
-        try:
-            process = subprocess.Popen(
-                argv,
-                executable=executable,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self._workdir,
-            )
-        finally:
-            if log_path:
-                output.close()  # type: ignore[union-attr]
-        started = StartedProcess(name, process, log_path)
-        self._started.append(started)
-        return started
-
-    def stop_all(self) -> None:
-        """Terminate every started process (newest first), then wait, then kill the stragglers."""
-        running = [p for p in reversed(self._started) if p.process.poll() is None]
-        for started in running:
-            with suppress(ProcessLookupError):
-                started.process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        for started in running:
-            try:
-                started.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                started.process.kill()
-                started.process.wait(STOP_TIMEOUT_SECONDS)
-        self._started.clear()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(
-    check: Callable[[], T | None], what: str, timeout: float = 30.0, interval: float = 0.05
-) -> T:
-    """Call `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, http.client.HTTPException) as exc:  # not up yet
-            last_error = exc
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}")
-
-
-def http_status(host: str, port: int, path: str) -> int:
-    connection = http.client.HTTPConnection(host, port, timeout=2)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
-
-
-def wait_until_serving(started: StartedProcess, host: str, port: int, path: str) -> None:
-    def serving() -> bool:
-        if error := started.exit_error():
-            raise error
-        return http_status(host, port, path) == 200
-
-    wait_for(serving, f"{started.name} to answer {path} on {host}:{port}")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 # --------------------------------------------------------------------------- servers
 
 
-def start_sleeper(keeper: ProcessKeeper, name: str, process_title: str) -> StartedProcess:
+def start_sleeper(keeper: common.Keeper, name: str, process_title: str) -> common.Child:
     """Start `sleep` with argv[0] set to `process_title`, so a cmdline regex can single it out."""
     return keeper.start(name, [process_title, SLEEPER_SECONDS], executable=SLEEP, log=False)
 
 
-def start_probe_target(keeper: ProcessKeeper, workdir: Path) -> tuple[StartedProcess, str]:
-    """Serve a tiny static directory with http.server for healer's probe to hit."""
+def start_probe_target(keeper: common.Keeper, workdir: Path) -> str:
+    """Serve a tiny static directory with http.server for healer's probe to hit; return its URL."""
     docroot = workdir / "probe-target"
     docroot.mkdir()
     (docroot / "index.html").write_text("ok\n")
-    port = free_port()
+    port = common.free_port()
     argv = [
         sys.executable,
         "-m",
@@ -215,16 +88,16 @@ def start_probe_target(keeper: ProcessKeeper, workdir: Path) -> tuple[StartedPro
         str(docroot),
     ]
     target = keeper.start("probe-target", argv)
-    wait_until_serving(target, "127.0.0.1", port, "/")
-    return target, f"http://127.0.0.1:{port}/"
+    common.wait_ready(target, f"http://127.0.0.1:{port}", "/")
+    return f"{target.url}/"
 
 
 def write_healer_config(workdir: Path, watched_title: str, pidfile: Path, probe_url: str) -> Path:
     # Upstreams point at ports nobody listens on, so healer's readiness checks of Prometheus
     # and Alertmanager stay on this benchmark and do not poke other people's servers.
     config: dict[str, Any] = {
-        "prometheus": {"url": f"http://127.0.0.1:{free_port()}"},
-        "alertmanager": {"url": f"http://127.0.0.1:{free_port()}"},
+        "prometheus": {"url": f"http://127.0.0.1:{common.free_port()}"},
+        "alertmanager": {"url": f"http://127.0.0.1:{common.free_port()}"},
         "store": {"path": str(workdir / "healer.db")},
         "exporter": {
             "host": True,
@@ -237,55 +110,16 @@ def write_healer_config(workdir: Path, watched_title: str, pidfile: Path, probe_
             ],
         },
     }
-    config_path = workdir / "healer.yml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return config_path
+    return common.write_yaml(workdir / "healer.yml", config)
 
 
-def start_healer(keeper: ProcessKeeper, config_path: Path) -> tuple[StartedProcess, str, int]:
-    """Start healer on 127.0.0.1:0 and read the bound address from its JSON `listening` log line."""
-    argv = [
-        sys.executable,
-        "-m",
-        "healer",
-        "serve",
-        "-c",
-        str(config_path),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ]
-    healer = keeper.start("healer", argv)
-    assert healer.log_path is not None
-    log_path = healer.log_path
-
-    def listening_address() -> str | None:
-        if error := healer.exit_error():
-            raise error
-        for line in log_path.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line still being written
-            if entry.get("event") == "listening":
-                return str(entry["address"])
-        return None
-
-    host, port = split_address(wait_for(listening_address, "healer's 'listening' log line"))
-    wait_until_serving(healer, host, port, "/-/ready")
-    return healer, host, port
-
-
-def start_node_exporter(keeper: ProcessKeeper) -> tuple[StartedProcess, str, int]:
-    port = free_port()
+def start_node_exporter(keeper: common.Keeper) -> common.Child:
+    port = common.free_port()
     node_exporter = keeper.start(
         "node_exporter", [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}"]
     )
-    wait_until_serving(node_exporter, "127.0.0.1", port, "/metrics")
-    return node_exporter, "127.0.0.1", port
+    common.wait_ready(node_exporter, f"http://127.0.0.1:{port}", "/metrics")
+    return node_exporter
 
 
 # --------------------------------------------------------------------------- scraping
@@ -296,9 +130,7 @@ class ScrapeTarget:
     """One server under test and what its scrapes took."""
 
     name: str
-    process: StartedProcess
-    host: str
-    port: int
+    process: common.Child
     latencies_seconds: list[float] = field(default_factory=list)
     last_body: bytes = b""
     _connection: http.client.HTTPConnection | None = None
@@ -306,7 +138,8 @@ class ScrapeTarget:
     def scrape(self) -> float:
         """Scrape /metrics once over the kept-alive connection; return the wall time in seconds."""
         if self._connection is None:
-            self._connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            address = urllib.parse.urlsplit(self.process.url)
+            self._connection = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
         started = time.perf_counter()
         self._connection.request("GET", "/metrics", headers={"Accept": PROMETHEUS_TEXT_FORMAT})
         response = self._connection.getresponse()
@@ -396,7 +229,6 @@ class ServerResult:
 def summarise(target: ScrapeTarget) -> ServerResult:
     latencies_ms = [seconds * 1000 for seconds in target.latencies_seconds]
     percentiles = statistics.quantiles(latencies_ms, n=100, method="inclusive")
-    rss_bytes = psutil.Process(target.process.pid).memory_info().rss
     return ServerResult(
         name=target.name,
         pid=target.process.pid,
@@ -405,7 +237,7 @@ def summarise(target: ScrapeTarget) -> ServerResult:
         mean_ms=round(statistics.fmean(latencies_ms), 3),
         series=count_series(target.last_body),
         body_bytes=len(target.last_body),
-        rss_mb=round(rss_bytes / MEGABYTE, 1),
+        rss_mb=round(common.rss_mb(target.process.pid), 1),
     )
 
 
@@ -531,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_on_termination_signals(),
     ):
         workdir = Path(tmp)
-        keeper = ProcessKeeper(workdir)
+        keeper = common.Keeper(workdir)
         targets: list[ScrapeTarget] = []
         try:
             watched_title = f"healer-bench-watched-{run_id}"
@@ -543,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
             pidfile.write_text(f"{pidfile_sleeper.pid}\n")
             for index in range(args.processes):
                 start_sleeper(keeper, f"idle-{index}", f"healer-bench-idle-{run_id}")
-            _, probe_url = start_probe_target(keeper, workdir)
+            probe_url = start_probe_target(keeper, workdir)
 
             config_path = write_healer_config(workdir, watched_title, pidfile, probe_url)
-            healer, healer_host, healer_port = start_healer(keeper, config_path)
-            node_exporter, node_host, node_port = start_node_exporter(keeper)
+            healer = common.start_healer(keeper, config_path)
+            common.wait_listening(healer)
             targets = [
-                ScrapeTarget("healer", healer, healer_host, healer_port),
-                ScrapeTarget("node_exporter", node_exporter, node_host, node_port),
+                ScrapeTarget("healer", healer),
+                ScrapeTarget("node_exporter", start_node_exporter(keeper)),
             ]
 
             run_rounds(targets, args.warmup, record=False)

@@ -1,0 +1,289 @@
+"""What the benchmarks in this directory share: starting and stopping child processes, waits.
+
+The benchmarks import this as ``import common``. Running ``python bench/<script>.py`` puts
+``bench/`` first on ``sys.path``, so the import needs no setup; the children the benchmarks
+start as ``python bench/<script>.py _<mode>`` find it the same way. It imports nothing from
+``tests/`` or from healer: the benchmarks drive healer only through its command line, its HTTP
+API and its store file.
+
+Every child process is started through a `Keeper` and stopped by its own PID: SIGTERM, a wait,
+then SIGKILL for whatever is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import psutil
+import yaml
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+T = TypeVar("T")
+
+MEGABYTE = 1_000_000
+STOP_TIMEOUT_SECONDS = 15.0
+WEBHOOK_PATH = "/api/v1/alertmanager"
+
+# Loopback requests go straight to the server, never through a proxy named in the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Child:
+    """A process a benchmark started; stopped by its own PID."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path | None = None  # where its output goes; None when it goes to /dev/null
+    url: str = ""  # http://host:port once `wait_ready` saw it answer
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        if self.log_path is None:
+            return ""
+        with suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def exit_error(self) -> RuntimeError | None:
+        """An error describing the exit if the process has already exited, else None."""
+        if self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        return RuntimeError(f"{self.name} (pid {self.pid}) exited with {code}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        stop([self])
+
+
+def stop(children: list[Child], timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+    """SIGTERM every child still running, in the given order; wait up to `timeout`; SIGKILL the rest.
+
+    Each signal goes to the child's own PID (through its Popen, which never signals a PID it
+    has already reaped).
+    """
+    running = [child for child in children if child.process.poll() is None]
+    for child in running:
+        with suppress(ProcessLookupError):
+            child.process.terminate()
+    deadline = time.monotonic() + timeout
+    for child in running:
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                child.process.kill()
+            child.process.wait(timeout)
+
+
+class Keeper:
+    """Starts children in a work directory and stops every one of them by PID, newest first."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[Child] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cwd: Path | None = None,
+        executable: str | None = None,
+        log: bool = True,
+        stdout: Path | None = None,
+    ) -> Child:
+        """Start `argv` with stdin from /dev/null.
+
+        Its output goes to ``<workdir>/<name>.log`` (to /dev/null with ``log=False``); with
+        `stdout` given, stdout goes to that file and only stderr to the log.
+        """
+        log_path = self.workdir / f"{name}.log" if log else None
+        with ExitStack() as files:
+            log_file: IO[bytes] | int = files.enter_context(log_path.open("wb")) if log_path else subprocess.DEVNULL
+            out = files.enter_context(stdout.open("wb")) if stdout else None
+            process = subprocess.Popen(
+                argv,
+                executable=executable,
+                stdin=subprocess.DEVNULL,
+                stdout=out or log_file,
+                stderr=log_file if out else subprocess.STDOUT,
+                cwd=cwd or self.workdir,
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        stop(list(reversed(self.children)))
+        self.children.clear()
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Call `check` until it returns something truthy; raise TimeoutError after `timeout` seconds.
+
+    Connection errors and undecodable answers (OSError, ValueError, HTTPException) count as "not
+    yet"; any other exception, such as a child's `exit_error`, ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # not up yet
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET `url` directly (no proxy); return the status and body, also for error statuses."""
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def wait_ready(child: Child, base_url: str, path: str = "/-/ready", timeout: float = 30.0) -> None:
+    """Wait until ``GET base_url + path`` answers 200, then set ``child.url = base_url``.
+
+    Fails at once with the child's log tail if the child exits meanwhile.
+    """
+
+    def ready() -> bool:
+        if error := child.exit_error():
+            raise error
+        return http_get(base_url + path, timeout=2)[0] == 200
+
+    wait_for(ready, f"{child.name} to answer {base_url}{path}", timeout)
+    child.url = base_url
+
+
+def wait_listening(child: Child, timeout: float = 30.0) -> str:
+    """Wait for the child's JSON ``{"event": "listening", "address": ...}`` log line, then for
+    ``GET /-/ready`` at that address; set and return ``child.url``.
+
+    healer writes that line with ``--log-format json``; `serve_on_loopback` writes it too. The
+    address must be on 127.0.0.1.
+    """
+
+    def address() -> str | None:
+        if error := child.exit_error():
+            raise error
+        for line in child.log().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line still being written
+            if record.get("event") == "listening":
+                return str(record["address"])
+        return None
+
+    found = wait_for(address, f"{child.name}'s 'listening' log line", timeout)
+    if not found.startswith("127.0.0.1:"):
+        raise RuntimeError(f"{child.name} reported {found}, not a 127.0.0.1 address:\n{child.log_tail()}")
+    wait_ready(child, f"http://{found}", timeout=timeout)
+    return child.url
+
+
+# --------------------------------------------------------------------------- healer
+
+
+def write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    """Write `document` as YAML to `path` (keys in the order given) and return the path."""
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def start_healer(keeper: Keeper, config_path: Path, listen: str = "127.0.0.1:0", cwd: Path | None = None) -> Child:
+    """Start ``python -m healer serve`` with JSON logs, as child "healer"; `wait_listening` waits for it."""
+    argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", listen, "--log-format", "json"]
+    return keeper.start("healer", argv, cwd=cwd)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (0.0 for no values)."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = max(1, min(len(ordered), int(fraction * len(ordered) + 0.999999)))
+    return ordered[rank - 1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (10**6 bytes)."""
+    return psutil.Process(pid).memory_info().rss / MEGABYTE
+
+
+# --------------------------------------------------------------------------- baseline servers
+
+
+def serve_on_loopback(app: web.Application) -> None:
+    """Child process body: serve `app` and ``GET /-/ready`` on 127.0.0.1:0 until SIGTERM or SIGINT.
+
+    Prints the JSON ``listening`` line that `wait_listening` reads, as healer logs it.
+    """
+    from aiohttp import web  # only the baseline children need aiohttp
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ready\n")
+
+    async def serve() -> None:
+        app.router.add_get("/-/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(json.dumps({"event": "listening", "address": f"{host}:{port}"}), flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await runner.cleanup()
+
+    asyncio.run(serve())
