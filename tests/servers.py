@@ -31,6 +31,17 @@ AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains `text` (pgrep -f without procps)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(proc.info["cmdline"] or ()):
+            found.append(int(proc.info["pid"]))
+    return found
+
+
 def free_port() -> int:
     """Return a loopback port that was free a moment ago."""
     with socket.socket() as sock:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from healer.demo import SCENARIO_NAMES, compress_rules
+from tests.servers import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,7 @@ def test_every_scenario_heals(tmp_path: Path) -> None:
     assert "healed and verified by PromQL" in result.stdout
     assert "Status report" in result.stdout and "7 healed" in result.stdout
     # Everything the demo started is gone.
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "w")], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == ""
+    assert processes_mentioning(str(tmp_path / "w")) == []
 
 
 def test_unknown_scenario_is_refused() -> None:

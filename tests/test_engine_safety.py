@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.servers import Server, http_get, http_json, start_healer, wait_for
+from tests.servers import Server, http_get, http_json, processes_mentioning, start_healer, wait_for
 from tests.test_receiver import post
 
 TOKEN = "engine-token"
@@ -332,5 +332,4 @@ def test_resolved_stops_the_running_step_when_the_rule_says_so(tmp_path: Path, s
     assert db_rows(tmp_path, "SELECT outcome, skip_reason FROM actions") == [("cancelled", "resolved")]
     time.sleep(0.5)
     assert "end long" not in steps_log(tmp_path)
-    survivors = subprocess.run(["pgrep", "-f", str(tmp_path / "steps.log")], capture_output=True, text=True)
-    assert survivors.stdout.strip() == ""
+    assert processes_mentioning(str(tmp_path / "steps.log")) == []
