@@ -85,9 +85,13 @@ async def _scan_processes(services: Services) -> None:
 
 async def _purge_old_records(engine: Engine, retention: float) -> None:
     while True:
-        removed = await engine.store.call(engine.store.sync.purge, time.time() - retention)
-        if removed:
-            log.info("audit records purged", extra=fields(episodes=removed))
+        try:
+            removed = await engine.store.call(engine.store.sync.purge, time.time() - retention)
+        except StoreUnavailableError as exc:
+            log.error("audit records not purged; retrying in an hour", extra=fields(reason=str(exc)))
+        else:
+            if removed:
+                log.info("audit records purged", extra=fields(episodes=removed))
         await asyncio.sleep(3600)
 
 

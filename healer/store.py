@@ -8,6 +8,7 @@ webhook deliveries together (group commit), so that durability does not cost a c
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import sqlite3
 import time
@@ -267,6 +268,15 @@ class SQLiteStore:
         self._clock = clock
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = None
+        if str(path) != ":memory:":
+            # Two healers on one store would each recover the other's running steps and run them twice.
+            self._lock_file = open(f"{path}.lock", "w")  # noqa: SIM115 - held for the store's lifetime
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock_file.close()
+                raise StoreUnavailableError(f"another healer is using the store {path}") from None
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -277,6 +287,8 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     def _tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -438,7 +450,7 @@ class SQLiteStore:
             running = [
                 _action(r)
                 for r in db.execute(
-                    "SELECT * FROM actions WHERE episode_id = ? AND state = 'running'", (episode_id,)
+                    "SELECT * FROM actions WHERE episode_id = ? AND state IN ('running', 'verifying')", (episode_id,)
                 ).fetchall()
             ]
             if not running and row["state"] == "open":
@@ -513,6 +525,18 @@ class SQLiteStore:
             (now, now),
         ).fetchone()[0]
         return Agenda(self.due_actions(now), expired, None if later is None else float(later))
+
+    def mark_verifying(self, action_id: int, detail: str) -> None:
+        """Record that a step's strategy has run and only its verification is left."""
+        self._tx(
+            lambda db: db.execute(
+                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state = 'running'",
+                (detail, action_id),
+            )
+        )
+
+    def verifying_actions(self) -> list[Action]:
+        return [_action(r) for r in self._db.execute("SELECT * FROM actions WHERE state = 'verifying'").fetchall()]
 
     def running_actions(self) -> list[Action]:
         return [_action(r) for r in self._db.execute("SELECT * FROM actions WHERE state = 'running'").fetchall()]
@@ -615,6 +639,11 @@ class SQLiteStore:
                 and episode_state["resolved_at"] is None
             ):
                 self._insert_action(db, action.episode_id, finish.next_action, now)
+            elif finish.episode_state == "escalated" and episode_state["resolved_at"] is not None:
+                db.execute(
+                    "UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ? AND state = 'open'",
+                    (now, action.episode_id),
+                )
             elif finish.episode_state is not None:
                 db.execute(
                     "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ? AND state = 'open'",
@@ -717,12 +746,12 @@ class SQLiteStore:
         """Delete finished episodes, their steps and events, and processed inbox items older than a time."""
 
         def work(db: sqlite3.Connection) -> int:
-            old = "SELECT id FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?"
+            # An episode whose silence could not be expired yet is kept, so the silence is not forgotten.
+            ended = "state != 'open' AND silence_id IS NULL AND coalesce(ended_at, created_at) < ?"
+            old = f"SELECT id FROM episodes WHERE {ended}"  # noqa: S608 - constant
             db.execute(f"DELETE FROM events WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
-            removed = db.execute(
-                "DELETE FROM episodes WHERE state != 'open' AND coalesce(ended_at, created_at) < ?", (older_than,)
-            ).rowcount
+            removed = db.execute(f"DELETE FROM episodes WHERE {ended}", (older_than,)).rowcount  # noqa: S608 - constant
             db.execute("DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (older_than,))
             return int(removed)
 

@@ -192,3 +192,22 @@ def test_first_step_waits_out_the_cooldown(store: SQLiteStore, firing: WebhookAl
     )
     assert opened.created and opened.deferred_until == 5000.0
     assert store.due_actions(now=4999.0) == [] and len(store.due_actions(now=5000.0)) == 1
+
+
+def test_second_healer_on_one_store_is_refused(tmp_path: Path) -> None:
+    """A second store on the same file is refused, so two healers never run each other's steps."""
+    first = SQLiteStore(tmp_path / "healer.db")
+    with pytest.raises(StoreUnavailableError, match="another healer"):
+        SQLiteStore(tmp_path / "healer.db")
+    first.close()
+    SQLiteStore(tmp_path / "healer.db").close()
+
+
+def test_a_step_that_ran_is_never_running_again(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """After its strategy ran, a step is `verifying`: not among the running steps a restart would rerun."""
+    open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    store.mark_verifying(action.id, "exit 0")
+    assert store.running_actions() == []
+    assert [a.id for a in store.verifying_actions()] == [action.id]

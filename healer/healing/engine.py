@@ -153,6 +153,17 @@ class Engine:
         self._wake.set()
 
     async def _recover(self) -> None:
+        for action in await self.store.call(self.store.sync.verifying_actions):
+            # The strategy ran before the stop; running it again could repeat a non-idempotent fix.
+            self.metrics.actions.labels(action.strategy, "unverified").inc()
+            await self._finish(
+                action,
+                Finish(
+                    outcome="unverified",
+                    detail=f"healer stopped while verifying; the step ran: {action.detail}",
+                    episode_state="unverified",
+                ),
+            )
         for action in await self.store.call(self.store.sync.running_actions):
             rule = self._rules.get(action.rule)
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
@@ -334,8 +345,19 @@ class Engine:
             await self._execute_step(action)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("step failed unexpectedly", extra=fields(action=action.id))
+            # Leave nothing pending or running forever: end the step and hand the episode to people.
+            with contextlib.suppress(Exception):
+                episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
+                if episode is not None:
+                    self.metrics.actions.labels(action.strategy, "failed").inc()
+                    await self._end_with_escalation(
+                        action,
+                        episode,
+                        Finish(outcome="failed", detail=f"internal error: {exc!r}"),
+                        f"internal error: {exc!r}",
+                    )
 
     async def _execute_step(self, action: Action) -> None:
         store = self.store
@@ -373,9 +395,8 @@ class Engine:
             return
         if dry_run_for(self.config, rule):
             self._count_skip(action.strategy, "dry_run", "dry_run")
-            await store.call(
-                store.sync.finish,
-                action.id,
+            await self._finish(
+                action,
                 Finish(
                     outcome="dry_run",
                     skip_reason="dry_run",
@@ -394,9 +415,8 @@ class Engine:
         firing = await self._still_firing(episode)
         if firing is False:
             self._count_skip(action.strategy, "resolved", "cancelled")
-            await store.call(
-                store.sync.finish,
-                action.id,
+            await self._finish(
+                action,
                 Finish(
                     outcome="cancelled",
                     skip_reason="resolved",
@@ -405,7 +425,7 @@ class Engine:
                     detail="Prometheus no longer reports the alert firing",
                 ),
             )
-            await self._episode_ended(episode)
+            await self._episode_ended(episode.id)
             return
         if not self.circuit.acquire():
             self._count_skip(action.strategy, "circuit_open", "cancelled")
@@ -429,16 +449,20 @@ class Engine:
         resolved = self._resolved.setdefault(episode.id, asyncio.Event())
         # Slots are held while the strategy runs, not while verification waits on Prometheus.
         async with self._global_slots, slots:
+            if self._stopping:
+                return  # the step stays pending and runs after the restart
             if not await store.call(store.sync.claim, action.id, plan):
+                await self._episode_ended(episode.id)  # cancelled meanwhile: release its silence
                 return
             started = self._clock()
             result = await self._run_strategy(action, rule, params, episode)
+        # From here a restart must not run the step again: it ran; only its verification is left.
+        await store.call(store.sync.mark_verifying, action.id, result.detail)
         await self._conclude(action, rule, episode, result, resolved, started)
 
     async def _run_strategy(
         self, action: Action, rule: HealingRule, params: StrategyParams, episode: Episode
     ) -> StepResult:
-        store = self.store
         runner = self._registry.get(params.type).runner
         started = time.monotonic()
         self.metrics.running.inc()
@@ -454,9 +478,8 @@ class Engine:
             # interrupted and retries it, exactly as after a crash.
             if not self._stopping:
                 self.metrics.actions.labels(action.strategy, "cancelled").inc()
-                await store.call(
-                    store.sync.finish,
-                    action.id,
+                await self._finish(
+                    action,
                     Finish(
                         outcome="cancelled",
                         skip_reason="resolved",
@@ -464,7 +487,6 @@ class Engine:
                         detail="the alert resolved while the step ran; the step was stopped",
                     ),
                 )
-                await self._episode_ended(episode)
             raise
         except UnsafeLabelError as exc:
             return StepResult(ok=False, detail=f"unsafe label: {exc}")
@@ -483,7 +505,6 @@ class Engine:
         started: float,
     ) -> None:
         """Verify a step that ran, then end the episode or schedule the next step of the ladder."""
-        store = self.store
         cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
         if not result.ok:
             outcome = "timeout" if result.timed_out else "failed"
@@ -503,9 +524,12 @@ class Engine:
                 reason=f"{action.strategy} {outcome}: {result.detail}",
             )
             return
-        verdict = await self.promql.verify_resolved(
-            episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
-        )
+        try:
+            verdict = await self.promql.verify_resolved(
+                episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
+            )
+        except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
+            verdict = "unverified"
         self.metrics.actions.labels(action.strategy, verdict).inc()
         self._annotate(action, episode, verdict, result.detail, started)
         base = Finish(
@@ -514,11 +538,9 @@ class Engine:
         log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
         if verdict == "healed":
             self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
-            await store.call(store.sync.finish, action.id, replace(base, episode_state="healed"))
-            await self._episode_ended(episode)
+            await self._finish(action, replace(base, episode_state="healed"))
         elif verdict == "unverified":
-            await store.call(store.sync.finish, action.id, replace(base, episode_state="unverified"))
-            await self._episode_ended(episode)
+            await self._finish(action, replace(base, episode_state="unverified"))
         else:
             await self._continue_or_escalate(action, rule, episode, base, reason="the alert still fires")
 
@@ -529,12 +551,18 @@ class Engine:
             tags = [f"strategy:{action.strategy}", f"outcome:{outcome}", f"alertname:{episode.alertname}"]
             self._spawn(self.annotator.annotate(text, tags, started))
 
+    async def _finish(self, action: Action, finish: Finish) -> bool:
+        """Record how a step ended; when that closed its episode, end the episode's silence too."""
+        done = await self.store.call(self.store.sync.finish, action.id, finish)
+        await self._episode_ended(action.episode_id)
+        return done
+
     async def _continue_or_escalate(
         self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, reason: str
     ) -> None:
         nxt = self._next_step(action, rule)
         if nxt is not None:
-            await self.store.call(self.store.sync.finish, action.id, replace(finish, next_action=nxt))
+            await self._finish(action, replace(finish, next_action=nxt))
             self.wake()
             return
         if action.attempt >= rule.max_attempts:
@@ -542,14 +570,14 @@ class Engine:
         await self._end_with_escalation(action, episode, finish, reason)
 
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
-        done = await self.store.call(
-            self.store.sync.finish,
-            action.id,
+        done = await self._finish(
+            action,
             replace(finish, episode_state="escalated", events=[("escalated", {"reason": reason})]),
         )
-        if done:
+        ended = await self.store.call(self.store.sync.get_episode, episode.id)
+        # A resolved notification may have won the race; then nobody needs paging.
+        if done and ended is not None and ended.state == "escalated":
             await self._escalate(episode, action.rule, reason)
-            await self._episode_ended(episode)
 
     async def _escalate(self, episode: Episode, rule: str, reason: str) -> None:
         self.metrics.escalations.inc()
@@ -593,7 +621,7 @@ class Engine:
     async def _still_firing(self, episode: Episode) -> bool | None:
         try:
             return await self.promql.alert_firing(episode.labels)
-        except PrometheusUnavailableError:
+        except (PrometheusUnavailableError, ValueError):  # ValueError: a label name PromQL cannot express
             return None
 
     async def _silence(self, episode: Episode, rule: HealingRule) -> Episode:
@@ -612,11 +640,13 @@ class Engine:
         assert refreshed is not None
         return refreshed
 
-    async def _episode_ended(self, episode: Episode) -> None:
+    async def _episode_ended(self, episode_id: int) -> None:
+        """Drop what an episode held in memory and expire its silence, once it is no longer open."""
+        episode = await self.store.call(self.store.sync.get_episode, episode_id)
+        if episode is None or episode.state == "open":
+            return
         self._resolved.pop(episode.id, None)
-        refreshed = await self.store.call(self.store.sync.get_episode, episode.id)
-        if refreshed is not None:
-            await self._expire_silence(refreshed)
+        await self._expire_silence(episode)
 
     async def _expire_silence(self, episode: Episode) -> None:
         if episode.silence_id is None:
