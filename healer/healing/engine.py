@@ -302,12 +302,8 @@ class Engine:
         for action in expired:
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
             assert episode is not None
-            self._count_skip(action.strategy, "approval_expired", "cancelled")
-            await self._end_with_escalation(
-                action,
-                episode,
-                Finish(outcome="cancelled", skip_reason="approval_expired", detail="nobody approved the step in time"),
-                "approval expired",
+            await self._cancel_and_escalate(
+                action, episode, "approval_expired", "nobody approved the step in time", "approval expired"
             )
 
     def _dispatch_due(self, agenda: Agenda) -> float:
@@ -366,17 +362,8 @@ class Engine:
         rule = self._rules.get(action.rule)
         params = self.config.strategies.get(action.strategy)
         if rule is None or params is None:
-            self._count_skip(action.strategy, "disabled", "cancelled")
-            await self._end_with_escalation(
-                action,
-                episode,
-                Finish(
-                    outcome="cancelled",
-                    skip_reason="disabled",
-                    detail=f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured",
-                ),
-                "configuration changed",
-            )
+            detail = f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"
+            await self._cancel_and_escalate(action, episode, "disabled", detail, "configuration changed")
             return
         runner = self._registry.get(params.type).runner
         alert = alert_context(episode)
@@ -428,18 +415,8 @@ class Engine:
             await self._episode_ended(episode.id)
             return
         if not self.circuit.acquire():
-            self._count_skip(action.strategy, "circuit_open", "cancelled")
-            await self._end_with_escalation(
-                action,
-                episode,
-                Finish(
-                    outcome="cancelled",
-                    skip_reason="circuit_open",
-                    plan=plan,
-                    detail="the action budget is spent; the circuit breaker is open",
-                ),
-                "circuit breaker open",
-            )
+            detail = "the action budget is spent; the circuit breaker is open"
+            await self._cancel_and_escalate(action, episode, "circuit_open", detail, "circuit breaker open", plan)
             return
         if rule.silence and episode.silence_id is None:
             episode = await self._silence(episode, rule)
@@ -568,6 +545,20 @@ class Engine:
         if action.attempt >= rule.max_attempts:
             self.metrics.skipped.labels("max_attempts").inc()
         await self._end_with_escalation(action, episode, finish, reason)
+
+    async def _cancel_and_escalate(
+        self,
+        action: Action,
+        episode: Episode,
+        skip_reason: str,
+        detail: str,
+        escalation_reason: str,
+        plan: dict[str, Any] | None = None,
+    ) -> None:
+        """End a step that a safety rail stopped, count why, and hand the episode to people."""
+        self._count_skip(action.strategy, skip_reason, "cancelled")
+        finish = Finish(outcome="cancelled", skip_reason=skip_reason, detail=detail, plan=plan)
+        await self._end_with_escalation(action, episode, finish, escalation_reason)
 
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
         done = await self._finish(
