@@ -278,7 +278,8 @@ def healer_received(stack: Stack, fault: str, status: str) -> float | None:
     """inbox.received_at of the fault's first notification of a status, read-only (WAL allows it)."""
     with sqlite3.connect(f"file:{stack.workdir / 'healer' / 'healer.db'}?mode=ro", uri=True, timeout=10) as db:
         row = db.execute(
-            "SELECT min(received_at) FROM inbox WHERE status = ? AND json_extract(alert, '$.labels.fault') = ?",
+            "SELECT min(received_at) FROM inbox, json_each(inbox.body, '$.alerts') AS alert"
+            " WHERE json_extract(alert.value, '$.status') = ? AND json_extract(alert.value, '$.labels.fault') = ?",
             (status, fault),
         ).fetchone()
     return None if row[0] is None else float(row[0])

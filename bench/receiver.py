@@ -326,7 +326,7 @@ def wait_drained(db_path: Path, timeout: float) -> tuple[int, float, int]:
 
     Return (unprocessed inbox items when called, seconds waited, unprocessed items left at the end).
     """
-    unprocessed = "SELECT count(*) FROM inbox WHERE processed_at IS NULL"
+    unprocessed = "SELECT coalesce(sum(alerts - done), 0) FROM inbox WHERE processed_at IS NULL"
     backlog = left = db_scalar(db_path, unprocessed)
     start = time.monotonic()
     while left and time.monotonic() - start < timeout:
@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> Report:
                     else:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
                     report.cases.append(measure(keeper, server, alerts, case, args, rate, report))
-            report.store_alerts = db_scalar(workdir / "healer.db", "SELECT count(*) FROM inbox")
+            report.store_alerts = db_scalar(workdir / "healer.db", "SELECT coalesce(sum(alerts), 0) FROM inbox")
             for server in (healer, bare):
                 report.rss_mb[server.name] = common.rss_mb(server.pid)
         finally:

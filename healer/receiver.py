@@ -92,15 +92,18 @@ async def _receive(request: web.Request) -> web.Response:
             errors=errors[:20],
         )
     try:
-        ids = await engine.store.accept(payload.alerts)
+        delivery = await engine.store.accept(body, len(payload.alerts))
     except StoreUnavailableError as exc:
         log.error("store refused alerts", extra=fields(reason=str(exc), alerts=len(payload.alerts)))
         return problem(503, "the store cannot take the alerts now; retry", reason=str(exc))
-    for alert in payload.alerts:
-        engine.metrics.alerts_received.labels(alert.status).inc()
-    engine.metrics.inbox_depth.inc(len(ids))
-    engine.wake()
-    return web.json_response({"accepted": len(ids), "ids": ids})
+    resolved = sum(1 for alert in payload.alerts if alert.status == "resolved")
+    if resolved:
+        engine.metrics.alerts_received.labels("resolved").inc(resolved)
+    if resolved < len(payload.alerts):
+        engine.metrics.alerts_received.labels("firing").inc(len(payload.alerts) - resolved)
+    engine.metrics.inbox_depth.inc(len(payload.alerts))
+    engine.inbox_grew()
+    return web.json_response({"accepted": len(payload.alerts), "delivery": delivery})
 
 
 def _action_json(action: Any, episode: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -18,20 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from healer.healing.payload import WebhookAlert
+from pydantic import ValidationError
+
+from healer.healing.payload import WebhookAlert, WebhookPayload
+from healer.logs import fields
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-SCHEMA = """
+# One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
+INBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
-    status TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    starts_at TEXT NOT NULL,
-    alert TEXT NOT NULL,
+    body TEXT NOT NULL,
+    alerts INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
     processed_at REAL
-);
+)"""
+
+SCHEMA = f"""
+{INBOX_TABLE};
 CREATE INDEX IF NOT EXISTS inbox_unprocessed ON inbox(id) WHERE processed_at IS NULL;
 CREATE TABLE IF NOT EXISTS episodes (
     id INTEGER PRIMARY KEY,
@@ -112,11 +120,19 @@ class NewAction:
     not_before: float
 
 
+@dataclass(frozen=True, order=True)
+class InboxPosition:
+    """Where an alert sits in the inbox: its delivery (one webhook request) and its index there."""
+
+    delivery: int
+    index: int
+
+
 @dataclass(frozen=True)
 class OpenRequest:
     """A firing alert from the inbox and what the engine decided for it."""
 
-    inbox_id: int
+    position: InboxPosition
     alert: WebhookAlert
     rule: str | None
     state: str
@@ -140,7 +156,7 @@ class Agenda:
 
 @dataclass(frozen=True)
 class InboxItem:
-    id: int
+    position: InboxPosition
     received_at: float
     alert: WebhookAlert
 
@@ -283,7 +299,28 @@ class SQLiteStore:
         # NORMAL with WAL survives a killed process; FULL would also survive power loss at a cost per commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
         self._db.executescript(SCHEMA)
+        self._parsed: tuple[int, list[WebhookAlert]] | None = None
+
+    def _migrate(self) -> None:
+        """Turn an inbox of one row per alert (the layout of earlier builds) into deliveries of one."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(inbox)")}
+        if "alert" not in columns:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DROP INDEX IF EXISTS inbox_unprocessed")
+            db.execute("ALTER TABLE inbox RENAME TO inbox_per_alert")
+            db.execute(INBOX_TABLE)
+            db.execute(
+                "INSERT INTO inbox (received_at, body, alerts) SELECT received_at,"
+                " json_object('version', '4', 'status', status, 'alerts', json_array(json(alert))), 1"
+                " FROM inbox_per_alert WHERE processed_at IS NULL ORDER BY id"
+            )
+            db.execute("DROP TABLE inbox_per_alert")
+
+        self._tx(work)
 
     def close(self) -> None:
         self._db.close()
@@ -318,37 +355,76 @@ class SQLiteStore:
 
     # -- inbox ---------------------------------------------------------------------------------
 
-    def accept(self, batches: Sequence[Sequence[WebhookAlert]]) -> list[list[int]]:
-        """Write the alerts of several deliveries to the inbox in one transaction; return their ids."""
+    def accept(self, deliveries: Sequence[tuple[bytes, int]]) -> list[int]:
+        """Write validated webhook bodies, each with its alert count, in one transaction; return their ids."""
         now = self._clock()
 
-        def work(db: sqlite3.Connection) -> list[list[int]]:
-            rows = [
-                (now, alert.status, alert.fingerprint, alert.starts_at, alert.model_dump_json())
-                for alerts in batches
-                for alert in alerts
-            ]
+        def work(db: sqlite3.Connection) -> list[int]:
+            # A delivery is stored as it came: serialising each alert again cost more than all the rest of
+            # the webhook. CAST keeps it TEXT, so SQLite's JSON functions can read it.
             db.executemany(
-                "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert) VALUES (?, ?, ?, ?, ?)", rows
+                "INSERT INTO inbox (received_at, body, alerts) VALUES (?, CAST(? AS TEXT), ?)",
+                [(now, body, count) for body, count in deliveries],
             )
             # One writer, and rowids without AUTOINCREMENT are max + 1, so the new ids are contiguous.
-            next_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
-            ids: list[list[int]] = []
-            for alerts in batches:
-                ids.append(list(range(next_id, next_id + len(alerts))))
-                next_id += len(alerts)
-            return ids
+            last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
+            return list(range(last - len(deliveries) + 1, last + 1))
 
         return self._tx(work)
 
     def unprocessed(self, limit: int = 500) -> list[InboxItem]:
-        rows = self._db.execute(
-            "SELECT id, received_at, alert FROM inbox WHERE processed_at IS NULL ORDER BY id LIMIT ?", (limit,)
-        ).fetchall()
-        return [InboxItem(r["id"], r["received_at"], WebhookAlert.model_validate_json(r["alert"])) for r in rows]
+        """The next alerts that the engine has not processed, in order; a delivery may span several calls."""
+        items: list[InboxItem] = []
+        cursor = self._db.execute(
+            "SELECT id, received_at, body, done FROM inbox WHERE processed_at IS NULL ORDER BY id"
+        )
+        try:
+            for row in cursor:
+                alerts = self._alerts_of(row["id"], row["body"])
+                if alerts is None:
+                    continue
+                for index in range(row["done"], min(len(alerts), row["done"] + limit - len(items))):
+                    items.append(InboxItem(InboxPosition(row["id"], index), row["received_at"], alerts[index]))
+                if len(items) >= limit:
+                    break
+        finally:
+            cursor.close()
+        return items
+
+    def _alerts_of(self, delivery: int, body: str) -> list[WebhookAlert] | None:
+        """The alerts of a stored delivery, parsed once however many batches it is split into."""
+        if self._parsed is not None and self._parsed[0] == delivery:
+            return self._parsed[1]
+        try:
+            alerts = WebhookPayload.model_validate_json(body).alerts
+        except ValidationError as exc:
+            # Only a stricter payload model after an upgrade can get here; skipping beats a stuck inbox.
+            reason = str(exc)
+            self._tx(lambda db: self._discard_delivery(db, delivery, reason))
+            log.error("inbox delivery unreadable; skipped", extra=fields(delivery=delivery, reason=reason[:500]))
+            return None
+        self._parsed = (delivery, alerts)
+        return alerts
+
+    def _discard_delivery(self, db: sqlite3.Connection, delivery: int, reason: str) -> None:
+        db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (self._clock(), delivery))
+        self._event(db, "delivery_unreadable", {"delivery": delivery, "reason": reason[:2000]})
+
+    @staticmethod
+    def _advance(db: sqlite3.Connection, positions: Sequence[InboxPosition], now: float) -> None:
+        """Mark alerts processed: each delivery's cursor moves past the last of its alerts given."""
+        last: dict[int, int] = {}
+        for position in positions:
+            last[position.delivery] = max(last.get(position.delivery, -1), position.index)
+        db.executemany(
+            "UPDATE inbox SET done = ?1, processed_at = CASE WHEN ?1 >= alerts THEN ?2 END WHERE id = ?3 AND done < ?1",
+            [(index + 1, now, delivery) for delivery, index in last.items()],
+        )
 
     def inbox_depth(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM inbox WHERE processed_at IS NULL").fetchone()[0])
+        """Alerts accepted and not yet processed."""
+        row = self._db.execute("SELECT coalesce(sum(alerts - done), 0) FROM inbox WHERE processed_at IS NULL")
+        return int(row.fetchone()[0])
 
     # -- episodes ------------------------------------------------------------------------------
 
@@ -371,7 +447,9 @@ class SQLiteStore:
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> list[Opened]:
-            return [self._open_episode(db, request, now) for request in requests]
+            opened = [self._open_episode(db, request, now) for request in requests]
+            self._advance(db, [request.position for request in requests], now)
+            return opened
 
         return self._tx(work)
 
@@ -394,7 +472,6 @@ class SQLiteStore:
             ),
         )
         created = cursor.rowcount == 1
-        db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, request.inbox_id))
         row = db.execute(
             "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
         ).fetchone()
@@ -415,12 +492,14 @@ class SQLiteStore:
                 self._insert_action(db, episode.id, first, now)
         return Opened(episode, created, deferred_until)
 
-    def resolve_episode(self, inbox_id: int, alert: WebhookAlert) -> tuple[Episode | None, list[Action], list[Action]]:
+    def resolve_episode(
+        self, position: InboxPosition, alert: WebhookAlert
+    ) -> tuple[Episode | None, list[Action], list[Action]]:
         """Record a resolved notification: cancel the episode's open steps, report its running ones."""
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> tuple[Episode | None, list[Action], list[Action]]:
-            db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
+            self._advance(db, [position], now)
             row = db.execute(
                 "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
             ).fetchone()
@@ -726,7 +805,7 @@ class SQLiteStore:
 
     def counts(self) -> dict[str, Any]:
         """Totals for the status report: alerts received, episodes by state, steps by outcome."""
-        received = int(self._db.execute("SELECT count(*) FROM inbox").fetchone()[0])
+        received = int(self._db.execute("SELECT coalesce(sum(alerts), 0) FROM inbox").fetchone()[0])
         episodes = dict(self._db.execute("SELECT state, count(*) FROM episodes GROUP BY state").fetchall())
         outcomes = dict(
             self._db.execute(
@@ -764,17 +843,17 @@ class AsyncStore:
     def __init__(self, store: SQLiteStore) -> None:
         self.sync = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healer-store")
-        self._pending: list[tuple[Sequence[WebhookAlert], asyncio.Future[list[int]]]] = []
+        self._pending: list[tuple[tuple[bytes, int], asyncio.Future[int]]] = []
         self._flushing = False
 
     async def call(self, method: Callable[..., T], *args: Any) -> T:
         """Run a store method on the store thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
 
-    async def accept(self, alerts: Sequence[WebhookAlert]) -> list[int]:
-        """Commit the alerts of one delivery to the inbox, batched with concurrent deliveries."""
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((alerts, future))
+    async def accept(self, body: bytes, alerts: int) -> int:
+        """Commit one validated delivery to the inbox, batched with concurrent deliveries; return its id."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(((body, alerts), future))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
@@ -785,7 +864,7 @@ class AsyncStore:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    ids = await self.call(self.sync.accept, [alerts for alerts, _ in batch])
+                    ids = await self.call(self.sync.accept, [delivery for delivery, _ in batch])
                 except Exception as exc:  # every waiter learns that its delivery was not stored
                     for _, future in batch:
                         if not future.done():
@@ -793,9 +872,9 @@ class AsyncStore:
                                 exc if isinstance(exc, StoreUnavailableError) else StoreUnavailableError(str(exc))
                             )
                     continue
-                for (_, future), batch_ids in zip(batch, ids, strict=True):
+                for (_, future), delivery_id in zip(batch, ids, strict=True):
                     if not future.done():
-                        future.set_result(batch_ids)
+                        future.set_result(delivery_id)
         finally:
             self._flushing = False
 

@@ -135,7 +135,7 @@ def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Serve
     )
     assert sorted(line for line in steps_log(tmp_path) if line.startswith("start")) == ["start a", "start b"]
     assert db_rows(tmp_path, "SELECT count(*) FROM actions") == [(2,)]
-    assert db_rows(tmp_path, "SELECT count(*) FROM inbox") == [(80,)]
+    assert db_rows(tmp_path, "SELECT count(*), sum(alerts) FROM inbox") == [(40, 80)]
     _, metrics = http_get(healer.url + "/metrics")
     assert b'healer_skipped_total{reason="duplicate"} 78.0' in metrics
 
@@ -175,7 +175,7 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
         what="all work done",
     )
 
-    stored = {json.loads(row[0])["labels"]["id"] for row in db_rows(tmp_path, "SELECT alert FROM inbox")}
+    stored = {json.loads(row[0])["labels"]["id"] for row in db_rows(tmp_path, "SELECT value FROM inbox, json_each(inbox.body, '$.alerts')")}
     assert set(accepted) <= stored
     episode_ids = {json.loads(row[0])["id"] for row in db_rows(tmp_path, "SELECT labels FROM episodes")}
     assert set(accepted) <= episode_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from healer.store import (
     ActionFilter,
     AsyncStore,
     Finish,
+    InboxPosition,
     NewAction,
     OpenRequest,
     SQLiteStore,
@@ -37,23 +39,79 @@ def store(tmp_path: Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "healer.db")
 
 
+def body_of(*alerts: WebhookAlert) -> bytes:
+    """A webhook body carrying these alerts."""
+    return WebhookPayload(version="4", status=alerts[0].status, alerts=list(alerts)).model_dump_json().encode()
+
+
+def deliver(store: SQLiteStore, *alerts: WebhookAlert) -> list[InboxPosition]:
+    """Accept one delivery of these alerts; return where each of them sits in the inbox."""
+    [delivery] = store.accept([(body_of(*alerts), len(alerts))])
+    return [InboxPosition(delivery, index) for index in range(len(alerts))]
+
+
 def open_with_first_step(store: SQLiteStore, alert: WebhookAlert, not_before: float = 0.0) -> tuple[int, bool]:
-    [[inbox_id]] = store.accept([[alert]])
+    [position] = deliver(store, alert)
     [opened] = store.open_episodes(
-        [OpenRequest(inbox_id, alert, "web", "open", NewAction(1, 0, "web", "restart", not_before))]
+        [OpenRequest(position, alert, "web", "open", NewAction(1, 0, "web", "restart", not_before))]
     )
     return opened.episode.id, opened.created
 
 
 def test_accepted_alerts_survive_reopening(tmp_path: Path, firing: WebhookAlert) -> None:
-    """Alerts written by accept are in the inbox after the store is closed and opened again."""
+    """Alerts written by accept are in the inbox, in order, after the store is closed and opened again."""
     first = SQLiteStore(tmp_path / "healer.db")
-    ids = first.accept([[firing, firing], [firing]])
+    positions = deliver(first, firing, firing) + deliver(first, firing)
     first.close()
     again = SQLiteStore(tmp_path / "healer.db")
-    assert [item.id for item in again.unprocessed()] == [i for batch in ids for i in batch]
+    assert [item.position for item in again.unprocessed()] == positions
     assert again.unprocessed()[0].alert == firing
     assert again.inbox_depth() == 3
+
+
+def test_a_delivery_split_between_batches_is_processed_once(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A delivery larger than one engine batch is taken in order, each alert once, and then leaves the inbox."""
+    alerts = [firing.model_copy(update={"fingerprint": f"{i:016x}"}) for i in range(5)]
+    deliver(store, *alerts)
+    taken: list[str] = []
+    while batch := store.unprocessed(limit=2):
+        store.open_episodes([OpenRequest(item.position, item.alert, None, "unmatched", None) for item in batch])
+        taken += [item.alert.fingerprint for item in batch]
+        assert store.inbox_depth() == 5 - len(taken)
+    assert taken == [alert.fingerprint for alert in alerts]
+    assert store.counts()["alerts_received"] == 5
+
+
+def test_unreadable_delivery_is_skipped_and_recorded(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A stored body the payload model no longer accepts is recorded in the audit trail, and later ones still run."""
+    [bad] = store.accept([(b'{"version": "3", "alerts": []}', 1)])
+    [good] = deliver(store, firing)
+    assert [item.position for item in store.unprocessed()] == [good]
+    event = store._db.execute("SELECT kind, detail FROM events").fetchone()
+    assert event["kind"] == "delivery_unreadable" and json.loads(event["detail"])["delivery"] == bad
+    assert store.inbox_depth() == 1
+
+
+def test_inbox_of_an_earlier_layout_is_migrated(tmp_path: Path, firing: WebhookAlert) -> None:
+    """A store whose inbox held one row per alert keeps its unprocessed alerts after the upgrade."""
+    path = tmp_path / "healer.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE inbox (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, status TEXT NOT NULL,"
+        " fingerprint TEXT NOT NULL, starts_at TEXT NOT NULL, alert TEXT NOT NULL, processed_at REAL);"
+        " CREATE INDEX inbox_unprocessed ON inbox(id) WHERE processed_at IS NULL;"
+    )
+    rows = [(1.0, "firing", "a", "x", firing.model_dump_json(), 2.0), (3.0, "firing", "b", "x", firing.model_dump_json(), None)]
+    old.executemany(
+        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert, processed_at) VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    [item] = store.unprocessed()
+    assert item.alert == firing and item.received_at == 3.0
+    assert store.inbox_depth() == 1
 
 
 def test_same_episode_opens_once(store: SQLiteStore, firing: WebhookAlert) -> None:
@@ -85,8 +143,8 @@ def test_not_before_delays_a_step(store: SQLiteStore, firing: WebhookAlert) -> N
 def test_resolved_cancels_pending_steps(store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert) -> None:
     """A resolved notification cancels the episode's pending step and ends the episode."""
     episode_id, _ = open_with_first_step(store, firing, not_before=1e12)
-    [[inbox_id]] = store.accept([[resolved]])
-    episode, cancelled, running = store.resolve_episode(inbox_id, resolved)
+    [position] = deliver(store, resolved)
+    episode, cancelled, running = store.resolve_episode(position, resolved)
     assert episode is not None and episode.id == episode_id and episode.state == "resolved"
     assert [a.outcome for a in cancelled] == ["cancelled"] and running == []
     assert store.get_action(cancelled[0].id).skip_reason == "resolved"
@@ -99,8 +157,8 @@ def test_resolved_leaves_running_step_to_the_engine(
     open_with_first_step(store, firing)
     [action] = store.due_actions(now=1e12)
     store.claim(action.id, None)
-    [[inbox_id]] = store.accept([[resolved]])
-    episode, cancelled, running = store.resolve_episode(inbox_id, resolved)
+    [position] = deliver(store, resolved)
+    episode, cancelled, running = store.resolve_episode(position, resolved)
     assert [a.id for a in running] == [action.id] and cancelled == []
     assert episode is not None and episode.state == "open" and episode.resolved_at is not None
     store.finish(action.id, Finish(outcome="healed", detail="exit 0"))
@@ -128,11 +186,11 @@ def test_finish_schedules_next_step_once(store: SQLiteStore, firing: WebhookAler
 
 def test_events_record_every_decision(store: SQLiteStore, firing: WebhookAlert) -> None:
     """The audit trail holds received, scheduled, started and finished events in order."""
-    [[inbox_id]] = store.accept([[firing]])
+    [position] = deliver(store, firing)
     [opened] = store.open_episodes(
         [
             OpenRequest(
-                inbox_id,
+                position,
                 firing,
                 "web",
                 "open",
@@ -160,12 +218,14 @@ def test_purge_removes_only_old_finished_episodes(store: SQLiteStore, firing: We
 
 
 async def test_group_commit_answers_every_delivery(tmp_path: Path, firing: WebhookAlert) -> None:
-    """Concurrent deliveries are committed together and each gets its own inbox ids."""
+    """Concurrent deliveries are committed together, each gets its own id, and every alert is in the inbox."""
     store = AsyncStore(SQLiteStore(tmp_path / "healer.db"))
-    results = await asyncio.gather(*(store.accept([firing] * (i % 3 + 1)) for i in range(50)))
-    assert [len(ids) for ids in results] == [i % 3 + 1 for i in range(50)]
-    flat = [i for ids in results for i in ids]
-    assert len(set(flat)) == len(flat) == await store.call(store.sync.inbox_depth)
+    sizes = [i % 3 + 1 for i in range(50)]
+    ids = await asyncio.gather(*(store.accept(body_of(*[firing] * size), size) for size in sizes))
+    assert len(set(ids)) == 50
+    assert await store.call(store.sync.inbox_depth) == sum(sizes)
+    items = await store.call(store.sync.unprocessed, 1000)
+    assert [item.position.delivery for item in items] == [i for i, size in zip(ids, sizes, strict=True) for _ in range(size)]
     await store.close()
 
 
@@ -174,7 +234,7 @@ async def test_unwritable_store_fails_every_waiter(tmp_path: Path, firing: Webho
     path = tmp_path / "healer.db"
     store = AsyncStore(SQLiteStore(path))
     store.sync._db.execute("PRAGMA query_only = ON")
-    results = await asyncio.gather(*(store.accept([firing]) for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(*(store.accept(body_of(firing), 1) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, StoreUnavailableError) for r in results)
     await store.close()
 
@@ -186,9 +246,9 @@ def test_first_step_waits_out_the_cooldown(store: SQLiteStore, firing: WebhookAl
     store.claim(action.id, None)
     store.finish(action.id, Finish(outcome="healed", episode_state="healed", cooldown=(5000.0, 1)))
     later = firing.model_copy(update={"startsAt": firing.startsAt.replace(year=2027)})
-    [[inbox_id]] = store.accept([[later]])
+    [position] = deliver(store, later)
     [opened] = store.open_episodes(
-        [OpenRequest(inbox_id, later, "web", "open", NewAction(1, 0, "web", "restart", 10.0))]
+        [OpenRequest(position, later, "web", "open", NewAction(1, 0, "web", "restart", 10.0))]
     )
     assert opened.created and opened.deferred_until == 5000.0
     assert store.due_actions(now=4999.0) == [] and len(store.due_actions(now=5000.0)) == 1

@@ -21,7 +21,7 @@ from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig, HealingRule
 from healer.healing.metrics import HealingMetrics
 from healer.healing.payload import WebhookAlert
-from healer.healing.rails import CircuitBreaker, backoff
+from healer.healing.rails import CircuitBreaker, IntakePacer, backoff
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient
 from healer.store import Action, ActionFilter, Agenda, AsyncStore, Episode, Finish, InboxItem, NewAction, OpenRequest
@@ -31,6 +31,8 @@ from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
 log = logging.getLogger(__name__)
 
 STRATEGY_LABEL = "healer_strategy"
+# While webhook deliveries keep arriving, processing the inbox gets this share of the time.
+INTAKE_SHARE_UNDER_LOAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Engine:
         external_url: str,
         annotator: GrafanaAnnotator,
         clock: Callable[[], float] = time.time,
+        intake_share: float = INTAKE_SHARE_UNDER_LOAD,
     ) -> None:
         self.config = config
         self.store = store
@@ -118,6 +121,7 @@ class Engine:
             name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
         }
         self._wake = asyncio.Event()
+        self._intake = IntakePacer(intake_share)
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._in_runner: set[int] = set()
         self._resolved: dict[int, asyncio.Event] = {}
@@ -151,6 +155,12 @@ class Engine:
     def wake(self) -> None:
         """Tell the work loop that there is new work."""
         self._wake.set()
+
+    def inbox_grew(self) -> None:
+        """Tell the work loop that a delivery is in the inbox; it comes when intake's pause allows."""
+        self._intake.delivered()
+        if not self._intake.wait():
+            self._wake.set()
 
     async def _recover(self) -> None:
         for action in await self.store.call(self.store.sync.verifying_actions):
@@ -198,16 +208,23 @@ class Engine:
         while not self._stopping:
             self._wake.clear()
             try:
-                more = await self._take_inbox_batch()
+                more = False
+                if not self._intake.wait():
+                    self._intake.start_batch()
+                    more = await self._take_inbox_batch()
+                    self._intake.end_batch()
                 agenda = await self.store.call(self.store.sync.agenda, self._clock())
                 await self._expire_approvals(agenda.expired_approvals)
                 delay = self._dispatch_due(agenda)
             except Exception:
                 log.exception("healing loop failed; retrying")
                 more, delay = False, 1.0
-            if more:
-                # A burst of alerts must not starve the steps that are already due.
-                continue
+            if more or self._intake.waiting:
+                # Due steps are never held back by the inbox: they were dispatched above.
+                pause = self._intake.wait()
+                if not pause:
+                    continue
+                delay = min(delay, pause)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
@@ -230,7 +247,8 @@ class Engine:
     def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
         alert = item.alert
         decision = decide(self.config, alert.labels)
-        events: list[tuple[str, dict[str, Any]]] = [("received", {"alertname": alert.alertname})]
+        received = {"alertname": alert.alertname, "delivery": item.position.delivery}
+        events: list[tuple[str, dict[str, Any]]] = [("received", received)]
         first = None
         state = "unmatched"
         if decision.rule is not None and not self.config.healing.enabled:
@@ -244,7 +262,7 @@ class Engine:
         else:
             events.append(("unmatched", {"explanation": decision.explanation}))
         rule_name = decision.rule.name if decision.rule else None
-        return OpenRequest(item.id, alert, rule_name, state, first, events), decision
+        return OpenRequest(item.position, alert, rule_name, state, first, events), decision
 
     async def _open_all(self, items: list[InboxItem]) -> None:
         """Open the episodes of a run of firing alerts in one store transaction."""
@@ -276,7 +294,7 @@ class Engine:
             )
 
     async def _on_resolved(self, item: InboxItem) -> None:
-        episode, cancelled, running = await self.store.call(self.store.sync.resolve_episode, item.id, item.alert)
+        episode, cancelled, running = await self.store.call(self.store.sync.resolve_episode, item.position, item.alert)
         if episode is None:
             return
         for action in cancelled:
