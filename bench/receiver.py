@@ -15,7 +15,7 @@ load generator (an aiohttp client in its own process) over keep-alive connection
 
 Every request carries alerts with fingerprints never sent before (a counter in the
 fingerprint), so healer does its real work each time: authenticate, parse, validate, commit
-every alert to its SQLite inbox (WAL, group commit) before answering 200, and its engine then
+the delivery to its SQLite inbox (WAL, group commit) before answering 200, and its engine then
 records each alert as an unmatched episode. healer runs ``python -m healer serve`` with a
 config in a temporary directory: a bearer token, no healing rules, the host exporter off, and
 Prometheus/Alertmanager URLs pointing at a closed loopback port.
@@ -31,8 +31,9 @@ server, limits the bare server's figures.
 
 Checks printed as PASS/FAIL at the end: for each payload size healer's alerts/s is at least
 0.5 x the bare server's; healer's p99 is below 20 ms at 200 requests/s; healer's inbox table
-holds exactly as many alerts as were answered 200. The resident memory (RSS) of both servers is
-printed after each case.
+holds exactly as many alerts as were answered 200. Then the floor: what parsing, validating and
+committing one payload cost in this process, and the ceiling on healer/bare that follows. The
+resident memory (RSS) of both servers is printed after each case.
 
 Usage: ``python bench/receiver.py [--seconds 10] [--json]``. Everything started is stopped by its
 own PID on exit, also on error or Ctrl-C. All traffic stays on 127.0.0.1.
@@ -363,6 +364,7 @@ class Report:
     alerts_answered_200: int = 0
     rss_mb: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    floors: list[Floor] = field(default_factory=list)
 
 
 def run_load(keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace,
@@ -423,6 +425,51 @@ def measure(keeper: common.Keeper, server: common.Child, alerts: int, case: int,
     return result
 
 
+@dataclass
+class Floor:
+    """What one payload costs in this process on one thread, with nothing around it: the ceiling on the ratio."""
+
+    alerts: int
+    parse_us: float  # json.loads, all that bare does beyond aiohttp
+    validate_us: float  # healer's payload model, parsing and validating in one pass
+    commit_us: float  # one insert of the body into a SQLite WAL table, committed in groups of 8
+
+
+def measure_floor(alerts: int, payloads: int = 400) -> Floor:
+    """Time, in this process, the work healer cannot skip for one payload of `alerts` alerts."""
+    from healer.healing.payload import WebhookPayload  # the installed healer's own model
+
+    bodies = [make_body(99, request, alerts) for request in range(payloads)]
+
+    def per_body(work: Any) -> float:
+        start = time.thread_time()
+        work()
+        return 1e6 * (time.thread_time() - start) / payloads
+
+    def each(function: Any) -> None:
+        for body in bodies:
+            function(body)  # the result is dropped at once, as a server drops it after the request
+
+    parse = per_body(lambda: each(json.loads))
+    validate = per_body(lambda: each(WebhookPayload.model_validate_json))
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
+        db = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE inbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+
+        def commit_all() -> None:
+            for group in range(0, payloads, 8):
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT INTO inbox (body) VALUES (CAST(? AS TEXT))",
+                               [(b,) for b in bodies[group:group + 8]])
+                db.execute("COMMIT")
+
+        commit = per_body(commit_all)
+        db.close()
+    return Floor(alerts, parse, validate, commit)
+
+
 def run(args: argparse.Namespace) -> Report:
     report = Report(os.cpu_count() or 0, sys.version.split()[0], [round(x, 2) for x in os.getloadavg()],
                     args.connections, args.seconds, args.rate,
@@ -449,6 +496,7 @@ def run(args: argparse.Namespace) -> Report:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
                     report.cases.append(measure(keeper, server, alerts, case, args, rate, report))
             report.store_alerts = db_scalar(workdir / "healer.db", "SELECT coalesce(sum(alerts), 0) FROM inbox")
+            report.floors = [measure_floor(alerts) for alerts in args.sizes]
             for server in (healer, bare):
                 report.rss_mb[server.name] = common.rss_mb(server.pid)
         finally:
@@ -482,7 +530,7 @@ def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
         "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
     })
     result.append({
-        "check": "healer inbox rows == alerts answered 200",
+        "check": "healer inbox alerts == alerts answered 200",
         "value": report.store_alerts, "limit": report.alerts_answered_200,
         "passed": report.store_alerts == report.alerts_answered_200,
     })
@@ -527,6 +575,13 @@ def print_report(report: Report) -> None:
                   f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic")
     print(f"healer store: {report.store_alerts} alerts in the inbox table; {report.alerts_answered_200} alerts"
           f" answered 200")
+    for floor in report.floors:
+        bare = find(report, "bare", "closed", floor.alerts)
+        bare_us = bare.server_cpu_us_per_alert * floor.alerts
+        ceiling = bare_us / (bare_us - floor.parse_us + floor.validate_us + floor.commit_us)
+        print(f"floor, {floor.alerts} alert(s)/payload, one thread: json.loads {floor.parse_us:.0f} us, healer's"
+              f" validation {floor.validate_us:.0f} us, SQLite commit {floor.commit_us:.0f} us; bare's whole request"
+              f" {bare_us:.0f} us of CPU, so healer/bare cannot exceed {ceiling:.2f} even if its engine never ran")
     print("RSS at the end: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.rss_mb.items())
           + "; peak after a case: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.peak_rss_mb.items()))
     print("(srv cpu / cli cpu / other: CPU seconds per wall second of the server / the load generator / everything"

@@ -175,7 +175,10 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
         what="all work done",
     )
 
-    stored = {json.loads(row[0])["labels"]["id"] for row in db_rows(tmp_path, "SELECT value FROM inbox, json_each(inbox.body, '$.alerts')")}
+    stored = {
+        json.loads(row[0])["labels"]["id"]
+        for row in db_rows(tmp_path, "SELECT value FROM inbox, json_each(inbox.body, '$.alerts')")
+    }
     assert set(accepted) <= stored
     episode_ids = {json.loads(row[0])["id"] for row in db_rows(tmp_path, "SELECT labels FROM episodes")}
     assert set(accepted) <= episode_ids

@@ -101,7 +101,10 @@ def test_inbox_of_an_earlier_layout_is_migrated(tmp_path: Path, firing: WebhookA
         " fingerprint TEXT NOT NULL, starts_at TEXT NOT NULL, alert TEXT NOT NULL, processed_at REAL);"
         " CREATE INDEX inbox_unprocessed ON inbox(id) WHERE processed_at IS NULL;"
     )
-    rows = [(1.0, "firing", "a", "x", firing.model_dump_json(), 2.0), (3.0, "firing", "b", "x", firing.model_dump_json(), None)]
+    rows = [
+        (1.0, "firing", "a", "x", firing.model_dump_json(), 2.0),
+        (3.0, "firing", "b", "x", firing.model_dump_json(), None),
+    ]
     old.executemany(
         "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert, processed_at) VALUES (?, ?, ?, ?, ?, ?)",
         rows,
@@ -225,7 +228,9 @@ async def test_group_commit_answers_every_delivery(tmp_path: Path, firing: Webho
     assert len(set(ids)) == 50
     assert await store.call(store.sync.inbox_depth) == sum(sizes)
     items = await store.call(store.sync.unprocessed, 1000)
-    assert [item.position.delivery for item in items] == [i for i, size in zip(ids, sizes, strict=True) for _ in range(size)]
+    assert [item.position.delivery for item in items] == [
+        i for i, size in zip(ids, sizes, strict=True) for _ in range(size)
+    ]
     await store.close()
 
 
