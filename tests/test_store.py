@@ -106,7 +106,8 @@ def test_inbox_of_an_earlier_layout_is_migrated(tmp_path: Path, firing: WebhookA
         (3.0, "firing", "b", "x", firing.model_dump_json(), None),
     ]
     old.executemany(
-        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert, processed_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO inbox (received_at, status, fingerprint, starts_at, alert, processed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
         rows,
     )
     old.commit()
