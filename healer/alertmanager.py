@@ -53,6 +53,7 @@ def healing_failed_alert(
     strategies_tried: Sequence[str],
     audit_url: str,
     reason: str,
+    starts_at: datetime | None = None,
     ends_at: datetime | None = None,
 ) -> dict[str, Any]:
     """Build the `HealingFailed` alert healer posts when a rule's escalation ladder is exhausted.
@@ -62,8 +63,9 @@ def healing_failed_alert(
     dropped, as Prometheus treats them as absent. The original annotations are kept, each
     renamed with a `healed_` prefix (so `summary` becomes `healed_summary`), beside healer's
     own `summary`, `description`, `strategies_tried`, `audit_url` and `runbook_url`.
-    `generatorURL` is the audit URL. Without `ends_at` Alertmanager resolves the alert after
-    its `resolve_timeout` (5m by default) unless it is posted again.
+    `generatorURL` is the audit URL. Posting the same alert again with the same `starts_at` keeps
+    it one alert in Alertmanager. Without `ends_at` Alertmanager resolves the alert after its
+    `resolve_timeout` (5m by default) unless it is posted again; an `ends_at` in the past resolves it.
     """
     alertname = original_labels.get("alertname", "") or "(unnamed alert)"
     instance = original_labels.get("instance") or original_labels.get("job") or "unknown instance"
@@ -89,6 +91,8 @@ def healing_failed_alert(
         runbook_url=RUNBOOK_URL,
     )
     alert: dict[str, Any] = {"labels": labels, "annotations": merged, "generatorURL": audit_url}
+    if starts_at is not None:
+        alert["startsAt"] = _timestamp(starts_at)
     if ends_at is not None:
         alert["endsAt"] = _timestamp(ends_at)
     return alert

@@ -126,6 +126,9 @@ class PrometheusConfig(UpstreamConfig):
 
 class AlertmanagerConfig(UpstreamConfig):
     url: Url = "http://127.0.0.1:9093"
+    # Like Prometheus's rules.alert.resend-delay: a firing HealingFailed is posted again this often,
+    # valid for four times as long, so Alertmanager keeps it while healer runs and drops it if healer dies.
+    resend_interval: PositiveDuration = 60.0
 
 
 class StoreConfig(_Strict):

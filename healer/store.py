@@ -97,6 +97,18 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_episode ON events(episode_id);
+-- HealingFailed of an escalated episode, kept until Alertmanager has it and, later, its resolution.
+CREATE TABLE IF NOT EXISTS escalations (
+    episode_id INTEGER PRIMARY KEY REFERENCES episodes(id),
+    rule TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_send REAL,
+    sent_at REAL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    resolved_at REAL
+);
+CREATE INDEX IF NOT EXISTS escalations_due ON escalations(next_send) WHERE next_send IS NOT NULL;
 """
 
 # Action states: pending → running → done, or pending → awaiting_approval → pending / done.
@@ -148,9 +160,28 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class Escalation:
+    """The HealingFailed alert of an escalated episode and where its delivery stands.
+
+    `next_send` is when to post it next (None once nothing is left to send); `resolved_at` is when
+    the escalated alert stopped firing, so that the next post resolves HealingFailed.
+    """
+
+    episode_id: int
+    rule: str
+    reason: str
+    created_at: float
+    next_send: float | None
+    sent_at: float | None
+    failures: int
+    resolved_at: float | None
+
+
+@dataclass(frozen=True)
 class Agenda:
     due: list[Action]
     expired_approvals: list[Action]
+    escalations: list[Escalation]
     next_wake: float | None
 
 
@@ -230,6 +261,8 @@ class Finish:
     started_at: float | None = None
     next_action: NewAction | None = None
     episode_state: str | None = None
+    # Why the episode goes to people; with episode_state "escalated" it queues HealingFailed.
+    escalation: str | None = None
     cooldown: tuple[float, int] | None = None
     events: Sequence[tuple[str, dict[str, Any]]] = field(default_factory=tuple)
 
@@ -509,6 +542,7 @@ class SQLiteStore:
             if row["resolved_at"] is None:
                 db.execute("UPDATE episodes SET resolved_at = ? WHERE id = ?", (now, episode_id))
                 self._event(db, "resolved", {"fingerprint": alert.fingerprint}, episode_id)
+            self._resolve_escalation(db, episode_id, now)
             cancelled = [
                 _action(r)
                 for r in db.execute(
@@ -559,6 +593,54 @@ class SQLiteStore:
         rows = self._db.execute("SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'").fetchall()
         return [_episode(r) for r in rows]
 
+    def get_escalation(self, episode_id: int) -> Escalation | None:
+        row = self._db.execute("SELECT * FROM escalations WHERE episode_id = ?", (episode_id,)).fetchone()
+        return Escalation(**row) if row else None
+
+    def escalation_sent(self, episode_id: int, next_send: float | None) -> None:
+        """Record that Alertmanager took HealingFailed; `next_send` None means nothing is left to send."""
+        now = self._clock()
+
+        def work(db: sqlite3.Connection) -> None:
+            first = db.execute("SELECT sent_at FROM escalations WHERE episode_id = ?", (episode_id,)).fetchone()
+            db.execute(
+                "UPDATE escalations SET sent_at = ?, failures = 0, next_send = ? WHERE episode_id = ?",
+                (now, next_send, episode_id),
+            )
+            # Re-sends keep HealingFailed firing; only the first delivery and the resolution are news.
+            if first is not None and first["sent_at"] is None:
+                self._event(db, "escalation_delivered", {}, episode_id)
+            if next_send is None:
+                self._event(db, "escalation_resolved", {}, episode_id)
+
+        self._tx(work)
+
+    def escalation_failed(self, episode_id: int, next_send: float | None, reason: str) -> None:
+        """Record a failed post of HealingFailed; with `next_send` None healer gives up on it."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE escalations SET failures = failures + 1, next_send = ? WHERE episode_id = ?",
+                (next_send, episode_id),
+            )
+            if next_send is None:
+                self._event(db, "escalation_refused", {"reason": reason[:2000]}, episode_id)
+
+        self._tx(work)
+
+    def escalation_stopped_firing(self, episode_id: int) -> None:
+        """The escalated alert no longer fires: resolve HealingFailed with the next send, which is now."""
+        now = self._clock()
+        self._tx(lambda db: self._resolve_escalation(db, episode_id, now))
+
+    @staticmethod
+    def _resolve_escalation(db: sqlite3.Connection, episode_id: int, now: float) -> None:
+        db.execute(
+            "UPDATE escalations SET resolved_at = ?, next_send = ? WHERE episode_id = ? AND resolved_at IS NULL"
+            " AND next_send IS NOT NULL",
+            (now, now, episode_id),
+        )
+
     # -- actions -------------------------------------------------------------------------------
 
     def _insert_action(self, db: sqlite3.Connection, episode_id: int, spec: NewAction, now: float) -> int:
@@ -603,7 +685,13 @@ class SQLiteStore:
             " WHERE (state = 'pending' AND not_before > ?) OR (state = 'awaiting_approval' AND approval_deadline > ?)",
             (now, now),
         ).fetchone()[0]
-        return Agenda(self.due_actions(now), expired, None if later is None else float(later))
+        escalations = [
+            Escalation(**r)
+            for r in self._db.execute("SELECT * FROM escalations WHERE next_send <= ? ORDER BY next_send", (now,))
+        ]
+        next_send = self._db.execute("SELECT min(next_send) FROM escalations WHERE next_send > ?", (now,)).fetchone()[0]
+        wakes = [float(t) for t in (later, next_send) if t is not None]
+        return Agenda(self.due_actions(now), expired, escalations, min(wakes, default=None))
 
     def mark_verifying(self, action_id: int, detail: str) -> None:
         """Record that a step's strategy has run and only its verification is left."""
@@ -724,10 +812,16 @@ class SQLiteStore:
                     (now, action.episode_id),
                 )
             elif finish.episode_state is not None:
-                db.execute(
+                ended = db.execute(
                     "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ? AND state = 'open'",
                     (finish.episode_state, now, action.episode_id),
-                )
+                ).rowcount
+                if ended and finish.episode_state == "escalated" and finish.escalation is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO escalations (episode_id, rule, reason, created_at, next_send)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (action.episode_id, action.rule, finish.escalation, now, now),
+                    )
             elif episode_state["resolved_at"] is not None:
                 db.execute(
                     "UPDATE episodes SET state = 'resolved', ended_at = ? WHERE id = ? AND state = 'open'",
@@ -825,10 +919,15 @@ class SQLiteStore:
         """Delete finished episodes, their steps and events, and processed inbox items older than a time."""
 
         def work(db: sqlite3.Connection) -> int:
-            # An episode whose silence could not be expired yet is kept, so the silence is not forgotten.
-            ended = "state != 'open' AND silence_id IS NULL AND coalesce(ended_at, created_at) < ?"
+            # An episode whose silence could not be expired yet, or whose HealingFailed still has to be
+            # sent or resolved, is kept, so neither is forgotten.
+            ended = (
+                "state != 'open' AND silence_id IS NULL AND coalesce(ended_at, created_at) < ?"
+                " AND id NOT IN (SELECT episode_id FROM escalations WHERE next_send IS NOT NULL)"
+            )
             old = f"SELECT id FROM episodes WHERE {ended}"  # noqa: S608 - constant
             db.execute(f"DELETE FROM events WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
+            db.execute(f"DELETE FROM escalations WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             removed = db.execute(f"DELETE FROM episodes WHERE {ended}", (older_than,)).rowcount  # noqa: S608 - constant
             db.execute("DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (older_than,))

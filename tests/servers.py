@@ -179,12 +179,12 @@ def start_prometheus(
     return _await_ready(Server("prometheus", process, f"http://127.0.0.1:{port}", log_path))
 
 
-def start_alertmanager(workdir: Path, config: dict[str, Any]) -> Server:
-    """Start Debian's prometheus-alertmanager with clustering off on a free loopback port."""
+def start_alertmanager(workdir: Path, config: dict[str, Any], port: int | None = None) -> Server:
+    """Start Debian's prometheus-alertmanager with clustering off on a loopback port (a free one by default)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "alertmanager.yml"
     config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = port or free_port()
     argv = [
         ALERTMANAGER,
         f"--config.file={config_path}",

@@ -16,11 +16,21 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.servers import Server, http_get, http_json, processes_mentioning, start_healer, wait_for
+from tests.servers import (
+    Server,
+    free_port,
+    http_get,
+    http_json,
+    processes_mentioning,
+    start_alertmanager,
+    start_healer,
+    wait_for,
+)
 from tests.test_receiver import post
 
 TOKEN = "engine-token"
@@ -336,3 +346,40 @@ def test_resolved_stops_the_running_step_when_the_rule_says_so(tmp_path: Path, s
     time.sleep(0.5)
     assert "end long" not in steps_log(tmp_path)
     assert processes_mentioning(str(tmp_path / "steps.log")) == []
+
+
+def test_escalation_survives_alertmanager_outage_and_restart(tmp_path: Path, servers: list[Server]) -> None:
+    """HealingFailed queued while Alertmanager is down reaches it after a SIGKILL and restart, then resolves."""
+    am_port = free_port()  # nothing listens here until the test starts Alertmanager
+    settings = config(tmp_path, strategy={"approval": "required"}, healing={"approval_timeout": "300ms"})
+    settings["alertmanager"] = {"url": f"http://127.0.0.1:{am_port}", "timeout": "500ms", "resend_interval": "1s"}
+    healer = start_healer(tmp_path, settings)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("paged")), AUTH)
+    wait_for(
+        lambda: db_rows(tmp_path, "SELECT failures >= 2 FROM escalations") == [(1,)],
+        20,
+        what="HealingFailed posts failing while Alertmanager is down",
+    )
+    _, metrics = http_get(healer.url + "/metrics")
+    assert b"healer_escalations_total 1.0" in metrics
+    healer.stop(signal.SIGKILL)
+
+    alertmanager = start_alertmanager(
+        tmp_path / "alertmanager", {"route": {"receiver": "null"}, "receivers": [{"name": "null"}]}, port=am_port
+    )
+    servers.append(alertmanager)
+    restarted = start_healer(tmp_path, settings)
+    servers.append(restarted)
+    url = f"{alertmanager.url}/api/v2/alerts?filter=" + urllib.parse.quote('alertname="HealingFailed"')
+    [page] = wait_for(lambda: http_json(url) or None, 20, what="HealingFailed in Alertmanager")
+    assert page["labels"]["id"] == "paged" and page["labels"]["healed_alertname"] == "Broken"
+    assert page["status"]["state"] == "active"
+    first_ends = page["endsAt"]
+    wait_for(lambda: http_json(url)[0]["endsAt"] > first_ends, 10, what="HealingFailed posted again")
+
+    resolved = {**alert("paged"), "status": "resolved", "endsAt": "2026-11-23T23:20:00Z"}
+    post(restarted.url + "/api/v1/alertmanager", payload(resolved), AUTH)
+    wait_for(lambda: http_json(url) == [], 20, what="HealingFailed resolved in Alertmanager")
+    assert db_rows(tmp_path, "SELECT next_send FROM escalations") == [(None,)]
+    kinds = [row[0] for row in db_rows(tmp_path, "SELECT kind FROM events ORDER BY id")]
+    assert kinds.count("escalation_delivered") == 1 and kinds[-1] == "escalation_resolved"

@@ -277,3 +277,81 @@ def test_a_step_that_ran_is_never_running_again(store: SQLiteStore, firing: Webh
     store.mark_verifying(action.id, "exit 0")
     assert store.running_actions() == []
     assert [a.id for a in store.verifying_actions()] == [action.id]
+
+
+def escalate(store: SQLiteStore, alert: WebhookAlert) -> int:
+    """Open an episode for `alert` and end its only step escalated; return the episode id."""
+    episode_id, _ = open_with_first_step(store, alert)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    store.finish(action.id, Finish(outcome="not_healed", episode_state="escalated", escalation="the alert still fires"))
+    return episode_id
+
+
+def test_escalation_is_queued_with_the_episode_ending(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """Ending an episode escalated queues its HealingFailed in the same transaction, due at once."""
+    episode_id = escalate(store, firing)
+    [due] = store.agenda(now=store._clock()).escalations
+    assert (due.episode_id, due.rule, due.reason) == (episode_id, "web", "the alert still fires")
+    store.escalation_sent(episode_id, next_send=store._clock() + 60)
+    agenda = store.agenda(now=store._clock())
+    assert agenda.escalations == [] and agenda.next_wake == store.get_escalation(episode_id).next_send
+
+
+def test_failed_post_stays_queued_until_alertmanager_takes_it(tmp_path: Path, firing: WebhookAlert) -> None:
+    """A HealingFailed that could not be posted is still due after the store is reopened."""
+    store = SQLiteStore(tmp_path / "healer.db")
+    episode_id = escalate(store, firing)
+    store.escalation_failed(episode_id, next_send=store._clock() + 2, reason="connection refused")
+    store.close()
+    again = SQLiteStore(tmp_path / "healer.db")
+    escalation = again.get_escalation(episode_id)
+    assert escalation is not None and escalation.failures == 1 and escalation.sent_at is None
+    assert [e.episode_id for e in again.agenda(now=escalation.next_send).escalations] == [episode_id]
+
+
+def test_resolved_alert_makes_its_healing_failed_due_to_resolve(
+    store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert
+) -> None:
+    """A resolved notification of an escalated alert queues the post that resolves HealingFailed."""
+    episode_id = escalate(store, firing)
+    store.escalation_sent(episode_id, next_send=store._clock() + 60)
+    [position] = deliver(store, resolved)
+    store.resolve_episode(position, resolved)
+    [due] = store.agenda(now=store._clock()).escalations
+    assert due.episode_id == episode_id and due.resolved_at is not None
+    store.escalation_sent(episode_id, next_send=None)
+    assert store.get_escalation(episode_id).next_send is None
+    kinds = [event["kind"] for event in store.events(episode_id)]
+    assert kinds[-3:] == ["escalation_delivered", "resolved", "escalation_resolved"]
+
+
+def test_escalation_refused_by_alertmanager_ends_with_an_event(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """Giving up on a HealingFailed that Alertmanager refuses leaves nothing due and says why in the audit."""
+    episode_id = escalate(store, firing)
+    store.escalation_failed(episode_id, next_send=None, reason="400 Bad Request: invalid label")
+    assert store.agenda(now=1e12).escalations == []
+    [event] = [e for e in store.events(episode_id) if e["kind"] == "escalation_refused"]
+    assert "invalid label" in event["reason"]
+
+
+def test_no_escalation_for_an_episode_that_resolved_first(
+    store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert
+) -> None:
+    """When the resolved notification wins the race, the episode ends resolved and nobody is paged."""
+    episode_id, _ = open_with_first_step(store, firing)
+    [action] = store.due_actions(now=1e12)
+    store.claim(action.id, None)
+    [position] = deliver(store, resolved)
+    store.resolve_episode(position, resolved)
+    store.finish(action.id, Finish(outcome="not_healed", episode_state="escalated", escalation="still fires"))
+    assert store.get_episode(episode_id).state == "resolved"
+    assert store.get_escalation(episode_id) is None
+
+
+def test_purge_keeps_an_episode_whose_healing_failed_is_still_queued(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """Retention never deletes an escalation that still has to be sent or resolved."""
+    episode_id = escalate(store, firing)
+    assert store.purge(older_than=1e12) == 0 and store.get_escalation(episode_id) is not None
+    store.escalation_sent(episode_id, next_send=None)
+    assert store.purge(older_than=1e12) == 1 and store.get_escalation(episode_id) is None

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from healer.alertmanager import AlertmanagerClient, AlertmanagerUnavailableError
@@ -24,7 +25,19 @@ from healer.healing.payload import WebhookAlert
 from healer.healing.rails import CircuitBreaker, IntakePacer, backoff
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient
-from healer.store import Action, ActionFilter, Agenda, AsyncStore, Episode, Finish, InboxItem, NewAction, OpenRequest
+from healer.store import (
+    Action,
+    ActionFilter,
+    Agenda,
+    AsyncStore,
+    Episode,
+    Escalation,
+    Finish,
+    InboxItem,
+    NewAction,
+    OpenRequest,
+    StoreUnavailableError,
+)
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
 
@@ -33,6 +46,8 @@ log = logging.getLogger(__name__)
 STRATEGY_LABEL = "healer_strategy"
 # While webhook deliveries keep arriving, processing the inbox gets this share of the time.
 INTAKE_SHARE_UNDER_LOAD = 0.25
+# How often silences that Alertmanager could not expire when their episode ended are tried again.
+SILENCE_SWEEP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,8 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._sending: set[int] = set()
+        self._next_silence_sweep = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -179,19 +196,20 @@ class Engine:
             episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
             assert episode is not None
             nxt = self._next_step(action, rule, same_step=True) if rule else None
+            reason = "attempts exhausted after interruption"
             finish = Finish(
                 outcome="interrupted",
                 detail="healer stopped while the step was running",
                 next_action=nxt,
                 episode_state=None if nxt else "escalated",
+                escalation=None if nxt else reason,
+                events=[] if nxt else [("escalated", {"reason": reason})],
             )
             await self.store.call(self.store.sync.finish, action.id, finish)
             self.metrics.actions.labels(action.strategy, "interrupted").inc()
             log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
             if nxt is None:
-                await self._escalate(
-                    episode, rule.name if rule else action.rule, "attempts exhausted after interruption"
-                )
+                await self._count_escalation(episode, reason)
         self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
         if self.config.healing.rules:
             # The first PromQL call pays for imports and a connection (about 40 ms); pay it now, not in
@@ -333,6 +351,13 @@ class Engine:
                 task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
                 task.add_done_callback(functools.partial(self._forget, action.id))
+        for escalation in agenda.escalations:
+            if escalation.episode_id not in self._sending:
+                self._sending.add(escalation.episode_id)
+                self._spawn(self._send_escalation(escalation))
+        if self._clock() >= self._next_silence_sweep:
+            self._next_silence_sweep = self._clock() + SILENCE_SWEEP_SECONDS
+            self._spawn(self._sweep_silences())
         if agenda.next_wake is None:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))
@@ -581,42 +606,75 @@ class Engine:
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
         done = await self._finish(
             action,
-            replace(finish, episode_state="escalated", events=[("escalated", {"reason": reason})]),
+            replace(finish, episode_state="escalated", escalation=reason, events=[("escalated", {"reason": reason})]),
         )
-        ended = await self.store.call(self.store.sync.get_episode, episode.id)
-        # A resolved notification may have won the race; then nobody needs paging.
-        if done and ended is not None and ended.state == "escalated":
-            await self._escalate(episode, action.rule, reason)
+        if done:
+            await self._count_escalation(episode, reason)
 
-    async def _escalate(self, episode: Episode, rule: str, reason: str) -> None:
+    async def _count_escalation(self, episode: Episode, reason: str) -> None:
+        """Count and log an escalation the store has queued; the work loop sends HealingFailed."""
+        # A resolved notification may have won the race; then the store queued nothing and nobody is paged.
+        if await self.store.call(self.store.sync.get_escalation, episode.id) is None:
+            return
         self.metrics.escalations.inc()
-        tried = [
-            a.strategy
-            for a, _ in await self.store.call(
-                self.store.sync.list_actions, ActionFilter(episode_id=episode.id, limit=1000)
-            )
-        ]
-        alert = AlertmanagerClient.healing_failed_alert(
-            episode.labels,
-            episode.annotations,
-            rule=rule,
-            strategies_tried=list(reversed(tried)),
-            audit_url=f"{self.external_url}/api/v1/actions?episode={episode.id}",
-            reason=reason,
-        )
         log.warning("escalating", extra=fields(episode=episode.id, alertname=episode.alertname, reason=reason))
-        self._spawn(self._post_with_retry(alert, episode.id))
+        self.wake()
 
-    async def _post_with_retry(self, alert: dict[str, Any], episode_id: int) -> None:
-        for delay in (0.0, 1.0, 5.0, 30.0):
-            await asyncio.sleep(delay)
+    async def _send_escalation(self, escalation: Escalation) -> None:
+        """Post the HealingFailed of an escalated episode: firing while its alert fires, then resolved once."""
+        episode_id = escalation.episode_id
+        try:
+            episode = await self.store.call(self.store.sync.get_episode, episode_id)
+            if episode is None:
+                return
+            resolved_at = escalation.resolved_at
+            if resolved_at is None and escalation.sent_at is not None and await self._still_firing(episode) is False:
+                # Alertmanager may never send the resolved notification (send_resolved: false).
+                await self.store.call(self.store.sync.escalation_stopped_firing, episode_id)
+                resolved_at = self._clock()
+            tried = await self.store.call(self.store.sync.list_actions, ActionFilter(episode_id=episode_id, limit=1000))
+            resend = self.config.alertmanager.resend_interval
+            now = self._clock()
+            alert = AlertmanagerClient.healing_failed_alert(
+                episode.labels,
+                episode.annotations,
+                rule=escalation.rule,
+                strategies_tried=[action.strategy for action, _ in reversed(tried)],
+                audit_url=f"{self.external_url}/api/v1/actions?episode={episode_id}",
+                reason=escalation.reason,
+                starts_at=datetime.fromtimestamp(escalation.created_at, UTC),
+                ends_at=datetime.fromtimestamp(resolved_at if resolved_at is not None else now + 4 * resend, UTC),
+            )
             try:
                 await self.alertmanager.post_alerts([alert])
-                return
             except AlertmanagerUnavailableError as exc:
-                log.error("escalation not delivered", extra=fields(episode=episode_id, reason=str(exc)))
-                if exc.status is not None and 400 <= exc.status < 500:
-                    return  # Alertmanager refused the alert itself; sending it again cannot help
+                self.metrics.escalation_failures.inc()
+                refused = exc.status is not None and 400 <= exc.status < 500
+                log.error(
+                    "HealingFailed not delivered",
+                    extra=fields(episode=episode_id, reason=str(exc), giving_up=refused),
+                )
+                # Alertmanager refusing the alert itself will refuse it again; anything else is retried.
+                retry = None if refused else now + min(resend, 2.0**escalation.failures)
+                await self.store.call(self.store.sync.escalation_failed, episode_id, retry, str(exc))
+                return
+            await self.store.call(
+                self.store.sync.escalation_sent, episode_id, None if resolved_at is not None else now + resend
+            )
+        except StoreUnavailableError as exc:
+            log.error("escalation state not recorded; retrying", extra=fields(episode=episode_id, reason=str(exc)))
+            await asyncio.sleep(1.0)  # the row still says "due": do not hammer Alertmanager meanwhile
+        finally:
+            self._sending.discard(episode_id)
+            self.wake()
+
+    async def _sweep_silences(self) -> None:
+        """Expire the silences of ended episodes that Alertmanager could not take before."""
+        try:
+            for episode in await self.store.call(self.store.sync.episodes_with_silences):
+                await self._expire_silence(episode)
+        except StoreUnavailableError as exc:
+            log.error("silence sweep failed", extra=fields(reason=str(exc)))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

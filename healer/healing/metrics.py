@@ -61,6 +61,11 @@ class HealingMetrics:
         self.escalations = Counter(
             "healer_escalations", "Episodes escalated to humans after the ladder was exhausted.", registry=registry
         )
+        self.escalation_failures = Counter(
+            "healer_escalation_delivery_failures",
+            "Posts of HealingFailed to Alertmanager that failed; each is retried from the store.",
+            registry=registry,
+        )
         self.inbox_depth = Gauge("healer_inbox_depth", "Alerts accepted and not yet processed.", registry=registry)
         self.circuit_open = Gauge(
             "healer_circuit_open", "1 while the action budget's circuit breaker is open.", registry=registry
