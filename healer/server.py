@@ -130,6 +130,12 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     await engine.store.close()
 
 
+async def _begin_stop(app: web.Application) -> None:
+    # aiohttp drains requests for up to shutdown_timeout before the cleanup contexts exit; starting
+    # the steps' clock now makes the whole stop take one shutdown_timeout, not two.
+    app[ENGINE].begin_stop(app[SERVICES].config.server.shutdown_timeout)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.prober.start()
@@ -183,6 +189,7 @@ def create_app(
     # Healing first, so that readiness (set by the exporter's lifecycle) implies an open store.
     app.cleanup_ctx.append(_healing)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_begin_stop)
     add_routes(app)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -383,3 +384,31 @@ def test_escalation_survives_alertmanager_outage_and_restart(tmp_path: Path, ser
     assert db_rows(tmp_path, "SELECT next_send FROM escalations") == [(None,)]
     kinds = [row[0] for row in db_rows(tmp_path, "SELECT kind FROM events ORDER BY id")]
     assert kinds.count("escalation_delivered") == 1 and kinds[-1] == "escalation_resolved"
+
+
+def test_sigterm_stops_within_one_shutdown_timeout(tmp_path: Path, servers: list[Server]) -> None:
+    """With a step running and a request in flight, SIGTERM ends healer after one shutdown_timeout, not two."""
+    settings = config(tmp_path, step_seconds=60)
+    settings["server"]["shutdown_timeout"] = "2s"
+    healer = start_healer(tmp_path, settings)
+    post(healer.url + "/api/v1/alertmanager", payload(alert("long")), AUTH)
+    wait_for(lambda: "start long" in steps_log(tmp_path), 20, what="the step started")
+    host, port = healer.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as stalled:
+        # Headers and half a body: aiohttp counts the request in flight and waits for it at shutdown.
+        stalled.sendall(
+            f"POST /api/v1/alertmanager HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert healer.stop(signal.SIGTERM, timeout=15) == 0
+        took = time.monotonic() - started
+    assert 1.9 <= took < 3.5, f"stop took {took:.2f}s with shutdown_timeout 2s"
+    assert "end long" not in steps_log(tmp_path)
+    assert processes_mentioning(str(tmp_path / "steps.log")) == []
+    restarted = start_healer(tmp_path, settings)
+    servers.append(restarted)
+    wait_for(
+        lambda: ("interrupted",) in db_rows(tmp_path, "SELECT outcome FROM actions"), 20, what="recorded interrupted"
+    )

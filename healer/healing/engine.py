@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 STRATEGY_LABEL = "healer_strategy"
 # While webhook deliveries keep arriving, processing the inbox gets this share of the time.
 INTAKE_SHARE_UNDER_LOAD = 0.25
+# At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
+SIDE_TASK_GRACE = 1.0
 # How often silences that Alertmanager could not expire when their episode ended are tried again.
 SILENCE_SWEEP_SECONDS = 30.0
 
@@ -142,6 +144,7 @@ class Engine:
         self._resolved: dict[int, asyncio.Event] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_deadline: float | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._sending: set[int] = set()
         self._next_silence_sweep = 0.0
@@ -153,21 +156,32 @@ class Engine:
         await self._recover()
         self._loop_task = asyncio.create_task(self._run(), name="healing-engine")
 
-    async def stop(self, timeout: float) -> None:
-        """Take no new steps, give running ones `timeout` seconds, then cancel them as interrupted."""
+    def begin_stop(self, timeout: float) -> None:
+        """Take no new steps from now on; running ones have `timeout` seconds from now to finish."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self.wake()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop: running steps get what is left of `timeout` since `begin_stop`, then are cancelled as interrupted."""
+        self.begin_stop(timeout)
+        assert self._stop_deadline is not None
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         running = list(self._inflight.values())
         if running:
-            _, pending = await asyncio.wait(running, timeout=timeout)
+            _, pending = await asyncio.wait(running, timeout=max(0.0, self._stop_deadline - time.monotonic()))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
         if self._side_tasks:
-            await asyncio.wait(self._side_tasks, timeout=5)
+            # Escalations and silence expiries are queued in the store: cutting them short loses nothing.
+            remaining = max(SIDE_TASK_GRACE, self._stop_deadline - time.monotonic())
+            _, pending = await asyncio.wait(self._side_tasks, timeout=remaining)
+            for task in pending:
+                task.cancel()
 
     def wake(self) -> None:
         """Tell the work loop that there is new work."""
