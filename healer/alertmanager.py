@@ -50,6 +50,7 @@ def healing_failed_alert(
     annotations: Mapping[str, str],
     *,
     rule: str,
+    episode: int | None = None,
     strategies_tried: Sequence[str],
     audit_url: str,
     reason: str,
@@ -59,12 +60,13 @@ def healing_failed_alert(
     """Build the `HealingFailed` alert healer posts when a rule's escalation ladder is exhausted.
 
     Labels are the original alert's labels with `alertname` replaced by `HealingFailed`, plus
-    `healed_alertname`, `healer_rule` and `severity="critical"`; empty label values are
-    dropped, as Prometheus treats them as absent. The original annotations are kept, each
+    `healed_alertname`, `healer_rule`, `healer_episode` (when given: each failed episode is its
+    own alert, even for the same flapping alert) and `severity="critical"`; empty label values
+    are dropped, as Prometheus treats them as absent. The original annotations are kept, each
     renamed with a `healed_` prefix (so `summary` becomes `healed_summary`), beside healer's
     own `summary`, `description`, `strategies_tried`, `audit_url` and `runbook_url`.
-    `generatorURL` is the audit URL. Posting the same alert again with the same `starts_at` keeps
-    it one alert in Alertmanager. Without `ends_at` Alertmanager resolves the alert after its
+    `generatorURL` is the audit URL. Alertmanager tells alerts apart by their labels, so posting
+    the same alert again updates it. Without `ends_at` Alertmanager resolves the alert after its
     `resolve_timeout` (5m by default) unless it is posted again; an `ends_at` in the past resolves it.
     """
     alertname = original_labels.get("alertname", "") or "(unnamed alert)"
@@ -76,6 +78,8 @@ def healing_failed_alert(
         healer_rule=rule,
         severity="critical",
     )
+    if episode is not None:
+        labels["healer_episode"] = str(episode)
     tried = ", ".join(strategies_tried) if strategies_tried else "none"
     description = (
         f"healer rule {rule!r} tried {len(strategies_tried)} "

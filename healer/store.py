@@ -28,9 +28,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
+# AUTOINCREMENT: a delivery id is never reused after purge, so the audit trail's ids stay unique.
 INBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS inbox (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at REAL NOT NULL,
     body TEXT NOT NULL,
     alerts INTEGER NOT NULL,
@@ -335,6 +336,8 @@ class SQLiteStore:
         self._migrate()
         self._db.executescript(SCHEMA)
         self._parsed: tuple[int, list[WebhookAlert]] | None = None
+        # Alerts of deliveries the payload model no longer accepts; the engine subtracts them from its gauge.
+        self.discarded_alerts = 0
 
     def _migrate(self) -> None:
         """Turn an inbox of one row per alert (the layout of earlier builds) into deliveries of one."""
@@ -399,7 +402,7 @@ class SQLiteStore:
                 "INSERT INTO inbox (received_at, body, alerts) VALUES (?, CAST(? AS TEXT), ?)",
                 [(now, body, count) for body, count in deliveries],
             )
-            # One writer, and rowids without AUTOINCREMENT are max + 1, so the new ids are contiguous.
+            # One writer, and each new id is the previous one + 1, so the ids of one batch are contiguous.
             last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             return list(range(last - len(deliveries) + 1, last + 1))
 
@@ -440,6 +443,8 @@ class SQLiteStore:
         return alerts
 
     def _discard_delivery(self, db: sqlite3.Connection, delivery: int, reason: str) -> None:
+        left = db.execute("SELECT alerts - done FROM inbox WHERE id = ?", (delivery,)).fetchone()
+        self.discarded_alerts += int(left[0]) if left else 0
         db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (self._clock(), delivery))
         self._event(db, "delivery_unreadable", {"delivery": delivery, "reason": reason[:2000]})
 
@@ -475,7 +480,7 @@ class SQLiteStore:
         """Create the episodes of firing alerts with their first steps, in one transaction.
 
         An episode that exists already is left alone (Alertmanager re-sends). A first step waits
-        out the rule's cooldown for that alert. Every inbox item is marked processed.
+        out the rule's cooldown for that alert. The inbox cursor moves past every alert given.
         """
         now = self._clock()
 
@@ -598,13 +603,18 @@ class SQLiteStore:
         return Escalation(**row) if row else None
 
     def escalation_sent(self, episode_id: int, next_send: float | None) -> None:
-        """Record that Alertmanager took HealingFailed; `next_send` None means nothing is left to send."""
+        """Record that Alertmanager took HealingFailed; `next_send` None means it was the resolving post.
+
+        A resolution recorded while a firing post was in flight makes the next post due at once.
+        """
         now = self._clock()
 
         def work(db: sqlite3.Connection) -> None:
             first = db.execute("SELECT sent_at FROM escalations WHERE episode_id = ?", (episode_id,)).fetchone()
             db.execute(
-                "UPDATE escalations SET sent_at = ?, failures = 0, next_send = ? WHERE episode_id = ?",
+                "UPDATE escalations SET sent_at = ?, failures = 0,"
+                " next_send = CASE WHEN ?2 IS NOT NULL AND resolved_at IS NOT NULL THEN ?1 ELSE ?2 END"
+                " WHERE episode_id = ?3",
                 (now, next_send, episode_id),
             )
             # Re-sends keep HealingFailed firing; only the first delivery and the resolution are news.
@@ -625,6 +635,17 @@ class SQLiteStore:
             )
             if next_send is None:
                 self._event(db, "escalation_refused", {"reason": reason[:2000]}, episode_id)
+
+        self._tx(work)
+
+    def escalation_withdrawn(self, episode_id: int) -> None:
+        """The alert resolved before HealingFailed ever reached Alertmanager: nobody needs paging."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE escalations SET next_send = NULL WHERE episode_id = ?", (episode_id,))
+            self._event(
+                db, "escalation_withdrawn", {"reason": "the alert resolved before it was delivered"}, episode_id
+            )
 
         self._tx(work)
 
@@ -932,6 +953,8 @@ class SQLiteStore:
             removed = db.execute(f"DELETE FROM episodes WHERE {ended}", (older_than,)).rowcount  # noqa: S608 - constant
             db.execute("DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (older_than,))
             return int(removed)
+
+        self._parsed = None
 
         return self._tx(work)
 

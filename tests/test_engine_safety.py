@@ -129,6 +129,12 @@ def episodes_open(workdir: Path) -> int:
     return int(db_rows(workdir, "SELECT count(*) FROM episodes WHERE state = 'open'")[0][0])
 
 
+def all_ended(workdir: Path, episodes: int) -> bool:
+    """Whether exactly `episodes` episodes exist and none is open, read in one query (one snapshot)."""
+    [(total, still_open)] = db_rows(workdir, "SELECT count(*), coalesce(sum(state = 'open'), 0) FROM episodes")
+    return bool(total == episodes and still_open == 0)
+
+
 def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Server]) -> None:
     """The same payload posted 20 times concurrently and 20 times in sequence gives one action per episode."""
     healer = start_healer(tmp_path, config(tmp_path))
@@ -140,7 +146,7 @@ def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Serve
     codes += [post(url, body, AUTH)[0] for _ in range(20)]
     assert codes == [200] * 40
     wait_for(
-        lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 2 and episodes_open(tmp_path) == 0,
+        lambda: all_ended(tmp_path, 2),
         30,
         what="both episodes ended",
     )
@@ -179,7 +185,8 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
     servers.append(restarted)
     wait_for(
         lambda: (
-            episodes_open(tmp_path) == 0 and not db_rows(tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL")
+            # The inbox first: once it is empty no episode can appear, so "none open" read after it holds.
+            not db_rows(tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL") and episodes_open(tmp_path) == 0
         ),
         120,
         interval=0.5,
@@ -229,7 +236,7 @@ def test_hostile_labels_never_run(tmp_path: Path, servers: list[Server]) -> None
     alerts = [alert(value.format(marker=marker)) for value in HOSTILE]
     assert post(healer.url + "/api/v1/alertmanager", payload(*alerts), AUTH)[0] == 200
     wait_for(
-        lambda: len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == len(HOSTILE) and episodes_open(tmp_path) == 0,
+        lambda: all_ended(tmp_path, len(HOSTILE)),
         30,
         what="episodes ended",
     )
@@ -289,7 +296,7 @@ def test_budget_opens_circuit_until_closed(tmp_path: Path, servers: list[Server]
     healer = start_healer(tmp_path, settings)
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("c1"), alert("c2"), alert("c3")), AUTH)
-    wait_for(lambda: episodes_open(tmp_path) == 0 and len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 3, 20)
+    wait_for(lambda: all_ended(tmp_path, 3), 20)
     assert db_rows(tmp_path, "SELECT count(*) FROM actions WHERE skip_reason = 'circuit_open'") == [(1,)]
     assert len([line for line in steps_log(tmp_path) if line.startswith("start")]) == 2
     _, metrics = http_get(healer.url + "/metrics")

@@ -20,6 +20,7 @@ from healer.exporter.host import HostCollector
 from healer.exporter.probes import ProbeMetrics, Prober
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
+from tests.servers import wait_for
 
 
 def registry_with(*collectors: Any) -> CollectorRegistry:
@@ -46,11 +47,19 @@ class RefusingPsutil:
         return getattr(psutil, name)
 
 
+def start_sleeper(marker: str) -> subprocess.Popen[bytes]:
+    """Start an idle process with `marker` in its command line, once the command line shows it."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker])
+    # Until the child has exec'd, its command line is still the parent's and a scan would miss it.
+    wait_for(lambda: marker in " ".join(psutil.Process(process.pid).cmdline()), 10, 0.01, what="sleeper exec'd")
+    return process
+
+
 @pytest.fixture
 def sleeper() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A real idle process with a unique marker in its command line."""
     marker = f"healer-test-{uuid.uuid4().hex[:12]}"
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker])
+    process = start_sleeper(marker)
     yield process, marker
     if process.poll() is None:
         process.kill()
@@ -191,7 +200,7 @@ def test_access_denied_fds_gives_fewer_series(sleeper: tuple[subprocess.Popen[by
 def test_scan_counts_every_matching_process(sleeper: tuple[subprocess.Popen[bytes], str]) -> None:
     """Two processes matching one regex are counted as two instances with summed memory."""
     first, marker = sleeper
-    second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker])
+    second = start_sleeper(marker)
     try:
         finder = ProcessFinder([ProcessWatch(name="pair", cmdline=marker)])
         finder.scan()

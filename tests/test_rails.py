@@ -67,3 +67,15 @@ def test_share_outside_zero_to_one_is_refused(share: float) -> None:
     """A share of zero or less, or above one, is a programming error and says so."""
     with pytest.raises(ValueError, match="intake share"):
         IntakePacer(share)
+
+
+def test_hold_keeps_intake_paused_after_a_failure() -> None:
+    """After a failed batch, hold() keeps the next batch from starting for the given time."""
+    clock = Clock()
+    pacer = IntakePacer(0.25, clock)
+    batch(pacer, clock, 0.001, delivery_during=False)
+    pacer.end_batch()
+    pacer.hold(1.0)
+    assert pacer.wait() == pytest.approx(1.0)
+    clock.now += 1.0
+    assert pacer.wait() == 0.0

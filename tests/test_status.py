@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.servers import Server, http_json, start_healer, wait_for
-from tests.test_engine_safety import AUTH, alert, config, db_rows, episodes_open, payload
+from tests.test_engine_safety import AUTH, alert, all_ended, config, db_rows, payload
 from tests.test_receiver import post
 
 
@@ -21,7 +21,7 @@ def test_status_counts_match_the_audit_trail(tmp_path: Path, servers: list[Serve
     other["labels"]["alertname"] = "NobodyHealsThis"
     post(healer.url + "/api/v1/alertmanager", payload(alert("s1"), alert("s2"), other), AUTH)
     post(healer.url + "/api/v1/alertmanager", payload(alert("s1")), AUTH)
-    wait_for(lambda: episodes_open(tmp_path) == 0 and len(db_rows(tmp_path, "SELECT 1 FROM episodes")) == 3, 30)
+    wait_for(lambda: all_ended(tmp_path, 3), 30)
 
     report = http_json(healer.url + "/api/v1/status")
     assert set(report) == {"health", "trend", "healing", "goals", "optimization"}

@@ -355,3 +355,27 @@ def test_purge_keeps_an_episode_whose_healing_failed_is_still_queued(store: SQLi
     assert store.purge(older_than=1e12) == 0 and store.get_escalation(episode_id) is not None
     store.escalation_sent(episode_id, next_send=None)
     assert store.purge(older_than=1e12) == 1 and store.get_escalation(episode_id) is None
+
+
+def test_resolution_during_a_firing_post_is_sent_next(
+    store: SQLiteStore, firing: WebhookAlert, resolved: WebhookAlert
+) -> None:
+    """When the alert resolves while a firing HealingFailed is being posted, the resolving post is due at once."""
+    episode_id = escalate(store, firing)
+    [position] = deliver(store, resolved)
+    store.resolve_episode(position, resolved)  # arrives while the firing post is in flight
+    store.escalation_sent(episode_id, next_send=store._clock() + 60)  # that post completes
+    [due] = store.agenda(now=store._clock()).escalations
+    assert due.episode_id == episode_id and due.resolved_at is not None
+
+
+def test_delivery_ids_are_not_reused_after_purge(store: SQLiteStore, firing: WebhookAlert) -> None:
+    """A delivery after retention emptied the inbox gets a new id, and its own alerts are the ones processed."""
+    [first] = deliver(store, firing)
+    store.open_episodes([OpenRequest(first, firing, None, "unmatched", None)])
+    store.purge(older_than=1e12)
+    other = firing.model_copy(update={"fingerprint": "00000000000000ff"})
+    [second] = deliver(store, other)
+    assert second.delivery > first.delivery
+    [item] = store.unprocessed()
+    assert item.position == second and item.alert.fingerprint == "00000000000000ff"

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 STRATEGY_LABEL = "healer_strategy"
 # While webhook deliveries keep arriving, processing the inbox gets this share of the time.
 INTAKE_SHARE_UNDER_LOAD = 0.25
+# After the inbox failed to process, how long before it is tried again.
+INTAKE_RETRY_SECONDS = 1.0
 # At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
 SIDE_TASK_GRACE = 1.0
 # How often silences that Alertmanager could not expire when their episode ended are tried again.
@@ -147,7 +149,11 @@ class Engine:
         self._stop_deadline: float | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._sending: set[int] = set()
-        self._next_silence_sweep = 0.0
+        self._not_firing_seen: set[int] = set()
+        self._discarded_counted = 0
+        # _recover expires leftover silences at start; the sweep takes over from then on.
+        self._next_silence_sweep = clock() + SILENCE_SWEEP_SECONDS
+        self._sweeping = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,12 +182,17 @@ class Engine:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+        # Steps that ended during the stop may have escalated: post those now rather than at a next
+        # start that may never come.
+        with contextlib.suppress(Exception):
+            self._send_due(await self.store.call(self.store.sync.agenda, self._clock()))
         if self._side_tasks:
-            # Escalations and silence expiries are queued in the store: cutting them short loses nothing.
+            # Escalations and silence expiries stay queued in the store if cut short here.
             remaining = max(SIDE_TASK_GRACE, self._stop_deadline - time.monotonic())
             _, pending = await asyncio.wait(self._side_tasks, timeout=remaining)
             for task in pending:
                 task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def wake(self) -> None:
         """Tell the work loop that there is new work."""
@@ -239,20 +250,26 @@ class Engine:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            try:
-                more = False
-                if not self._intake.wait():
-                    self._intake.start_batch()
+            more = False
+            if not self._intake.wait():
+                self._intake.start_batch()
+                try:
                     more = await self._take_inbox_batch()
+                except Exception:
+                    log.exception("inbox processing failed; retrying in a second")
                     self._intake.end_batch()
+                    self._intake.hold(INTAKE_RETRY_SECONDS)
+                else:
+                    self._intake.end_batch()
+            try:
+                # Due steps and escalations go out whatever the inbox is doing, a failing inbox included.
                 agenda = await self.store.call(self.store.sync.agenda, self._clock())
                 await self._expire_approvals(agenda.expired_approvals)
                 delay = self._dispatch_due(agenda)
             except Exception:
                 log.exception("healing loop failed; retrying")
-                more, delay = False, 1.0
-            if more or self._intake.waiting:
-                # Due steps are never held back by the inbox: they were dispatched above.
+                delay = 1.0
+            if more or self._intake.waiting or self._intake.wait():
                 pause = self._intake.wait()
                 if not pause:
                     continue
@@ -273,7 +290,9 @@ class Engine:
             firing = []
             await self._on_resolved(item)
         await self._open_all(firing)
-        self.metrics.inbox_depth.dec(len(items))
+        discarded = self.store.sync.discarded_alerts - self._discarded_counted
+        self._discarded_counted += discarded
+        self.metrics.inbox_depth.dec(len(items) + discarded)
         return len(items) == size
 
     def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
@@ -365,12 +384,10 @@ class Engine:
                 task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
                 task.add_done_callback(functools.partial(self._forget, action.id))
-        for escalation in agenda.escalations:
-            if escalation.episode_id not in self._sending:
-                self._sending.add(escalation.episode_id)
-                self._spawn(self._send_escalation(escalation))
-        if self._clock() >= self._next_silence_sweep:
+        self._send_due(agenda)
+        if self._clock() >= self._next_silence_sweep and not self._sweeping:
             self._next_silence_sweep = self._clock() + SILENCE_SWEEP_SECONDS
+            self._sweeping = True
             self._spawn(self._sweep_silences())
         if agenda.next_wake is None:
             return 5.0
@@ -634,53 +651,87 @@ class Engine:
         log.warning("escalating", extra=fields(episode=episode.id, alertname=episode.alertname, reason=reason))
         self.wake()
 
-    async def _send_escalation(self, escalation: Escalation) -> None:
+    def _send_due(self, agenda: Agenda) -> None:
+        """Start posting every due HealingFailed that is not being posted already."""
+        for escalation in agenda.escalations:
+            if escalation.episode_id not in self._sending:
+                self._sending.add(escalation.episode_id)
+                self._spawn(self._send_escalation(escalation))
+
+    async def _send_escalation(self, queued: Escalation) -> None:
         """Post the HealingFailed of an escalated episode: firing while its alert fires, then resolved once."""
-        episode_id = escalation.episode_id
+        episode_id = queued.episode_id
         try:
+            # The agenda may be older than a send that just finished; the row says what is due now.
+            escalation = await self.store.call(self.store.sync.get_escalation, episode_id)
             episode = await self.store.call(self.store.sync.get_episode, episode_id)
-            if episode is None:
-                return
-            resolved_at = escalation.resolved_at
-            if resolved_at is None and escalation.sent_at is not None and await self._still_firing(episode) is False:
-                # Alertmanager may never send the resolved notification (send_resolved: false).
-                await self.store.call(self.store.sync.escalation_stopped_firing, episode_id)
-                resolved_at = self._clock()
-            tried = await self.store.call(self.store.sync.list_actions, ActionFilter(episode_id=episode_id, limit=1000))
-            resend = self.config.alertmanager.resend_interval
             now = self._clock()
-            alert = AlertmanagerClient.healing_failed_alert(
-                episode.labels,
-                episode.annotations,
-                rule=escalation.rule,
-                strategies_tried=[action.strategy for action, _ in reversed(tried)],
-                audit_url=f"{self.external_url}/api/v1/actions?episode={episode_id}",
-                reason=escalation.reason,
-                starts_at=datetime.fromtimestamp(escalation.created_at, UTC),
-                ends_at=datetime.fromtimestamp(resolved_at if resolved_at is not None else now + 4 * resend, UTC),
-            )
-            try:
-                await self.alertmanager.post_alerts([alert])
-            except AlertmanagerUnavailableError as exc:
-                self.metrics.escalation_failures.inc()
-                refused = exc.status is not None and 400 <= exc.status < 500
-                log.error(
-                    "HealingFailed not delivered",
-                    extra=fields(episode=episode_id, reason=str(exc), giving_up=refused),
-                )
-                # Alertmanager refusing the alert itself will refuse it again; anything else is retried.
-                retry = None if refused else now + min(resend, 2.0**escalation.failures)
-                await self.store.call(self.store.sync.escalation_failed, episode_id, retry, str(exc))
+            if escalation is None or episode is None or escalation.next_send is None or escalation.next_send > now:
                 return
-            await self.store.call(
-                self.store.sync.escalation_sent, episode_id, None if resolved_at is not None else now + resend
-            )
-        except StoreUnavailableError as exc:
-            log.error("escalation state not recorded; retrying", extra=fields(episode=episode_id, reason=str(exc)))
-            await asyncio.sleep(1.0)  # the row still says "due": do not hammer Alertmanager meanwhile
+            if escalation.resolved_at is not None and escalation.sent_at is None:
+                await self.store.call(self.store.sync.escalation_withdrawn, episode_id)
+                return
+            await self._post_escalation(escalation, episode)
+        except Exception:
+            # Anything unexpected waits like a failed post, so that a bug cannot turn into a flood of posts.
+            log.exception("HealingFailed not sent", extra=fields(episode=episode_id))
+            with contextlib.suppress(Exception):
+                retry = self._clock() + self.config.alertmanager.resend_interval
+                await self.store.call(self.store.sync.escalation_failed, episode_id, retry, "internal error")
         finally:
             self._sending.discard(episode_id)
             self.wake()
+
+    async def _post_escalation(self, escalation: Escalation, episode: Episode) -> None:
+        episode_id = episode.id
+        resolved_at = escalation.resolved_at
+        if resolved_at is None and escalation.sent_at is not None:
+            # Alertmanager may never send the resolved notification (send_resolved: false). One empty
+            # answer can be a gap in ALERTS (a Prometheus restart); two in a row, an interval apart, are not.
+            if await self._still_firing(episode) is False:
+                if episode_id in self._not_firing_seen:
+                    await self.store.call(self.store.sync.escalation_stopped_firing, episode_id)
+                    resolved_at = self._clock()
+                self._not_firing_seen.add(episode_id)
+            else:
+                self._not_firing_seen.discard(episode_id)
+        tried = await self.store.call(self.store.sync.list_actions, ActionFilter(episode_id=episode_id, limit=1000))
+        resend = self.config.alertmanager.resend_interval
+        now = self._clock()
+        alert = AlertmanagerClient.healing_failed_alert(
+            episode.labels,
+            episode.annotations,
+            rule=escalation.rule,
+            episode=episode_id,
+            strategies_tried=[action.strategy for action, _ in reversed(tried)],
+            audit_url=f"{self.external_url}/api/v1/actions?episode={episode_id}",
+            reason=escalation.reason,
+            starts_at=datetime.fromtimestamp(escalation.created_at, UTC),
+            ends_at=datetime.fromtimestamp(resolved_at if resolved_at is not None else now + 4 * resend, UTC),
+        )
+        try:
+            await self.alertmanager.post_alerts([alert])
+        except AlertmanagerUnavailableError as exc:
+            self.metrics.escalation_failures.inc()
+            # A first post that Alertmanager refuses will be refused again. A re-send is never given up:
+            # the alert was valid once, and giving up would let the page expire while the alert fires.
+            refused = (
+                escalation.sent_at is None
+                and exc.status is not None
+                and 400 <= exc.status < 500
+                and exc.status not in (408, 429)
+            )
+            log.error(
+                "HealingFailed not delivered", extra=fields(episode=episode_id, reason=str(exc), giving_up=refused)
+            )
+            retry = None if refused else now + min(resend, 2.0 ** min(escalation.failures, 10))
+            await self.store.call(self.store.sync.escalation_failed, episode_id, retry, str(exc))
+            return
+        if resolved_at is not None:
+            self._not_firing_seen.discard(episode_id)
+        await self.store.call(
+            self.store.sync.escalation_sent, episode_id, None if resolved_at is not None else now + resend
+        )
 
     async def _sweep_silences(self) -> None:
         """Expire the silences of ended episodes that Alertmanager could not take before."""
@@ -689,6 +740,8 @@ class Engine:
                 await self._expire_silence(episode)
         except StoreUnavailableError as exc:
             log.error("silence sweep failed", extra=fields(reason=str(exc)))
+        finally:
+            self._sweeping = False
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

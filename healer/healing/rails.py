@@ -94,6 +94,10 @@ class IntakePacer:
         else:
             self._not_before = finished
 
+    def hold(self, seconds: float) -> None:
+        """Start no batch for `seconds`, as after a batch that failed."""
+        self._not_before = max(self._not_before, self._clock() + seconds)
+
     @property
     def waiting(self) -> bool:
         """Whether deliveries arrived after the last batch began, so their alerts may not be in it."""
