@@ -28,10 +28,11 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
-# AUTOINCREMENT: a delivery id is never reused after purge, so the audit trail's ids stay unique.
+# A new id is the largest + 1, and purge always keeps the newest row, so an id is never used twice.
+# (AUTOINCREMENT would too, at the price of one more page written per commit.)
 INBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS inbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     received_at REAL NOT NULL,
     body TEXT NOT NULL,
     alerts INTEGER NOT NULL,
@@ -951,7 +952,11 @@ class SQLiteStore:
             db.execute(f"DELETE FROM escalations WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             db.execute(f"DELETE FROM actions WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
             removed = db.execute(f"DELETE FROM episodes WHERE {ended}", (older_than,)).rowcount  # noqa: S608 - constant
-            db.execute("DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?", (older_than,))
+            db.execute(
+                "DELETE FROM inbox WHERE processed_at IS NOT NULL AND processed_at < ?"
+                " AND id < (SELECT max(id) FROM inbox)",
+                (older_than,),
+            )
             return int(removed)
 
         self._parsed = None
