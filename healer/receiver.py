@@ -54,7 +54,7 @@ def authenticate(request: web.Request) -> web.Response | None:
 
 
 def _count(request: web.Request, status: int) -> None:
-    request.app[ENGINE].metrics.webhook_requests.labels(f"{status // 100}xx").inc()
+    request.app[ENGINE].metrics.webhook_responses[status // 100].inc()
 
 
 async def alertmanager_webhook(request: web.Request) -> web.Response:
@@ -96,14 +96,17 @@ async def _receive(request: web.Request) -> web.Response:
     except StoreUnavailableError as exc:
         log.error("store refused alerts", extra=fields(reason=str(exc), alerts=len(payload.alerts)))
         return problem(503, "the store cannot take the alerts now; retry", reason=str(exc))
+    metrics = engine.metrics
     resolved = sum(1 for alert in payload.alerts if alert.status == "resolved")
     if resolved:
-        engine.metrics.alerts_received.labels("resolved").inc(resolved)
+        metrics.alerts_resolved.inc(resolved)
     if resolved < len(payload.alerts):
-        engine.metrics.alerts_received.labels("firing").inc(len(payload.alerts) - resolved)
-    engine.metrics.inbox_depth.inc(len(payload.alerts))
+        metrics.alerts_firing.inc(len(payload.alerts) - resolved)
+    metrics.inbox_depth.inc(len(payload.alerts))
     engine.inbox_grew()
-    return web.json_response({"accepted": len(payload.alerts), "delivery": delivery})
+    # Two integers: formatting them directly is a tenth of json_response's cost on the hottest path.
+    body = b'{"accepted": %d, "delivery": %d}' % (len(payload.alerts), delivery)
+    return web.Response(body=body, content_type="application/json")
 
 
 def _action_json(action: Any, episode: Any) -> dict[str, Any]:

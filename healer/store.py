@@ -494,12 +494,14 @@ class SQLiteStore:
 
     def _open_episode(self, db: sqlite3.Connection, request: OpenRequest, now: float) -> Opened:
         alert = request.alert
+        starts_at = alert.starts_at
+        ended_at = None if request.state == "open" else now
         cursor = db.execute(
             "INSERT OR IGNORE INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels,"
             " annotations, rule, state, created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 alert.fingerprint,
-                alert.starts_at,
+                starts_at,
                 alert.starts_at_epoch,
                 alert.alertname,
                 json.dumps(alert.labels),
@@ -507,14 +509,21 @@ class SQLiteStore:
                 request.rule,
                 request.state,
                 now,
-                None if request.state == "open" else now,
+                ended_at,
             ),
         )
         created = cursor.rowcount == 1
-        row = db.execute(
-            "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, alert.starts_at)
-        ).fetchone()
-        episode = _episode(row)
+        if created:
+            # Everything is known; reading the row back would only parse the JSON just written.
+            episode = Episode(
+                int(cursor.lastrowid or 0), alert.fingerprint, starts_at, alert.starts_at_epoch, alert.alertname,
+                dict(alert.labels), dict(alert.annotations), request.rule, request.state, now, ended_at, None, None,
+            )  # fmt: skip
+        else:
+            row = db.execute(
+                "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, starts_at)
+            ).fetchone()
+            episode = _episode(row)
         deferred_until = None
         if created:
             for kind, detail in request.events:

@@ -38,6 +38,10 @@ class HealingMetrics:
         self.webhook_requests = Counter(
             "healer_webhook_requests", "Webhook requests by response class.", ["code"], registry=registry
         )
+        # The webhook's hot path uses these children directly; labels() takes a lock and a lookup each time.
+        self.webhook_responses = {int(code[0]): self.webhook_requests.labels(code) for code in WEBHOOK_CODES}
+        self.alerts_firing = self.alerts_received.labels("firing")
+        self.alerts_resolved = self.alerts_received.labels("resolved")
         self.actions = Counter(
             "healer_actions",
             "Healing steps finished, by strategy and outcome.",

@@ -43,6 +43,7 @@ class WebhookAlert(BaseModel):
 
     @property
     def starts_at_epoch(self) -> float:
+        # No cached_property here or in starts_at: model_copy(update=...) would copy a stale value.
         moment = self.startsAt if self.startsAt.tzinfo else self.startsAt.replace(tzinfo=UTC)
         return moment.timestamp()
 
