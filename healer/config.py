@@ -134,6 +134,8 @@ class AlertmanagerConfig(UpstreamConfig):
 class StoreConfig(_Strict):
     path: Path = Path("healer.db")
     retention: Duration = 30 * 86400.0
+    # About 600 MB of webhook bodies; beyond it Alertmanager is told to retry instead of filling the disk.
+    max_backlog: int = Field(default=1_000_000, ge=1)
 
 
 class FilesystemFilter(_Strict):

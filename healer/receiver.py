@@ -91,6 +91,14 @@ async def _receive(request: web.Request) -> web.Response:
             f"payload does not match the Alertmanager webhook format: {errors[0]['field']}: {errors[0]['message']}",
             errors=errors[:20],
         )
+    if engine.backlog >= engine.config.store.max_backlog:
+        # Alertmanager retries a 5xx later; refusing now bounds the disk and loses nothing.
+        return problem(
+            503,
+            f"{engine.backlog} alerts wait to be processed, the limit is {engine.config.store.max_backlog}"
+            " (store.max_backlog); retry later",
+            backlog=engine.backlog,
+        )
     try:
         delivery = await engine.store.accept(body, len(payload.alerts))
     except StoreUnavailableError as exc:
@@ -102,8 +110,7 @@ async def _receive(request: web.Request) -> web.Response:
         metrics.alerts_resolved.inc(resolved)
     if resolved < len(payload.alerts):
         metrics.alerts_firing.inc(len(payload.alerts) - resolved)
-    metrics.inbox_depth.inc(len(payload.alerts))
-    engine.inbox_grew()
+    engine.inbox_grew(len(payload.alerts))
     # Two integers: formatting them directly is a tenth of json_response's cost on the hottest path.
     body = b'{"accepted": %d, "delivery": %d}' % (len(payload.alerts), delivery)
     return web.Response(body=body, content_type="application/json")

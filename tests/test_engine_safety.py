@@ -10,6 +10,7 @@ import concurrent.futures
 import copy
 import hashlib
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -419,3 +420,23 @@ def test_sigterm_stops_within_one_shutdown_timeout(tmp_path: Path, servers: list
     wait_for(
         lambda: ("interrupted",) in db_rows(tmp_path, "SELECT outcome FROM actions"), 20, what="recorded interrupted"
     )
+
+
+def test_full_inbox_answers_503_and_loses_nothing(tmp_path: Path, servers: list[Server]) -> None:
+    """At store.max_backlog the webhook answers 503 so that Alertmanager retries, and accepts again once worked off."""
+    settings = config(tmp_path)
+    settings["store"]["max_backlog"] = 10
+    settings["server"]["max_request_bytes"] = 8 * 1024 * 1024
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    url = healer.url + "/api/v1/alertmanager"
+    storm = payload(*(alert(f"s{i}", alertname="Storm") for i in range(5000)))
+    assert post(url, storm, AUTH)[0] == 200  # below the limit when it came, so taken whole
+    code, answer = post(url, payload(alert("late", alertname="Storm")), AUTH)
+    assert code == 503 and "store.max_backlog" in answer["error"] and answer["backlog"] >= 10
+    wait_for(lambda: post(url, payload(alert("late", alertname="Storm")), AUTH)[0] == 200, 60, what="accepted again")
+    assert db_rows(tmp_path, "SELECT coalesce(sum(alerts), 0) FROM inbox") == [(5001,)]
+    _, metrics = http_get(healer.url + "/metrics")
+    refused = re.search(rb'healer_webhook_requests_total\{code="5xx"\} ([0-9.]+)', metrics)
+    assert refused is not None and float(refused.group(1)) >= 1
+    assert steps_log(tmp_path) == []  # no rule matches Storm

@@ -151,6 +151,8 @@ class Engine:
         self._sending: set[int] = set()
         self._not_firing_seen: set[int] = set()
         self._discarded_counted = 0
+        # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
+        self.backlog = 0
         # _recover expires leftover silences at start; the sweep takes over from then on.
         self._next_silence_sweep = clock() + SILENCE_SWEEP_SECONDS
         self._sweeping = False
@@ -198,8 +200,10 @@ class Engine:
         """Tell the work loop that there is new work."""
         self._wake.set()
 
-    def inbox_grew(self) -> None:
-        """Tell the work loop that a delivery is in the inbox; it comes when intake's pause allows."""
+    def inbox_grew(self, alerts: int) -> None:
+        """Tell the work loop that a delivery of `alerts` is in the inbox; it comes when intake's pause allows."""
+        self.backlog += alerts
+        self.metrics.inbox_depth.set(self.backlog)
         self._intake.delivered()
         if not self._intake.wait():
             self._wake.set()
@@ -235,7 +239,8 @@ class Engine:
             log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
             if nxt is None:
                 await self._count_escalation(episode, reason)
-        self.metrics.inbox_depth.set(await self.store.call(self.store.sync.inbox_depth))
+        self.backlog = await self.store.call(self.store.sync.inbox_depth)
+        self.metrics.inbox_depth.set(self.backlog)
         if self.config.healing.rules:
             # The first PromQL call pays for imports and a connection (about 40 ms); pay it now, not in
             # the first heal. Without rules healer never queries, and skips the imports' 4 MB.
@@ -292,7 +297,8 @@ class Engine:
         await self._open_all(firing)
         discarded = self.store.sync.discarded_alerts - self._discarded_counted
         self._discarded_counted += discarded
-        self.metrics.inbox_depth.dec(len(items) + discarded)
+        self.backlog -= len(items) + discarded
+        self.metrics.inbox_depth.set(self.backlog)
         return len(items) == size
 
     def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
