@@ -112,8 +112,8 @@ async def _receive(request: web.Request) -> web.Response:
         metrics.alerts_firing.inc(len(payload.alerts) - resolved)
     engine.inbox_grew(len(payload.alerts))
     # Two integers: formatting them directly is a tenth of json_response's cost on the hottest path.
-    body = b'{"accepted": %d, "delivery": %d}' % (len(payload.alerts), delivery)
-    return web.Response(body=body, content_type="application/json")
+    answer = b'{"accepted": %d, "delivery": %d}' % (len(payload.alerts), delivery)
+    return web.Response(body=answer, content_type="application/json")
 
 
 def _action_json(action: Any, episode: Any) -> dict[str, Any]:

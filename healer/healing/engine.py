@@ -274,8 +274,8 @@ class Engine:
             except Exception:
                 log.exception("healing loop failed; retrying")
                 delay = 1.0
-            if more or self._intake.waiting or self._intake.wait():
-                pause = self._intake.wait()
+            pause = self._intake.wait()
+            if more or self._intake.waiting or pause:
                 if not pause:
                     continue
                 delay = min(delay, pause)

@@ -89,7 +89,7 @@ class IntakePacer:
     def end_batch(self) -> None:
         """Schedule the next batch: at once when the webhook was quiet, else after a pause in proportion."""
         finished = self._clock()
-        if self._last_delivery >= self._batch_started:
+        if self.waiting:
             self._not_before = finished + (finished - self._batch_started) * (1 / self._share - 1)
         else:
             self._not_before = finished
