@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,11 @@ def test_every_scenario_heals(tmp_path: Path) -> None:
         assert outcome["seconds_from_alert"] is not None and outcome["seconds_from_alert"] >= 0
     assert results["latency"]["strategies"] == ["clear-cache", "enable-caching"]
     assert "healed and verified by PromQL" in result.stdout
-    assert "Status report" in result.stdout and "7 healed" in result.stdout
+    # Side alerts (a probe failing while the app restarts) may add healed episodes of their own.
+    status = re.search(r"Status report.*?(?=\nWhere to look)", result.stdout, re.S)
+    assert status is not None, result.stdout[-3000:]
+    healed = re.search(r"(\d+) healed", status.group(0))
+    assert healed is not None and int(healed.group(1)) >= len(SCENARIO_NAMES), status.group(0)
     # Everything the demo started is gone.
     assert processes_mentioning(str(tmp_path / "w")) == []
 
