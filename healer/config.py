@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,6 +24,7 @@ from pydantic import (
 )
 
 from healer.matchers import InvalidMatcherError, Matcher
+from healer.planner.model import GoalPriority, GoalType, parse_priority
 from healer.strategies.base import StrategyParams, StrategyRegistry, UnknownStrategyTypeError
 from healer.types import Duration, PositiveDuration, Regex
 
@@ -263,6 +266,65 @@ class HealingConfig(_Strict):
         return rules
 
 
+GOAL_PLACEHOLDER = re.compile(r"\{(\w+)\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _target_query(query: str) -> str:
+    if not query.strip():
+        raise ValueError("must be a PromQL expression")
+    for match in GOAL_PLACEHOLDER.finditer(query):
+        if match.group(1) != "labels":
+            raise ValueError(f"{match.group(0)!r}: a target query can use only '{{labels.NAME}}' placeholders")
+    return query
+
+
+Priority = Annotated[GoalPriority, BeforeValidator(parse_priority), PlainSerializer(lambda p: p.name)]
+
+
+class GoalTarget(_Strict):
+    # {labels.NAME} becomes the trigger series' label value as a quoted PromQL string.
+    query: Annotated[str, AfterValidator(_target_query)]
+    below: float | None = None
+    above: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GoalTarget:
+        if (self.below is None) == (self.above is None):
+            raise ValueError("give exactly one of below or above: the value that means the goal is reached")
+        return self
+
+
+class GoalSpec(_Strict):
+    """What a goal is, whether a template or an operator defines it."""
+
+    type: GoalType
+    priority: Priority = GoalPriority.MEDIUM
+    description: str = ""
+    target: GoalTarget
+    plan: list[str] = Field(min_length=1)
+    deadline: PositiveDuration = 3600.0
+    # After each step, how long the target has to be reached before the next step of the plan runs.
+    settle: PositiveDuration = 60.0
+
+
+class GoalTemplate(GoalSpec):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
+    # Each series this query returns opens one goal, keyed by the template and the series' labels.
+    trigger: Annotated[str, AfterValidator(_target_query)]
+
+
+class PlannerConfig(_Strict):
+    enabled: bool = True
+    interval: PositiveDuration = 30.0
+    goals: list[GoalTemplate] = Field(default_factory=list)
+
+    @field_validator("goals")
+    @classmethod
+    def _template_names_unique(cls, goals: list[GoalTemplate]) -> list[GoalTemplate]:
+        _unique_names(goals, "goal template")  # type: ignore[arg-type]
+        return goals
+
+
 class GrafanaConfig(_Strict):
     url: Url | None = None
     api_token_file: Path | None = None
@@ -286,6 +348,7 @@ class HealerConfig(_Strict):
     exporter: ExporterConfig = ExporterConfig()
     healing: HealingConfig = HealingConfig()
     grafana: GrafanaConfig = GrafanaConfig()
+    planner: PlannerConfig = PlannerConfig()
     strategies: dict[str, StrategyParams] = Field(default_factory=dict)
 
 
@@ -337,15 +400,34 @@ def _validate_strategies(raw: Any, registry: StrategyRegistry) -> tuple[dict[str
     return validated, errors
 
 
-def _cross_check(config: HealerConfig, strategy_names: set[str]) -> list[str]:
+def _cross_check(config: HealerConfig, strategies: dict[str, StrategyParams], raw_names: set[str]) -> list[str]:
     errors = []
     for index, rule in enumerate(config.healing.rules):
         for position, name in enumerate(rule.strategies):
-            if name not in strategy_names:
+            if name not in raw_names:
                 errors.append(
                     f"healing.rules[{index}].strategies[{position}]: strategy {name!r} is not defined under strategies"
                 )
+    for index, template in enumerate(config.planner.goals):
+        errors += [
+            f"planner.goals[{index}].plan[{position}]: {problem}"
+            for position, problem in plan_problems(template.plan, strategies, raw_names)
+        ]
     return errors
+
+
+def plan_problems(
+    plan: Sequence[str], strategies: dict[str, StrategyParams], known: set[str] | None = None
+) -> list[tuple[int, str]]:
+    """Why each step of a goal's plan cannot run: an unknown strategy, or one that waits for approval."""
+    known = set(strategies) if known is None else known
+    problems = []
+    for position, name in enumerate(plan):
+        if name not in known:
+            problems.append((position, f"strategy {name!r} is not defined under strategies"))
+        elif name in strategies and strategies[name].approval == "required":
+            problems.append((position, f"strategy {name!r} requires approval, which a goal's plan cannot wait for"))
+    return problems
 
 
 def parse_config(data: Any, source: Path | str = "<config>", registry: StrategyRegistry | None = None) -> HealerConfig:
@@ -365,7 +447,7 @@ def parse_config(data: Any, source: Path | str = "<config>", registry: StrategyR
         errors = _errors_of(exc) + errors
         raise ConfigError(source, errors) from None
     raw_names = set(raw_strategies) if isinstance(raw_strategies, dict) else set()
-    errors.extend(_cross_check(config, raw_names))
+    errors.extend(_cross_check(config, strategies, raw_names))
     if errors:
         raise ConfigError(source, errors)
     return config.model_copy(update={"strategies": strategies})

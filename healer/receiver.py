@@ -53,6 +53,21 @@ def authenticate(request: web.Request) -> web.Response | None:
     return None
 
 
+def invalid_body(exc: ValidationError, what: str) -> web.Response:
+    """400 for a body that is not JSON; 422 naming each field at fault for JSON that the model refuses."""
+    details = exc.errors(include_url=False, include_input=False)
+    if details and details[0]["type"] == "json_invalid":
+        return problem(400, f"body is not valid JSON: {details[0]['msg']}")
+    errors = [
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+            "message": str(error["msg"]).removeprefix("Value error, "),
+        }
+        for error in details
+    ]
+    return problem(422, f"{what}: {errors[0]['field']}: {errors[0]['message']}", errors=errors[:20])
+
+
 def _count(request: web.Request, status: int) -> None:
     request.app[ENGINE].metrics.webhook_responses[status // 100].inc()
 
@@ -80,17 +95,7 @@ async def _receive(request: web.Request) -> web.Response:
         # Parsing and validating in one pass (pydantic's JSON parser) is about twice as fast as two.
         payload = WebhookPayload.model_validate_json(body)
     except ValidationError as exc:
-        details = exc.errors(include_url=False, include_input=False)
-        if details and details[0]["type"] == "json_invalid":
-            return problem(400, f"body is not valid JSON: {details[0]['msg']}")
-        errors = [
-            {"field": ".".join(str(p) for p in error["loc"]) or "(body)", "message": error["msg"]} for error in details
-        ]
-        return problem(
-            422,
-            f"payload does not match the Alertmanager webhook format: {errors[0]['field']}: {errors[0]['message']}",
-            errors=errors[:20],
-        )
+        return invalid_body(exc, "payload does not match the Alertmanager webhook format")
     if engine.backlog >= engine.config.store.max_backlog:
         # Alertmanager retries a 5xx later; refusing now bounds the disk and loses nothing.
         return problem(
@@ -206,15 +211,7 @@ async def close_circuit(request: web.Request) -> web.Response:
     return web.json_response({"circuit_open": False})
 
 
-async def status(request: web.Request) -> web.Response:
-    """The unified status report as JSON."""
-    from healer.status import build_status
-
-    return web.json_response(await build_status(request.app[ENGINE]))
-
-
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/alertmanager", alertmanager_webhook)
     app.router.add_get("/api/v1/actions", list_actions)
     app.router.add_get("/api/v1/actions/{id}", get_action)

@@ -23,8 +23,12 @@ from healer.exporter.stats import CollectorStats, StatsCollector
 from healer.healing.engine import Engine
 from healer.healing.metrics import HealingMetrics
 from healer.logs import fields
+from healer.planner.planner import Planner, PlannerMetrics
+from healer.planner.records import GoalRecords
+from healer.planner.routes import PLANNER, add_goal_routes
 from healer.promql import PromQLClient
 from healer.receiver import ENGINE, TOKEN, add_routes
+from healer.status import status_handler
 from healer.store import AsyncStore, SQLiteStore, StoreUnavailableError
 from healer.strategies.base import StrategyRegistry
 from healer.strategies.builtin import default_registry
@@ -83,15 +87,17 @@ async def _scan_processes(services: Services) -> None:
         await asyncio.sleep(interval)
 
 
-async def _purge_old_records(engine: Engine, retention: float) -> None:
+async def _purge_old_records(engine: Engine, planner: Planner, retention: float) -> None:
     while True:
         try:
-            removed = await engine.store.call(engine.store.sync.purge, time.time() - retention)
+            horizon = time.time() - retention
+            removed = await engine.store.call(engine.store.sync.purge, horizon)
+            goals = await engine.store.call(planner.records.purge, horizon)
         except StoreUnavailableError as exc:
             log.error("audit records not purged; retrying in an hour", extra=fields(reason=str(exc)))
         else:
-            if removed:
-                log.info("audit records purged", extra=fields(episodes=removed))
+            if removed or goals:
+                log.info("audit records purged", extra=fields(episodes=removed, goals=goals))
         await asyncio.sleep(3600)
 
 
@@ -114,15 +120,24 @@ def build_engine(services: Services) -> Engine:
     )
 
 
+def build_planner(services: Services, engine: Engine) -> Planner:
+    """The planner, its goals kept in the engine's store."""
+    records = GoalRecords(engine.store.sync)
+    return Planner(services.config, engine.store, records, engine, PlannerMetrics(services.registry))
+
+
 async def _healing(app: web.Application) -> AsyncIterator[None]:
-    """Start the engine; on shutdown let running steps finish, then close the store."""
-    engine = app[ENGINE]
+    """Start the engine and the planner; on shutdown let running steps finish, then close the store."""
+    engine, planner = app[ENGINE], app[PLANNER]
     config = app[SERVICES].config
     await engine.alertmanager.start()
     await engine.start()
-    purge = asyncio.create_task(_purge_old_records(engine, config.store.retention), name="purge")
+    await planner.start()
+    purge = asyncio.create_task(_purge_old_records(engine, planner, config.store.retention), name="purge")
     yield
     purge.cancel()
+    engine.begin_stop(config.server.shutdown_timeout)
+    await planner.stop(engine.stop_deadline)
     await engine.stop(config.server.shutdown_timeout)
     await engine.alertmanager.close()
     await engine.annotator.close()
@@ -181,6 +196,7 @@ def create_app(
     app = web.Application(client_max_size=config.server.max_request_bytes)
     app[SERVICES] = build_services(config, registry, strategies)
     app[ENGINE] = build_engine(app[SERVICES])
+    app[PLANNER] = build_planner(app[SERVICES], app[ENGINE])
     token = config.server.auth.resolve_token()
     if token is not None:
         app[TOKEN] = token
@@ -191,6 +207,8 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_begin_stop)
     add_routes(app)
+    add_goal_routes(app)
+    app.router.add_get("/api/v1/status", status_handler)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)

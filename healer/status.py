@@ -7,8 +7,13 @@ import math
 import statistics
 from typing import Any
 
+from aiohttp import web
+
 from healer.healing.engine import Engine
+from healer.planner.planner import Planner
+from healer.planner.routes import PLANNER
 from healer.promql import PrometheusUnavailableError
+from healer.receiver import ENGINE
 
 HEALTH_NAMES = {0: "HEALTHY", 1: "DEGRADED", 2: "CRITICAL", 3: "FAILING"}
 TREND_NAMES = {-1: "improving", 0: "stable", 1: "degrading"}
@@ -72,16 +77,58 @@ async def healing(engine: Engine) -> dict[str, Any]:
     }
 
 
-async def build_status(engine: Engine) -> dict[str, Any]:
-    """The whole report; goals and optimization stay empty until those subsystems exist."""
-    health_report, healing_report = await asyncio.gather(health(engine), healing(engine))
+async def goals(planner: Planner) -> dict[str, Any]:
+    """Goals by state, and the open ones in the order the planner takes them."""
+    counts, open_goals = await asyncio.gather(
+        planner.store.call(planner.records.counts), planner.store.call(planner.records.open_goals)
+    )
+    return {
+        **counts,
+        "open": [
+            {
+                "id": g.id,
+                "name": g.name,
+                "labels": g.labels,
+                "type": g.type.value,
+                "priority": g.priority.name,
+                "state": g.state.value,
+                "progress": g.progress,
+                "deadline": g.deadline,
+            }
+            for g in open_goals
+        ],
+    }
+
+
+async def build_status(engine: Engine, planner: Planner) -> dict[str, Any]:
+    """The whole report; optimization stays empty until that subsystem exists."""
+    health_report, healing_report, goals_report = await asyncio.gather(health(engine), healing(engine), goals(planner))
     return {
         "health": health_report,
         "trend": health_report.get("trend", "unknown"),
         "healing": healing_report,
-        "goals": {},
+        "goals": goals_report,
         "optimization": {},
     }
+
+
+async def status_handler(request: web.Request) -> web.Response:
+    """The unified status report as JSON."""
+    return web.json_response(await build_status(request.app[ENGINE], request.app[PLANNER]))
+
+
+def _goal_line(report: dict[str, Any]) -> str:
+    g = report["goals"]
+    if not g:
+        return "none"
+    ended = f"{g['completed']} completed, {g['failed']} failed, {g['cancelled']} cancelled"
+    current = [o for o in g["open"] if o["state"] == "in_progress"]
+    if not current:
+        return f"{g['pending']} pending, none in progress; {ended}"
+    c = current[0]
+    labels = ",".join(f"{k}={v}" for k, v in sorted(c["labels"].items()))
+    progress = "unmeasured" if c["progress"] is None else f"{c['progress']:.0%}"
+    return f"{c['name']}{{{labels}}} in progress ({progress}), {g['pending']} pending; {ended}"
 
 
 def _percent(value: float | None) -> str:
@@ -115,7 +162,7 @@ def render_status(report: dict[str, Any]) -> str:
         f"p95 {_seconds(ttr['p95'])}"
         + ("; CIRCUIT BREAKER OPEN" if g["circuit_open"] else "")
         + ("; DRY RUN" if g["dry_run"] else ""),
-        f"Goals      {len(report['goals']) or 'none'}",
+        f"Goals      {_goal_line(report)}",
         f"Optimizing {len(report['optimization']) or 'nothing'}",
     ]
     return "\n".join(lines)

@@ -377,6 +377,14 @@ class SQLiteStore:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction; other subsystems' records use it to share this file."""
+        return self._tx(work)
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run one read-only query."""
+        return self._db.execute(sql, params).fetchall()
+
     def _event(
         self,
         db: sqlite3.Connection,

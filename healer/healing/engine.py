@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,15 @@ INTAKE_RETRY_SECONDS = 1.0
 SIDE_TASK_GRACE = 1.0
 # How often silences that Alertmanager could not expire when their episode ended are tried again.
 SILENCE_SWEEP_SECONDS = 30.0
+
+
+class StepRefusedError(Exception):
+    """The safety rails did not let a step run; `reason` is its `healer_skipped_total` reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(detail)
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,11 @@ class Engine:
             self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self.wake()
+
+    @property
+    def stop_deadline(self) -> float:
+        """When (monotonic) running steps must have finished; only meaningful after `begin_stop`."""
+        return self._stop_deadline if self._stop_deadline is not None else time.monotonic()
 
     async def stop(self, timeout: float) -> None:
         """Stop: running steps get what is left of `timeout` since `begin_stop`, then are cancelled as interrupted."""
@@ -406,6 +421,45 @@ class Engine:
 
     def _forget(self, action_id: int, _task: asyncio.Task[None]) -> None:
         self._inflight.pop(action_id, None)
+
+    # -- steps that no alert asked for ---------------------------------------------------------
+
+    async def run_unattached(self, strategy: str, context: AlertContext) -> StepResult:
+        """Run a named strategy for a goal under the rails of healing: dry run, budget and concurrency.
+
+        Raises StepRefusedError, counted in `healer_skipped_total`, when a rail stops it.
+        """
+        params = self.config.strategies.get(strategy)
+        if params is None:
+            self.metrics.skipped.labels("disabled").inc()
+            raise StepRefusedError("disabled", f"strategy {strategy!r} is not configured")
+        runner = self._registry.get(params.type).runner
+        try:
+            plan = runner.plan(params, context)
+        except UnsafeLabelError as exc:
+            self.metrics.skipped.labels("unsafe_label").inc()
+            raise StepRefusedError("unsafe_label", f"unsafe label: {exc}") from None
+        if self.config.healing.dry_run:
+            self.metrics.skipped.labels("dry_run").inc()
+            raise StepRefusedError("dry_run", "dry run: would have run " + json.dumps(plan)[:300])
+        if self._stopping:
+            raise StepRefusedError("disabled", "healer is stopping")
+        if not self.circuit.acquire():
+            self.metrics.skipped.labels("circuit_open").inc()
+            raise StepRefusedError("circuit_open", "the action budget is spent; the circuit breaker is open")
+        slots = self._strategy_slots.setdefault(strategy, asyncio.Semaphore(params.max_concurrent))
+        if self._global_slots.locked() or slots.locked():
+            self.metrics.skipped.labels("concurrency").inc()
+        async with self._global_slots, slots:
+            started = time.monotonic()
+            self.metrics.running.inc()
+            try:
+                return await runner.run(params, context)  # type: ignore[no-any-return]
+            except UnsafeLabelError as exc:
+                return StepResult(ok=False, detail=f"unsafe label: {exc}")
+            finally:
+                self.metrics.running.dec()
+                self.metrics.action_duration.labels(strategy).observe(time.monotonic() - started)
 
     # -- one step ------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Autonomous goals: PromQL trend queries open goals before thresholds break, and the planner works them."""

@@ -1,0 +1,354 @@
+"""The planner: trend queries open goals, and one goal at a time is worked through its plan.
+
+Each cycle runs every template's trigger query; a series with no open goal of its key opens one,
+and a pending goal whose series has gone is cancelled. Then the goal in progress (or, when none
+is, the highest-priority oldest pending one) is measured with its target query: reached means
+completed; otherwise the next step of its plan runs once the previous one has had `settle` to
+show an effect. A goal whose plan is spent without reaching the target, or whose deadline passes,
+has failed. Goals, their steps and measurements live in the store, so a restart resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from healer.config import GOAL_PLACEHOLDER, GoalSpec, GoalTemplate, HealerConfig
+from healer.healing.engine import Engine, StepRefusedError
+from healer.logs import fields
+from healer.planner.model import (
+    ENDED_STATES,
+    Goal,
+    GoalState,
+    GoalType,
+    NewGoal,
+    Target,
+    goal_key,
+)
+from healer.planner.records import GoalEndedError, GoalRecords
+from healer.promql import PrometheusUnavailableError, PromQLError, quote_label_value
+from healer.store import AsyncStore, StoreUnavailableError
+from healer.strategies.runner import AlertContext
+
+log = logging.getLogger(__name__)
+
+STEP_RESULTS = ("ok", "failed", "refused", "interrupted")
+QUERY_KINDS = ("trigger", "target")
+OPERATOR = "operator"
+
+
+class PlannerMetrics:
+    """The planner's metrics, every label value created up front."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge("healer_goals_open", "Goals pending or in progress.", ["state"], registry=registry)
+        self.opened = Counter("healer_goals_opened", "Goals opened, by type.", ["type"], registry=registry)
+        self.ended = Counter("healer_goals_ended", "Goals ended, by final state.", ["state"], registry=registry)
+        self.progress = Gauge(
+            "healer_goal_progress_ratio",
+            "Progress 0-1 of the goal in progress toward its target; 0 when no goal is in progress.",
+            registry=registry,
+        )
+        self.steps = Counter(
+            "healer_goal_steps", "Steps of goals' plans that ended, by result.", ["result"], registry=registry
+        )
+        self.query_errors = Counter(
+            "healer_planner_query_errors",
+            "Trigger and target queries that Prometheus rejected or did not answer.",
+            ["kind"],
+            registry=registry,
+        )
+        for state in (GoalState.PENDING, GoalState.IN_PROGRESS):
+            self.open.labels(state.value)
+        for goal_type in GoalType:
+            self.opened.labels(goal_type.value)
+        for state in ENDED_STATES:
+            self.ended.labels(state.value)
+        for result in STEP_RESULTS:
+            self.steps.labels(result)
+        for kind in QUERY_KINDS:
+            self.query_errors.labels(kind)
+
+
+def render_target_query(query: str, labels: dict[str, str]) -> str:
+    """Put each `{labels.NAME}` of a target query in as a quoted PromQL string (a missing label is "")."""
+    return GOAL_PLACEHOLDER.sub(lambda m: quote_label_value(labels.get(m.group(2), "")), query)
+
+
+def new_goal(
+    spec: GoalSpec, name: str, source: str, labels: dict[str, str], now: float, trigger_value: float | None = None
+) -> NewGoal:
+    """The goal a template's series, or an operator's request, opens."""
+    target = Target(render_target_query(spec.target.query, labels), spec.target.below, spec.target.above)
+    return NewGoal(
+        key=goal_key(name if source == OPERATOR else source, labels),
+        name=name,
+        source=source,
+        type=spec.type,
+        priority=spec.priority,
+        description=spec.description,
+        labels=labels,
+        target=target,
+        plan=list(spec.plan),
+        deadline=now + spec.deadline,
+        settle=spec.settle,
+        trigger_value=trigger_value,
+    )
+
+
+def goal_context(goal: Goal) -> AlertContext:
+    """What a goal's strategy sees: the trigger series' labels, as an alert's would be."""
+    return AlertContext(
+        labels={**goal.labels, "goal": goal.name},
+        annotations={"description": goal.description},
+        fingerprint=f"goal-{goal.id}",
+        starts_at=datetime.fromtimestamp(goal.created_at, UTC).isoformat(),
+        status="firing",
+    )
+
+
+class Planner:
+    """Opens goals from trend queries and works the open ones, one at a time."""
+
+    def __init__(
+        self,
+        config: HealerConfig,
+        store: AsyncStore,
+        records: GoalRecords,
+        engine: Engine,
+        metrics: PlannerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.records = records
+        self.engine = engine
+        self.metrics = metrics
+        self._clock = clock
+        self._templates = {template.name: template for template in config.planner.goals}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._step: tuple[int, asyncio.Task[None]] | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Record steps a previous run left running as interrupted, then start the cycle."""
+        for goal in await self.store.call(self.records.open_goals):
+            if goal.step_running:
+                await self.store.call(
+                    self.records.end_step, goal.id, "interrupted", "healer stopped while the step ran", self._clock()
+                )
+                self.metrics.steps.labels("interrupted").inc()
+        if self.config.planner.enabled:
+            self._loop_task = asyncio.create_task(self._run(), name="planner")
+
+    async def stop(self, deadline: float) -> None:
+        """Stop the cycle; a running step has until `deadline` (monotonic) and then stays for the next start."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._step is not None:
+            task = self._step[1]
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.cycle()
+            except StoreUnavailableError as exc:
+                log.error("planner cycle failed; retrying", extra=fields(reason=str(exc)))
+            except Exception:  # the next cycle must still come
+                log.exception("planner cycle failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.planner.interval)
+
+    # -- one cycle -----------------------------------------------------------------------------
+
+    async def cycle(self) -> None:
+        """Run the trigger queries, then advance the goal in progress or start the next one."""
+        for template in self._templates.values():
+            await self._discover(template)
+        now = self._clock()
+        for goal in await self.store.call(self.records.open_goals):
+            if now >= goal.deadline and not self._running(goal.id):
+                await self._end(goal, GoalState.FAILED, self._deadline_detail(goal))
+        goals = await self.store.call(self.records.open_goals)
+        current = next((g for g in goals if g.state is GoalState.IN_PROGRESS), None)
+        if current is None and goals:
+            current = await self._begin(goals[0])
+        if current is not None:
+            await self._advance(current)
+        await self._publish()
+
+    async def _discover(self, template: GoalTemplate) -> None:
+        try:
+            samples = await self.engine.promql.query(template.trigger)
+        except (PromQLError, PrometheusUnavailableError) as exc:
+            self.metrics.query_errors.labels("trigger").inc()
+            log.warning("trigger query failed", extra=fields(template=template.name, reason=str(exc)))
+            return  # an unanswered trigger says nothing about the goals it opened: leave them be
+        now = self._clock()
+        wanted: dict[str, NewGoal] = {}
+        for sample in samples:
+            labels = {k: v for k, v in sample.labels.items() if k != "__name__"}
+            candidate = new_goal(template, template.name, template.name, labels, now, sample.value)
+            wanted[candidate.key] = candidate
+        opened = await self.store.call(self.records.create, list(wanted.values()), now)
+        for goal in opened:
+            self.metrics.opened.labels(goal.type.value).inc()
+            log.info("goal opened", extra=fields(goal=goal.id, key=goal.key, trigger_value=goal.trigger_value))
+        for goal in await self.store.call(self.records.open_goals):
+            if goal.source == template.name and goal.key not in wanted and goal.state is GoalState.PENDING:
+                await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
+
+    def _running(self, goal_id: int) -> bool:
+        return self._step is not None and self._step[0] == goal_id and not self._step[1].done()
+
+    @staticmethod
+    def _deadline_detail(goal: Goal) -> str:
+        if goal.state is GoalState.PENDING:
+            return "the deadline passed before the goal could start"
+        return f"the deadline passed with the target not reached ({_percent(goal.progress)} of the way)"
+
+    async def _measure(self, goal: Goal) -> tuple[bool, float | None]:
+        """Return (answered, value) of the target query; a value is None when the query returns nothing."""
+        try:
+            value = await self.engine.promql.scalar(goal.target.query)
+        except PromQLError as exc:
+            self.metrics.query_errors.labels("target").inc()
+            await self._end(goal, GoalState.FAILED, f"the target query is not usable: {exc}")
+            return False, None
+        except PrometheusUnavailableError as exc:
+            self.metrics.query_errors.labels("target").inc()
+            log.warning("target not measured", extra=fields(goal=goal.id, reason=str(exc)))
+            return False, None
+        return True, value if value is not None and math.isfinite(value) else None
+
+    async def _begin(self, goal: Goal) -> Goal | None:
+        answered, value = await self._measure(goal)
+        if not answered:
+            return None
+        goal = await self.store.call(
+            self.records.start, goal.id, value, goal.target.progress(value, value), self._clock()
+        )
+        log.info("goal started", extra=fields(goal=goal.id, key=goal.key, value=value))
+        return goal
+
+    async def _advance(self, goal: Goal) -> None:
+        answered, value = await self._measure(goal)
+        if not answered:
+            return
+        progress = goal.target.progress(goal.initial_value, value)
+        await self.store.call(self.records.measured, goal.id, value, progress, self._clock())
+        if value is not None and goal.target.reached(value):
+            if not self._running(goal.id):
+                steps = len(goal.steps)
+                await self._end(
+                    goal,
+                    GoalState.COMPLETED,
+                    f"target reached: {goal.target.describe()} (value {value:g}) after {steps} step(s)",
+                )
+            return
+        if self._running(goal.id):
+            return
+        since_step = self._clock() - (goal.step_started_at or 0.0)
+        if goal.next_step < len(goal.plan):
+            if goal.next_step == 0 or since_step >= goal.settle:
+                self._launch(goal)
+            return
+        if since_step >= goal.settle:
+            reached = "no data" if value is None else f"value {value:g}, {_percent(progress)} of the way"
+            await self._end(goal, GoalState.FAILED, f"the plan ran out with the target not reached ({reached})")
+
+    def _launch(self, goal: Goal) -> None:
+        task = asyncio.create_task(self._run_step(goal), name=f"goal-{goal.id}-step-{goal.next_step}")
+        self._step = (goal.id, task)
+
+    async def _run_step(self, goal: Goal) -> None:
+        strategy = goal.plan[goal.next_step]
+        try:
+            goal = await self.store.call(self.records.begin_step, goal.id, self._clock())
+        except GoalEndedError:
+            return
+        log.info("goal step started", extra=fields(goal=goal.id, strategy=strategy, step=goal.next_step))
+        try:
+            result = await self.engine.run_unattached(strategy, goal_context(goal))
+        except StepRefusedError as exc:
+            outcome, detail = "refused", f"{exc.reason}: {exc.detail}"
+        except asyncio.CancelledError:
+            if not self._stopping:  # cancelled by an operator: the goal has ended already
+                await self.store.call(
+                    self.records.end_step, goal.id, "interrupted", "the goal was cancelled", self._clock()
+                )
+                self.metrics.steps.labels("interrupted").inc()
+            raise
+        else:
+            outcome, detail = ("ok" if result.ok else "failed"), result.detail
+        await self.store.call(self.records.end_step, goal.id, outcome, detail, self._clock())
+        self.metrics.steps.labels(outcome).inc()
+        log.info("goal step finished", extra=fields(goal=goal.id, strategy=strategy, result=outcome, detail=detail))
+        self.wake()
+
+    async def _end(self, goal: Goal, state: GoalState, detail: str) -> Goal | None:
+        try:
+            ended = await self.store.call(self.records.end, goal.id, state, detail, self._clock())
+        except GoalEndedError:
+            return None
+        self.metrics.ended.labels(state.value).inc()
+        log.info("goal ended", extra=fields(goal=goal.id, key=goal.key, state=state.value, detail=detail))
+        self.wake()  # the next goal may start now rather than a cycle later
+        return ended
+
+    async def _publish(self) -> None:
+        goals = await self.store.call(self.records.open_goals)
+        current = [g for g in goals if g.state is GoalState.IN_PROGRESS]
+        self.metrics.open.labels(GoalState.PENDING.value).set(len(goals) - len(current))
+        self.metrics.open.labels(GoalState.IN_PROGRESS.value).set(len(current))
+        self.metrics.progress.set((current[0].progress or 0.0) if current else 0.0)
+
+    # -- operators -----------------------------------------------------------------------------
+
+    async def add(self, spec: GoalSpec, name: str, labels: dict[str, str]) -> Goal | None:
+        """Open an operator's goal; None when a goal of the same name and labels is open already."""
+        opened = await self.store.call(
+            self.records.create, [new_goal(spec, name, OPERATOR, labels, self._clock())], self._clock()
+        )
+        if not opened:
+            return None
+        self.metrics.opened.labels(opened[0].type.value).inc()
+        self.wake()
+        return opened[0]
+
+    async def cancel(self, goal_id: int, who: str) -> Goal:
+        """Cancel an open goal, stopping its running step; raises GoalNotFoundError or GoalEndedError."""
+        goal = await self.store.call(self.records.get, goal_id)
+        if not goal.is_open:
+            raise GoalEndedError(f"goal {goal_id} is {goal.state.value} already")
+        ended = await self._end(goal, GoalState.CANCELLED, f"cancelled by {who}")
+        if ended is None:
+            raise GoalEndedError(f"goal {goal_id} ended meanwhile")
+        if self._step is not None and self._step[0] == goal_id:
+            self._step[1].cancel()
+        self.wake()
+        return ended
+
+
+def _percent(value: float | None) -> str:
+    return "unmeasured" if value is None else f"{value:.0%}"

@@ -1,0 +1,375 @@
+"""Goals against real servers: trend queries open goals, plans run real actions, PromQL measures progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import (
+    REPO,
+    Server,
+    free_port,
+    http_get,
+    http_json,
+    prom_query,
+    start_healer,
+    start_prometheus,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "planner-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PY = sys.executable
+# Appends 50 kB every 0.1 s (at most 60 s) after writing its pid: a runaway writer filling a cache file.
+WRITER = (
+    "import os, sys, time\n"
+    "open(sys.argv[2], 'w').write(str(os.getpid()))\n"
+    "for _ in range(600):\n"
+    "    open(sys.argv[1], 'ab').write(b'x' * 50000)\n"
+    "    time.sleep(0.1)\n"
+)
+TRUNCATE = "import os, sys; open(os.path.join(sys.argv[1], sys.argv[2]), 'w').close()"
+# Writes its pid to a file, then sleeps: a step that takes long and leaves a process to look for.
+SLEEPER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(float(sys.argv[2]))"
+
+
+@dataclass
+class World:
+    """The fault app exporting file sizes, and Prometheus scraping it every 0.5 s."""
+
+    files: Path
+    prometheus: Server
+    app: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("planner")
+    files = workdir / "files"
+    files.mkdir()
+    port = free_port()
+    app = subprocess.Popen([PY, str(REPO / "tests" / "fault_app.py"), str(port), str(files)])
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, 10, what="fault app")
+        prometheus = start_prometheus(
+            workdir / "prometheus",
+            [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+            interval="500ms",
+        )
+    except BaseException:
+        app.kill()
+        app.wait()
+        raise
+    yield World(files, prometheus, app)
+    prometheus.stop(signal.SIGTERM)
+    app.kill()
+    app.wait()
+
+
+def start_planner(
+    world: World,
+    workdir: Path,
+    strategies: dict[str, Any],
+    goals: list[dict[str, Any]] | None = None,
+    servers: list[Server] | None = None,
+) -> Server:
+    """Start healer with a planner that runs every 0.3 s."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "token").write_text(TOKEN)
+    config = {
+        "server": {"auth": {"bearer_token_file": str(workdir / "token")}, "shutdown_timeout": "2s"},
+        "prometheus": {"url": world.prometheus.url, "timeout": "2s"},
+        "store": {"path": str(workdir / "healer.db")},
+        "exporter": {"host": False},
+        "planner": {"interval": "300ms", "goals": goals or []},
+        "strategies": strategies,
+    }
+    healer = start_healer(workdir / "healer", config)
+    if servers is not None:
+        servers.append(healer)
+    return healer
+
+
+def goals(healer: Server, **query: str) -> list[dict[str, Any]]:
+    params = "&".join(f"{k}={v}" for k, v in query.items())
+    return list(http_json(f"{healer.url}/api/v1/goals?{params}")["goals"])
+
+
+def call(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST JSON (with the token unless `headers` says otherwise) and return the status and decoded answer."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body if body is not None else {}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(AUTH if headers is None else headers)},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def post_goal(healer: Server, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return call(f"{healer.url}/api/v1/goals", body, headers)
+
+
+def wait_goal(healer: Server, goal_id: int, states: tuple[str, ...], timeout: float = 30) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        goal = http_json(f"{healer.url}/api/v1/goals/{goal_id}")["goal"]
+        return goal if goal["state"] in states else None
+
+    try:
+        return wait_for(reached, timeout, interval=0.1, what=f"goal {goal_id} to be {states}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{http_json(f'{healer.url}/api/v1/goals')}\n{healer.log()[-3000:]}") from None
+
+
+def metric(healer: Server, sample: str) -> float:
+    _, body = http_get(healer.url + "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in /metrics")
+
+
+def operator_goal(name: str, plan: list[str], **extra: Any) -> dict[str, Any]:
+    """An operator's goal whose target `vector(1) <= 0` is never reached unless `target` is given."""
+    return {
+        "name": name,
+        "type": "performance",
+        "target": {"query": "vector(1)", "below": 0},
+        "plan": plan,
+        "settle": "500ms",
+        **extra,
+    }
+
+
+def test_trend_opens_a_goal_whose_plan_reaches_the_target(world: World, tmp_path: Path, servers: list[Server]) -> None:
+    """A growing file's forecast opens a goal; its plan stops the writer, then trims, and PromQL sees the target met."""
+    cache, pidfile = world.files / "cache", tmp_path / "writer.pid"
+    strategies = {
+        "stop-writer": {"type": "signal", "signal": "SIGTERM", "pidfile": str(pidfile)},
+        "trim": {"type": "exec", "command": [PY, "-c", TRUNCATE, str(world.files), "{labels.fault}"]},
+    }
+    template = {
+        "name": "cache-growth",
+        "type": "reliability",
+        "priority": "high",
+        "description": "the cache file will outgrow its budget within a minute",
+        "trigger": 'predict_linear(fault_file_bytes{fault="cache"}[5s], 60) > 2e6 and fault_file_bytes > 1e5',
+        "target": {"query": "fault_file_bytes{fault={labels.fault}}", "below": 50000},
+        "plan": ["stop-writer", "trim"],
+        "settle": "1500ms",
+        "deadline": "1m",
+    }
+    healer = start_planner(world, tmp_path, strategies, [template], servers)
+    writer = subprocess.Popen([PY, "-c", WRITER, str(cache), str(pidfile)])
+    try:
+        opened = wait_for(lambda: goals(healer), 30, interval=0.1, what="a goal to open")
+        goal = wait_goal(healer, opened[0]["id"], ("completed", "failed", "cancelled"))
+        assert writer.wait(timeout=10) == -signal.SIGTERM  # the plan's first step stopped the real writer
+    finally:
+        writer.kill()
+        writer.wait()
+        cache.unlink(missing_ok=True)
+    assert goal["state"] == "completed", goal
+    assert goal["source"] == "cache-growth" and goal["type"] == "reliability" and goal["priority"] == "HIGH"
+    assert goal["labels"]["fault"] == "cache" and goal["trigger_value"] > 2e6
+    assert [(s["strategy"], s["result"]) for s in goal["steps"]] == [("stop-writer", "ok"), ("trim", "ok")]
+    assert goal["initial_value"] > 1e5 and goal["value"] <= 50000 and goal["progress"] == 1.0
+    assert goal["target"]["query"] == 'fault_file_bytes{fault="cache"}'
+    assert "target reached" in goal["detail"] and goal["started_at"] <= goal["ended_at"] <= goal["deadline"]
+    # The trigger is gone with the file's size, so no second goal opens for the same series.
+    time.sleep(1.5)
+    assert [g["id"] for g in goals(healer)] == [goal["id"]]
+    assert metric(healer, 'healer_goals_ended_total{state="completed"}') == 1
+    assert metric(healer, 'healer_goal_steps_total{result="ok"}') == 2
+    assert metric(healer, 'healer_goals_opened_total{type="reliability"}') == 1
+    assert metric(healer, 'healer_goals_open{state="in_progress"}') == 0
+    report = http_json(f"{healer.url}/api/v1/status")["goals"]
+    assert report["completed"] == 1 and report["open"] == []
+    text = subprocess.run(
+        [PY, "-m", "healer", "status", "--url", healer.url], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "1 completed, 0 failed, 0 cancelled" in text, text
+
+
+def test_operator_goals_run_by_priority_then_age(world: World, tmp_path: Path, servers: list[Server]) -> None:
+    """While one goal runs, a CRITICAL goal posted after a LOW one still starts first; a spent plan fails its goal."""
+    strategies = {
+        "slow": {"type": "exec", "command": [PY, "-c", "import time; time.sleep(2)"]},
+        "noop": {"type": "exec", "command": ["true"]},
+    }
+    healer = start_planner(world, tmp_path, strategies, servers=servers)
+    status, body = post_goal(healer, operator_goal("busy", ["slow"], priority="medium"))
+    assert status == 201, body
+    busy = wait_goal(healer, body["goal"]["id"], ("in_progress",))
+    reached = {"query": "vector(0)", "below": 1}
+    _, low = post_goal(healer, operator_goal("later", ["noop"], priority="low", target=reached))
+    _, critical = post_goal(healer, operator_goal("urgent", ["noop"], priority=5, target=reached))
+    assert low["goal"]["state"] == critical["goal"]["state"] == "pending"
+    busy = wait_goal(healer, busy["id"], ("failed",))
+    assert "plan ran out" in busy["detail"] and busy["progress"] == 0.0, busy
+    assert [(s["strategy"], s["result"]) for s in busy["steps"]] == [("slow", "ok")]
+    low_goal = wait_goal(healer, low["goal"]["id"], ("completed",))
+    critical_goal = wait_goal(healer, critical["goal"]["id"], ("completed",))
+    assert critical_goal["started_at"] < low_goal["started_at"]
+    # The target held when each started, so neither ran a step.
+    assert critical_goal["steps"] == [] and low_goal["steps"] == []
+    assert critical_goal["priority"] == "CRITICAL" and critical_goal["priority_level"] == 5
+    assert metric(healer, 'healer_goals_ended_total{state="failed"}') == 1
+
+
+def test_bad_goal_requests_are_refused_with_the_reason(world: World, tmp_path: Path, servers: list[Server]) -> None:
+    """Missing token, unknown or approval-gated strategies, a bad target and a duplicate open goal each get a 4xx."""
+    strategies = {
+        "noop": {"type": "exec", "command": ["true"]},
+        "gated": {"type": "exec", "command": ["true"], "approval": "required"},
+        "slow": {"type": "exec", "command": [PY, "-c", "import time; time.sleep(3)"]},
+    }
+    healer = start_planner(world, tmp_path, strategies, servers=servers)
+    assert post_goal(healer, operator_goal("a", ["noop"]), headers={})[0] == 401
+    status, body = post_goal(healer, operator_goal("a", ["noop", "missing"]))
+    assert status == 422 and body["error"] == "plan[1]: strategy 'missing' is not defined under strategies"
+    status, body = post_goal(healer, operator_goal("a", ["gated"]))
+    assert status == 422 and "requires approval" in body["error"]
+    status, body = post_goal(healer, operator_goal("a", ["noop"], target={"query": "up", "below": 1, "above": 2}))
+    assert status == 422 and body["error"].startswith("not a valid goal: target: ") and "exactly one" in body["error"]
+    status, body = post_goal(healer, operator_goal("a", ["noop"], target={"query": "sum(", "below": 1}))
+    assert status == 422 and body["error"].startswith("target.query: Prometheus rejects it"), body
+    status, body = post_goal(healer, operator_goal("a", ["noop"], type="wishful"))
+    assert status == 422 and body["errors"][0]["field"] == "type"
+    status, body = post_goal(healer, {"name": "x"}, headers={**AUTH, "Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in body["error"]
+    status, first = post_goal(healer, operator_goal("a", ["slow"], labels={"service": "web"}))
+    assert status == 201
+    status, body = post_goal(healer, operator_goal("a", ["slow"], labels={"service": "web"}))
+    assert status == 409 and "open already" in body["error"]
+    # Same name, other labels: another goal.
+    status, second = post_goal(healer, operator_goal("a", ["slow"], labels={"service": "api"}))
+    assert status == 201
+    assert http_get(f"{healer.url}/api/v1/goals?state=done")[0] == 400
+    assert http_get(f"{healer.url}/api/v1/goals/x")[0] == 400
+    assert http_get(f"{healer.url}/api/v1/goals/9999")[0] == 404
+    # Only the two accepted goals exist; the first is worked on and the second waits for it.
+    wait_goal(healer, first["goal"]["id"], ("in_progress",))
+    listed = {g["id"]: g["state"] for g in goals(healer)}
+    assert listed == {first["goal"]["id"]: "in_progress", second["goal"]["id"]: "pending"}, listed
+
+
+def test_cancelling_a_goal_stops_its_running_step(world: World, tmp_path: Path, servers: list[Server]) -> None:
+    """An operator's cancel ends the goal at once and kills the step's process; a second cancel is refused."""
+    pidfile = tmp_path / "step.pid"
+    strategies = {"long": {"type": "exec", "command": [PY, "-c", SLEEPER, str(pidfile), "30"], "timeout": "1m"}}
+    healer = start_planner(world, tmp_path, strategies, servers=servers)
+    _, body = post_goal(healer, operator_goal("long-running", ["long"]))
+    goal_id = body["goal"]["id"]
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 20, what="the step to start"))
+    cancel = f"{healer.url}/api/v1/goals/{goal_id}/cancel"
+    status, body = call(cancel, headers={})
+    assert status == 401 and body["error"].startswith("missing Authorization")
+    status, body = call(cancel, headers={**AUTH, "X-Healer-Operator": "alice"})
+    goal = body["goal"]
+    assert status == 200 and goal["state"] == "cancelled" and goal["detail"] == "cancelled by alice"
+    wait_for(lambda: not _alive(pid), 10, what="the step's process to be stopped")
+    goal = wait_for(
+        lambda: (g := http_json(f"{healer.url}/api/v1/goals/{goal_id}")["goal"])["steps"][0]["result"] and g,
+        10,
+        what="the step to be recorded",
+    )
+    assert goal["steps"][0]["result"] == "interrupted" and goal["state"] == "cancelled"
+    status, body = call(cancel)
+    assert status == 409 and "is cancelled already" in body["error"]
+    assert call(f"{healer.url}/api/v1/goals/4242/cancel") == (404, {"error": "no goal 4242"})
+
+
+def test_trigger_gone_cancels_pending_goal_and_deadline_fails_running_one(
+    world: World, tmp_path: Path, servers: list[Server]
+) -> None:
+    """Two series open two goals; the pending one is cancelled when its series goes, the other fails at its deadline."""
+    names = ("dl-a", "dl-b")
+    strategies = {"noop": {"type": "exec", "command": ["true"]}}
+    template = {
+        "name": "deadline",
+        "type": "capability",
+        "trigger": 'fault_active{fault=~"dl-.*"}',
+        "target": {"query": "vector(1)", "below": 0},
+        "plan": ["noop"],
+        "settle": "1m",
+        "deadline": "5s",
+    }
+    healer = start_planner(world, tmp_path, strategies, [template], servers)
+    try:
+        for name in names:
+            (world.files / name).write_text("x")
+        both = wait_for(lambda: len(g := goals(healer)) == 2 and g, 20, what="two goals")
+        running = wait_for(lambda: [g for g in goals(healer) if g["state"] == "in_progress"], 10, what="one to start")
+        pending = next(g for g in both if g["id"] != running[0]["id"])
+        (world.files / pending["labels"]["fault"]).unlink()
+        cancelled = wait_goal(healer, pending["id"], ("cancelled",))
+        assert cancelled["detail"] == "the trigger no longer returns this series" and cancelled["steps"] == []
+        failed = wait_goal(healer, running[0]["id"], ("failed", "completed"), timeout=20)
+    finally:
+        for name in names:
+            (world.files / name).unlink(missing_ok=True)
+    assert failed["state"] == "failed" and failed["detail"].startswith("the deadline passed"), failed
+    assert failed["ended_at"] >= failed["deadline"] and failed["ended_at"] - failed["deadline"] < 3
+    assert [s["strategy"] for s in failed["steps"]] == ["noop"]
+
+
+def test_goal_survives_a_crash_during_its_step(world: World, tmp_path: Path, servers: list[Server]) -> None:
+    """healer killed while a goal's step runs: after restart that step is recorded interrupted and the plan goes on."""
+    target, pidfile = world.files / "restart", tmp_path / "step.pid"
+    target.write_text("y" * 1000)
+    strategies = {
+        "slow": {"type": "exec", "command": [PY, "-c", SLEEPER, str(pidfile), "5"]},
+        "trim": {"type": "exec", "command": [PY, "-c", TRUNCATE, str(world.files), "{labels.fault}"]},
+    }
+    healer = start_planner(world, tmp_path, strategies, servers=servers)
+    step_pid = None
+    try:
+        wait_for(lambda: prom_query(world.prometheus, 'fault_file_bytes{fault="restart"} == 1000'), 10)
+        goal = operator_goal(
+            "shrink",
+            ["slow", "trim"],
+            labels={"fault": "restart"},
+            target={"query": "fault_file_bytes{fault={labels.fault}}", "below": 10},
+        )
+        status, body = post_goal(healer, goal)
+        assert status == 201, body
+        step_pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 20, what="the slow step"))
+        healer.stop(signal.SIGKILL)
+        healer = start_planner(world, tmp_path, strategies, servers=servers)
+        done = wait_goal(healer, body["goal"]["id"], ("completed", "failed"))
+    finally:
+        if step_pid is not None and _alive(step_pid):
+            os.kill(step_pid, signal.SIGKILL)
+        target.unlink(missing_ok=True)
+    assert done["state"] == "completed", done
+    assert [(s["strategy"], s["result"]) for s in done["steps"]] == [("slow", "interrupted"), ("trim", "ok")]
+    assert done["initial_value"] == 1000 and done["value"] == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not collected it yet.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
