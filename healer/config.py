@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -39,6 +39,11 @@ class ConfigError(Exception):
         self.path = str(path)
         self.errors = [f"{self.path}: {error}" for error in errors]
         super().__init__("\n".join(self.errors))
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
 class _Strict(BaseModel):
@@ -190,7 +195,7 @@ class ProbeConfig(_Strict):
         return self
 
 
-def _unique_names(items: Sequence[ProcessWatch] | Sequence[ProbeConfig], what: str) -> None:
+def _unique_names(items: Sequence[_Named], what: str) -> None:
     seen: set[str] = set()
     for item in items:
         if item.name in seen:
@@ -242,7 +247,7 @@ class HealingRule(_Strict):
     @classmethod
     def _order_available(cls, order: str) -> str:
         if order == "learned":
-            raise ValueError("order: learned needs the optimizer, which this version does not have; use config")
+            raise ValueError("learned is not available in this version; use config")
         return order
 
     def matches(self, labels: dict[str, str]) -> bool:
@@ -262,7 +267,7 @@ class HealingConfig(_Strict):
     @field_validator("rules")
     @classmethod
     def _rule_names_unique(cls, rules: list[HealingRule]) -> list[HealingRule]:
-        _unique_names(rules, "rule")  # type: ignore[arg-type]
+        _unique_names(rules, "rule")
         return rules
 
 
@@ -278,14 +283,22 @@ def _target_query(query: str) -> str:
     return query
 
 
+def _plain_query(query: str) -> str:
+    if not query.strip():
+        raise ValueError("must be a PromQL expression")
+    if GOAL_PLACEHOLDER.search(query):
+        raise ValueError("placeholders such as '{labels.NAME}' belong in a goal's target query, not here")
+    return query
+
+
 Priority = Annotated[GoalPriority, BeforeValidator(parse_priority), PlainSerializer(lambda p: p.name)]
 
 
 class GoalTarget(_Strict):
     # {labels.NAME} becomes the trigger series' label value as a quoted PromQL string.
     query: Annotated[str, AfterValidator(_target_query)]
-    below: float | None = None
-    above: float | None = None
+    below: float | None = Field(default=None, allow_inf_nan=False)
+    above: float | None = Field(default=None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_bound(self) -> GoalTarget:
@@ -310,7 +323,7 @@ class GoalSpec(_Strict):
 class GoalTemplate(GoalSpec):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
     # Each series this query returns opens one goal, keyed by the template and the series' labels.
-    trigger: Annotated[str, AfterValidator(_target_query)]
+    trigger: Annotated[str, AfterValidator(_plain_query)]
 
 
 class PlannerConfig(_Strict):
@@ -321,8 +334,41 @@ class PlannerConfig(_Strict):
     @field_validator("goals")
     @classmethod
     def _template_names_unique(cls, goals: list[GoalTemplate]) -> list[GoalTemplate]:
-        _unique_names(goals, "goal template")  # type: ignore[arg-type]
+        _unique_names(goals, "goal template")
         return goals
+
+
+class OptimizationCandidate(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
+    component: str = Field(min_length=1)
+    # One series (or none): measured as its average over `window` before and after the change.
+    metric: Annotated[str, AfterValidator(_plain_query)]
+    direction: Literal["decrease", "increase"]
+    apply: str
+    rollback: str
+    expected_improvement: float = Field(gt=0, allow_inf_nan=False)
+    cost: float = Field(gt=0, allow_inf_nan=False)
+    confidence: float = Field(ge=0, le=1, allow_inf_nan=False)
+    window: PositiveDuration = 300.0
+    # The relative change in the good direction that counts as "it helped".
+    min_improvement: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # After a rollback or a failed apply, how long before the candidate may be tried again.
+    cooldown: PositiveDuration = 3600.0
+
+
+class OptimizerConfig(_Strict):
+    enabled: bool = True
+    interval: PositiveDuration = 60.0
+    min_confidence: float = Field(default=0.7, ge=0, le=1)
+    # How many outcomes the prior confidence is worth when learning from outcomes.
+    prior_weight: float = Field(default=4.0, gt=0)
+    candidates: list[OptimizationCandidate] = Field(default_factory=list)
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_names_unique(cls, candidates: list[OptimizationCandidate]) -> list[OptimizationCandidate]:
+        _unique_names(candidates, "candidate")
+        return candidates
 
 
 class GrafanaConfig(_Strict):
@@ -349,6 +395,7 @@ class HealerConfig(_Strict):
     healing: HealingConfig = HealingConfig()
     grafana: GrafanaConfig = GrafanaConfig()
     planner: PlannerConfig = PlannerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
     strategies: dict[str, StrategyParams] = Field(default_factory=dict)
 
 
@@ -413,6 +460,12 @@ def _cross_check(config: HealerConfig, strategies: dict[str, StrategyParams], ra
             f"planner.goals[{index}].plan[{position}]: {problem}"
             for position, problem in plan_problems(template.plan, strategies, raw_names)
         ]
+    for index, candidate in enumerate(config.optimizer.candidates):
+        for key in ("apply", "rollback"):
+            errors += [
+                f"optimizer.candidates[{index}].{key}: {problem}"
+                for _, problem in plan_problems([getattr(candidate, key)], strategies, raw_names)
+            ]
     return errors
 
 

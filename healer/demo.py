@@ -139,6 +139,9 @@ def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, dat
         probe.update(url=probe["url"].replace("http://127.0.0.1:8000", app_url), interval="2s", timeout="2s")
     for rule in config["healing"]["rules"]:
         rule.update(cooldown="2s", verify={"within": "20s", "interval": "1s"})
+    # The scenarios show healing; goals and trials acting on the same app would blur which fix did what.
+    for subsystem in ("planner", "optimizer"):
+        config.setdefault(subsystem, {})["enabled"] = False
     for strategy in config["strategies"].values():
         if strategy["type"] == "http":
             strategy["url"] = strategy["url"].replace("http://127.0.0.1:8000", app_url)

@@ -23,6 +23,9 @@ from healer.exporter.stats import CollectorStats, StatsCollector
 from healer.healing.engine import Engine
 from healer.healing.metrics import HealingMetrics
 from healer.logs import fields
+from healer.optimizer.optimizer import Optimizer, OptimizerMetrics
+from healer.optimizer.records import TrialRecords
+from healer.optimizer.routes import OPTIMIZER, add_optimization_routes
 from healer.planner.planner import Planner, PlannerMetrics
 from healer.planner.records import GoalRecords
 from healer.planner.routes import PLANNER, add_goal_routes
@@ -87,17 +90,18 @@ async def _scan_processes(services: Services) -> None:
         await asyncio.sleep(interval)
 
 
-async def _purge_old_records(engine: Engine, planner: Planner, retention: float) -> None:
+async def _purge_old_records(engine: Engine, planner: Planner, optimizer: Optimizer, retention: float) -> None:
     while True:
         try:
             horizon = time.time() - retention
             removed = await engine.store.call(engine.store.sync.purge, horizon)
             goals = await engine.store.call(planner.records.purge, horizon)
+            trials = await engine.store.call(optimizer.records.purge, horizon)
         except StoreUnavailableError as exc:
             log.error("audit records not purged; retrying in an hour", extra=fields(reason=str(exc)))
         else:
-            if removed or goals:
-                log.info("audit records purged", extra=fields(episodes=removed, goals=goals))
+            if removed or goals or trials:
+                log.info("audit records purged", extra=fields(episodes=removed, goals=goals, trials=trials))
         await asyncio.sleep(3600)
 
 
@@ -126,18 +130,26 @@ def build_planner(services: Services, engine: Engine) -> Planner:
     return Planner(services.config, engine.store, records, engine, PlannerMetrics(services.registry))
 
 
+def build_optimizer(services: Services, engine: Engine) -> Optimizer:
+    """The optimizer, its trials kept in the engine's store."""
+    config = services.config
+    metrics = OptimizerMetrics(services.registry, config.optimizer.candidates)
+    return Optimizer(config, engine.store, TrialRecords(engine.store.sync), engine, metrics)
+
+
 async def _healing(app: web.Application) -> AsyncIterator[None]:
-    """Start the engine and the planner; on shutdown let running steps finish, then close the store."""
-    engine, planner = app[ENGINE], app[PLANNER]
+    """Start the engine, planner and optimizer; on shutdown let running steps finish, then close the store."""
+    engine, planner, optimizer = app[ENGINE], app[PLANNER], app[OPTIMIZER]
     config = app[SERVICES].config
     await engine.alertmanager.start()
     await engine.start()
     await planner.start()
-    purge = asyncio.create_task(_purge_old_records(engine, planner, config.store.retention), name="purge")
+    await optimizer.start()
+    purge = asyncio.create_task(_purge_old_records(engine, planner, optimizer, config.store.retention), name="purge")
     yield
     purge.cancel()
     engine.begin_stop(config.server.shutdown_timeout)
-    await planner.stop(engine.stop_deadline)
+    await asyncio.gather(planner.stop(engine.stop_deadline), optimizer.stop(engine.stop_deadline))
     await engine.stop(config.server.shutdown_timeout)
     await engine.alertmanager.close()
     await engine.annotator.close()
@@ -197,6 +209,7 @@ def create_app(
     app[SERVICES] = build_services(config, registry, strategies)
     app[ENGINE] = build_engine(app[SERVICES])
     app[PLANNER] = build_planner(app[SERVICES], app[ENGINE])
+    app[OPTIMIZER] = build_optimizer(app[SERVICES], app[ENGINE])
     token = config.server.auth.resolve_token()
     if token is not None:
         app[TOKEN] = token
@@ -208,6 +221,7 @@ def create_app(
     app.on_shutdown.append(_begin_stop)
     add_routes(app)
     add_goal_routes(app)
+    add_optimization_routes(app)
     app.router.add_get("/api/v1/status", status_handler)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)

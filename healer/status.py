@@ -10,6 +10,9 @@ from typing import Any
 from aiohttp import web
 
 from healer.healing.engine import Engine
+from healer.optimizer.optimizer import STATES as CANDIDATE_STATES
+from healer.optimizer.optimizer import Optimizer
+from healer.optimizer.routes import OPTIMIZER
 from healer.planner.planner import Planner
 from healer.planner.routes import PLANNER
 from healer.promql import PrometheusUnavailableError
@@ -100,21 +103,43 @@ async def goals(planner: Planner) -> dict[str, Any]:
     }
 
 
-async def build_status(engine: Engine, planner: Planner) -> dict[str, Any]:
-    """The whole report; optimization stays empty until that subsystem exists."""
-    health_report, healing_report, goals_report = await asyncio.gather(health(engine), healing(engine), goals(planner))
+async def optimization(optimizer: Optimizer) -> dict[str, Any]:
+    """Candidates by state, and the trial in flight."""
+    views = await optimizer.candidates()
+    trial = await optimizer.store.call(optimizer.records.in_flight)
+    states = {state: sum(1 for v in views if v.state == state) for state in CANDIDATE_STATES}
+    return {"candidates": len(views), **states, "in_flight": None if trial is None else trial.to_json()}
+
+
+async def build_status(engine: Engine, planner: Planner, optimizer: Optimizer) -> dict[str, Any]:
+    """The whole report: health, healing, goals and optimisation."""
+    health_report, healing_report, goals_report, optimization_report = await asyncio.gather(
+        health(engine), healing(engine), goals(planner), optimization(optimizer)
+    )
     return {
         "health": health_report,
         "trend": health_report.get("trend", "unknown"),
         "healing": healing_report,
         "goals": goals_report,
-        "optimization": {},
+        "optimization": optimization_report,
     }
 
 
 async def status_handler(request: web.Request) -> web.Response:
     """The unified status report as JSON."""
-    return web.json_response(await build_status(request.app[ENGINE], request.app[PLANNER]))
+    app = request.app
+    return web.json_response(await build_status(app[ENGINE], app[PLANNER], app[OPTIMIZER]))
+
+
+def _optimization_line(report: dict[str, Any]) -> str:
+    o = report["optimization"]
+    if not o or not o["candidates"]:
+        return "nothing"
+    counts = f"{o['kept']} kept, {o['ready']} ready, {o['cooldown']} cooling down of {o['candidates']} candidates"
+    trial = o["in_flight"]
+    if trial is None:
+        return counts
+    return f"{trial['candidate']} on {trial['component']} ({trial['outcome']}); {counts}"
 
 
 def _goal_line(report: dict[str, Any]) -> str:
@@ -163,6 +188,6 @@ def render_status(report: dict[str, Any]) -> str:
         + ("; CIRCUIT BREAKER OPEN" if g["circuit_open"] else "")
         + ("; DRY RUN" if g["dry_run"] else ""),
         f"Goals      {_goal_line(report)}",
-        f"Optimizing {len(report['optimization']) or 'nothing'}",
+        f"Optimizing {_optimization_line(report)}",
     ]
     return "\n".join(lines)

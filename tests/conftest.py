@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.servers import Server
+from tests.servers import REPO, Server, free_port, http_get, start_prometheus, wait_for
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -27,3 +30,36 @@ def servers() -> Iterator[list[Server]]:
 def fixtures_dir() -> Path:
     """The captured Alertmanager 0.25 payloads: shared/fixtures when present, else the copy in tests/."""
     return FIXTURES if FIXTURES.is_dir() else LOCAL_FIXTURES
+
+
+@dataclass
+class World:
+    """The fault app exporting file sizes, and Prometheus scraping it every 0.5 s."""
+
+    files: Path
+    prometheus: Server
+    app: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("planner")
+    files = workdir / "files"
+    files.mkdir()
+    port = free_port()
+    app = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_app.py"), str(port), str(files)])
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, 10, what="fault app")
+        prometheus = start_prometheus(
+            workdir / "prometheus",
+            [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+            interval="500ms",
+        )
+    except BaseException:
+        app.kill()
+        app.wait()
+        raise
+    yield World(files, prometheus, app)
+    prometheus.stop(signal.SIGTERM)
+    app.kill()
+    app.wait()

@@ -247,3 +247,14 @@ def prom_value(prometheus: Server, expr: str) -> float | None:
         return None
     assert len(result) == 1, f"{expr!r} returned {len(result)} series: {result}"
     return float(result[0]["value"][1])
+
+
+def process_alive(pid: int) -> bool:
+    """Tell whether a process exists and has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not collected it yet.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -164,3 +164,18 @@ def test_steps_and_ends_are_recorded_once(records: GoalRecords) -> None:
     with pytest.raises(GoalNotFoundError):
         records.get(999)
     assert records.purge(older_than=5.0) == 0 and records.purge(older_than=5.1) == 1
+
+
+def test_ending_a_goal_closes_its_running_step(records: GoalRecords) -> None:
+    """No ended goal keeps a step recorded as running; a first value measured late still anchors progress."""
+    (goal,) = records.create([_new({})], now=1.0)
+    records.start(goal.id, None, None, now=2.0)
+    records.measured(goal.id, 80.0, 0.0, now=2.5)
+    records.measured(goal.id, 40.0, 0.5, now=2.7)
+    assert records.get(goal.id).initial_value == 80.0
+    records.begin_step(goal.id, now=3.0)
+    ended = records.end(goal.id, GoalState.CANCELLED, "by test", now=4.0)
+    assert not ended.step_running
+    assert [(s.result, s.finished_at) for s in ended.steps] == [("interrupted", 4.0)]
+    # The step's own end, arriving afterwards, changes nothing.
+    assert records.end_step(goal.id, "ok", "exit 0", now=5.0).steps == ended.steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,22 +11,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import World
 from tests.servers import (
-    REPO,
     Server,
-    free_port,
     http_get,
     http_json,
+    process_alive,
     prom_query,
     start_healer,
-    start_prometheus,
     wait_for,
 )
 
@@ -45,39 +43,6 @@ WRITER = (
 TRUNCATE = "import os, sys; open(os.path.join(sys.argv[1], sys.argv[2]), 'w').close()"
 # Writes its pid to a file, then sleeps: a step that takes long and leaves a process to look for.
 SLEEPER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(float(sys.argv[2]))"
-
-
-@dataclass
-class World:
-    """The fault app exporting file sizes, and Prometheus scraping it every 0.5 s."""
-
-    files: Path
-    prometheus: Server
-    app: subprocess.Popen[bytes]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    workdir = tmp_path_factory.mktemp("planner")
-    files = workdir / "files"
-    files.mkdir()
-    port = free_port()
-    app = subprocess.Popen([PY, str(REPO / "tests" / "fault_app.py"), str(port), str(files)])
-    try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, 10, what="fault app")
-        prometheus = start_prometheus(
-            workdir / "prometheus",
-            [{"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-            interval="500ms",
-        )
-    except BaseException:
-        app.kill()
-        app.wait()
-        raise
-    yield World(files, prometheus, app)
-    prometheus.stop(signal.SIGTERM)
-    app.kill()
-    app.wait()
 
 
 def start_planner(
@@ -286,7 +251,7 @@ def test_cancelling_a_goal_stops_its_running_step(world: World, tmp_path: Path, 
     status, body = call(cancel, headers={**AUTH, "X-Healer-Operator": "alice"})
     goal = body["goal"]
     assert status == 200 and goal["state"] == "cancelled" and goal["detail"] == "cancelled by alice"
-    wait_for(lambda: not _alive(pid), 10, what="the step's process to be stopped")
+    wait_for(lambda: not process_alive(pid), 10, what="the step's process to be stopped")
     goal = wait_for(
         lambda: (g := http_json(f"{healer.url}/api/v1/goals/{goal_id}")["goal"])["steps"][0]["result"] and g,
         10,
@@ -357,7 +322,7 @@ def test_goal_survives_a_crash_during_its_step(world: World, tmp_path: Path, ser
         healer = start_planner(world, tmp_path, strategies, servers=servers)
         done = wait_goal(healer, body["goal"]["id"], ("completed", "failed"))
     finally:
-        if step_pid is not None and _alive(step_pid):
+        if step_pid is not None and process_alive(step_pid):
             os.kill(step_pid, signal.SIGKILL)
         target.unlink(missing_ok=True)
     assert done["state"] == "completed", done
@@ -365,11 +330,99 @@ def test_goal_survives_a_crash_during_its_step(world: World, tmp_path: Path, ser
     assert done["initial_value"] == 1000 and done["value"] == 0
 
 
-def _alive(pid: int) -> bool:
+def test_a_step_finishing_after_the_deadline_still_completes_its_goal(
+    world: World, tmp_path: Path, servers: list[Server]
+) -> None:
+    """The deadline passes while a step runs; the step then reaches the target within settle, so the goal completes."""
+    target = world.files / "late"
+    target.write_text("z" * 1000)
+    slow_trim = f"import time; time.sleep(2); {TRUNCATE}"
+    strategies = {"slow-trim": {"type": "exec", "command": [PY, "-c", slow_trim, str(world.files), "{labels.fault}"]}}
+    healer = start_planner(world, tmp_path, strategies, servers=servers)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; only its parent has not collected it yet.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        wait_for(lambda: prom_query(world.prometheus, 'fault_file_bytes{fault="late"} == 1000'), 10)
+        goal = operator_goal(
+            "late",
+            ["slow-trim"],
+            labels={"fault": "late"},
+            target={"query": "fault_file_bytes{fault={labels.fault}}", "below": 10},
+            deadline="1500ms",
+            settle="3s",
+        )
+        status, body = post_goal(healer, goal)
+        assert status == 201, body
+        done = wait_goal(healer, body["goal"]["id"], ("completed", "failed"))
+    finally:
+        target.unlink(missing_ok=True)
+    assert done["state"] == "completed" and done["ended_at"] > done["deadline"], done
+
+
+async def test_a_step_whose_outcome_was_lost_is_not_run_again(
+    world: World, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The store refuses to record a step's end once; the step is then recorded failed, never run a second time."""
+    from healer.config import parse_config
+    from healer.planner.routes import PLANNER
+    from healer.server import create_app
+    from healer.store import StoreUnavailableError
+
+    runs = tmp_path / "runs"
+    count = "import sys; open(sys.argv[1], 'a').write('ran\\n')"
+    config = parse_config(
+        {
+            "prometheus": {"url": world.prometheus.url},
+            "store": {"path": str(tmp_path / "healer.db")},
+            "exporter": {"host": False},
+            "planner": {"interval": "200ms"},
+            "strategies": {"count": {"type": "exec", "command": [PY, "-c", count, str(runs)]}},
+        }
+    )
+    app = create_app(config)
+    records = app[PLANNER].records
+    end_step, refused = records.end_step, []
+
+    def flaky_end_step(*args: Any) -> Any:
+        if not refused:
+            refused.append(args)
+            raise StoreUnavailableError("database is locked")
+        return end_step(*args)
+
+    records.end_step = flaky_end_step  # type: ignore[method-assign]
+    client = await aiohttp_client(app)
+    response = await client.post("/api/v1/goals", json=operator_goal("once", ["count"]))
+    assert response.status == 201, await response.text()
+    goal_id = (await response.json())["goal"]["id"]
+
+    async def ended() -> dict[str, Any] | None:
+        goal = (await (await client.get(f"/api/v1/goals/{goal_id}")).json())["goal"]
+        return goal if goal["state"] in ("completed", "failed", "cancelled") else None
+
+    goal = None
+    for _ in range(100):
+        goal = await ended()
+        if goal is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert goal is not None and goal["state"] == "failed", goal
+    assert refused and runs.read_text() == "ran\n"
+    assert [(s["strategy"], s["result"], s["detail"]) for s in goal["steps"]] == [
+        ("count", "failed", "the step's outcome was not recorded")
+    ]
+
+
+async def test_a_disabled_planner_refuses_new_goals(tmp_path: Path, aiohttp_client: Any) -> None:
+    """With planner.enabled false a posted goal would never run, so it is refused with 503."""
+    from healer.config import parse_config
+    from healer.server import create_app
+
+    config = parse_config(
+        {
+            "store": {"path": str(tmp_path / "healer.db")},
+            "exporter": {"host": False},
+            "planner": {"enabled": False},
+            "strategies": {"noop": {"type": "exec", "command": ["true"]}},
+        }
+    )
+    client = await aiohttp_client(create_app(config))
+    response = await client.post("/api/v1/goals", json=operator_goal("never", ["noop"]))
+    assert response.status == 503 and "planner.enabled" in (await response.json())["error"]

@@ -2,7 +2,7 @@
 
 Faults (POST /admin/fault/NAME): memory-leak, cpu-burn, disk-fill, errors, latency, drift, crash.
 Fixes: POST /admin/cache/clear (errors come from a corrupted cache), /admin/cache/enable (latency
-comes from a disabled cache), /admin/memory/free, /admin/model/recalibrate, /admin/reload (clears
+comes from a disabled cache; /admin/cache/disable undoes it), /admin/memory/free, /admin/model/recalibrate, /admin/reload (clears
 every fault but a crash). Files that fill the data directory are `*.fill`; deleting them is the fix.
 
 Run: python -m examples.app.app --port 8000 --data-dir /var/tmp/healer-demo
@@ -192,6 +192,14 @@ async def enable_cache(request: web.Request) -> web.Response:
     return web.json_response({"cache": "enabled"})
 
 
+async def disable_cache(request: web.Request) -> web.Response:
+    """The optimizer's rollback of enable_cache: without the cache, requests are slow again."""
+    state = request.app[STATE]
+    state.cache_enabled = False
+    state.slow = True
+    return web.json_response({"cache": "disabled"})
+
+
 async def free_memory(request: web.Request) -> web.Response:
     state = request.app[STATE]
     freed = sum(len(b) for b in state.leaked)
@@ -237,6 +245,7 @@ def create_app(data_dir: Path, data_limit_bytes: int) -> web.Application:
     app.router.add_post("/admin/fault/{fault}", inject)
     app.router.add_post("/admin/cache/clear", clear_cache)
     app.router.add_post("/admin/cache/enable", enable_cache)
+    app.router.add_post("/admin/cache/disable", disable_cache)
     app.router.add_post("/admin/memory/free", free_memory)
     app.router.add_post("/admin/model/recalibrate", recalibrate)
     app.router.add_post("/admin/reload", reload)

@@ -55,8 +55,13 @@ SIDE_TASK_GRACE = 1.0
 SILENCE_SWEEP_SECONDS = 30.0
 
 
+# The reason of a StepRefusedError for a step that did not run because healer is stopping: not a
+# skip, since the step may run after the restart.
+STOPPING = "stopping"
+
+
 class StepRefusedError(Exception):
-    """The safety rails did not let a step run; `reason` is its `healer_skipped_total` reason."""
+    """The safety rails did not let a step run; `reason` is its `healer_skipped_total` reason, or STOPPING."""
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
@@ -180,6 +185,11 @@ class Engine:
             self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self.wake()
+
+    @property
+    def stopping(self) -> bool:
+        """True once the stop has begun: no new step may start."""
+        return self._stopping
 
     @property
     def stop_deadline(self) -> float:
@@ -443,7 +453,7 @@ class Engine:
             self.metrics.skipped.labels("dry_run").inc()
             raise StepRefusedError("dry_run", "dry run: would have run " + json.dumps(plan)[:300])
         if self._stopping:
-            raise StepRefusedError("disabled", "healer is stopping")
+            raise StepRefusedError(STOPPING, "healer is stopping")
         if not self.circuit.acquire():
             self.metrics.skipped.labels("circuit_open").inc()
             raise StepRefusedError("circuit_open", "the action budget is spent; the circuit breaker is open")
@@ -451,6 +461,8 @@ class Engine:
         if self._global_slots.locked() or slots.locked():
             self.metrics.skipped.labels("concurrency").inc()
         async with self._global_slots, slots:
+            if self._stopping:  # the stop began while this step waited for a slot
+                raise StepRefusedError(STOPPING, "healer is stopping")
             started = time.monotonic()
             self.metrics.running.inc()
             try:

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from healer.config import GOAL_PLACEHOLDER, GoalSpec, GoalTemplate, HealerConfig
-from healer.healing.engine import Engine, StepRefusedError
+from healer.cycles import Cycle
+from healer.healing.engine import STOPPING, Engine, StepRefusedError
 from healer.logs import fields
 from healer.planner.model import (
     ENDED_STATES,
@@ -40,6 +41,8 @@ from healer.strategies.runner import AlertContext
 log = logging.getLogger(__name__)
 
 STEP_RESULTS = ("ok", "failed", "refused", "interrupted")
+# How long a cancel waits for the cancelled step to stop its action, beyond the runner's own grace.
+STEP_CANCEL_WAIT_SECONDS = 10.0
 QUERY_KINDS = ("trigger", "target")
 OPERATOR = "operator"
 
@@ -88,7 +91,8 @@ def new_goal(
     """The goal a template's series, or an operator's request, opens."""
     target = Target(render_target_query(spec.target.query, labels), spec.target.below, spec.target.above)
     return NewGoal(
-        key=goal_key(name if source == OPERATOR else source, labels),
+        # Operators' goals have keys of their own, so that they never block a template's goals.
+        key=goal_key(f"{OPERATOR}/{name}" if source == OPERATOR else source, labels),
         name=name,
         source=source,
         type=spec.type,
@@ -133,8 +137,7 @@ class Planner:
         self.metrics = metrics
         self._clock = clock
         self._templates = {template.name: template for template in config.planner.goals}
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._cycle = Cycle("planner", config.planner.interval, self.cycle)
         self._step: tuple[int, asyncio.Task[None]] | None = None
         self._stopping = False
 
@@ -149,14 +152,12 @@ class Planner:
                 )
                 self.metrics.steps.labels("interrupted").inc()
         if self.config.planner.enabled:
-            self._loop_task = asyncio.create_task(self._run(), name="planner")
+            self._cycle.start()
 
     async def stop(self, deadline: float) -> None:
         """Stop the cycle; a running step has until `deadline` (monotonic) and then stays for the next start."""
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._cycle.stop()
         if self._step is not None:
             task = self._step[1]
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
@@ -165,19 +166,7 @@ class Planner:
             await asyncio.gather(task, return_exceptions=True)
 
     def wake(self) -> None:
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                await self.cycle()
-            except StoreUnavailableError as exc:
-                log.error("planner cycle failed; retrying", extra=fields(reason=str(exc)))
-            except Exception:  # the next cycle must still come
-                log.exception("planner cycle failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.planner.interval)
+        self._cycle.wake()
 
     # -- one cycle -----------------------------------------------------------------------------
 
@@ -187,11 +176,12 @@ class Planner:
             await self._discover(template)
         now = self._clock()
         for goal in await self.store.call(self.records.open_goals):
-            if now >= goal.deadline and not self._running(goal.id):
-                await self._end(goal, GoalState.FAILED, self._deadline_detail(goal))
+            # A goal in progress is measured first: reaching the target at the last moment counts.
+            if goal.state is GoalState.PENDING and now >= goal.deadline:
+                await self._end(goal, GoalState.FAILED, "the deadline passed before the goal could start")
         goals = await self.store.call(self.records.open_goals)
         current = next((g for g in goals if g.state is GoalState.IN_PROGRESS), None)
-        if current is None and goals:
+        if current is None and goals and not self.engine.stopping:
             current = await self._begin(goals[0])
         if current is not None:
             await self._advance(current)
@@ -208,7 +198,8 @@ class Planner:
         wanted: dict[str, NewGoal] = {}
         for sample in samples:
             labels = {k: v for k, v in sample.labels.items() if k != "__name__"}
-            candidate = new_goal(template, template.name, template.name, labels, now, sample.value)
+            value = sample.value if math.isfinite(sample.value) else None
+            candidate = new_goal(template, template.name, template.name, labels, now, value)
             wanted[candidate.key] = candidate
         opened = await self.store.call(self.records.create, list(wanted.values()), now)
         for goal in opened:
@@ -220,12 +211,6 @@ class Planner:
 
     def _running(self, goal_id: int) -> bool:
         return self._step is not None and self._step[0] == goal_id and not self._step[1].done()
-
-    @staticmethod
-    def _deadline_detail(goal: Goal) -> str:
-        if goal.state is GoalState.PENDING:
-            return "the deadline passed before the goal could start"
-        return f"the deadline passed with the target not reached ({_percent(goal.progress)} of the way)"
 
     async def _measure(self, goal: Goal) -> tuple[bool, float | None]:
         """Return (answered, value) of the target query; a value is None when the query returns nothing."""
@@ -253,22 +238,43 @@ class Planner:
 
     async def _advance(self, goal: Goal) -> None:
         answered, value = await self._measure(goal)
-        if not answered:
+        running = self._running(goal.id)
+        if answered:
+            initial = goal.initial_value if goal.initial_value is not None else value
+            progress = goal.target.progress(initial, value)
+            await self.store.call(self.records.measured, goal.id, value, progress, self._clock())
+            if value is not None and goal.target.reached(value):
+                if not running:
+                    await self._end(
+                        goal,
+                        GoalState.COMPLETED,
+                        f"target reached: {goal.target.describe()} (value {value:g}) after {len(goal.steps)} step(s)",
+                    )
+                return
+        else:
+            progress = goal.progress
+        if running:
             return
-        progress = goal.target.progress(goal.initial_value, value)
-        await self.store.call(self.records.measured, goal.id, value, progress, self._clock())
-        if value is not None and goal.target.reached(value):
-            if not self._running(goal.id):
-                steps = len(goal.steps)
-                await self._end(
-                    goal,
-                    GoalState.COMPLETED,
-                    f"target reached: {goal.target.describe()} (value {value:g}) after {steps} step(s)",
-                )
-            return
-        if self._running(goal.id):
+        if goal.step_running:
+            # The step's task ended without recording how (its store write failed): it may have run,
+            # so it is not run again.
+            await self.store.call(
+                self.records.end_step, goal.id, "failed", "the step's outcome was not recorded", self._clock()
+            )
+            self.metrics.steps.labels("failed").inc()
             return
         since_step = self._clock() - (goal.step_started_at or 0.0)
+        # A step still running at the deadline gets `settle` after it ends to show its effect.
+        overran = goal.step_started_at is not None and goal.step_started_at > goal.deadline
+        if self._clock() >= goal.deadline and (not overran or since_step >= goal.settle):
+            await self._end(
+                goal,
+                GoalState.FAILED,
+                f"the deadline passed with the target not reached ({_percent(progress)} of the way)",
+            )
+            return
+        if not answered or self.engine.stopping:
+            return  # no step runs blind, nor once the stop has begun
         if goal.next_step < len(goal.plan):
             if goal.next_step == 0 or since_step >= goal.settle:
                 self._launch(goal)
@@ -283,28 +289,36 @@ class Planner:
 
     async def _run_step(self, goal: Goal) -> None:
         strategy = goal.plan[goal.next_step]
+        outcome = "interrupted"
         try:
             goal = await self.store.call(self.records.begin_step, goal.id, self._clock())
+            log.info("goal step started", extra=fields(goal=goal.id, strategy=strategy, step=goal.next_step))
+            try:
+                result = await self.engine.run_unattached(strategy, goal_context(goal))
+            except StepRefusedError as exc:
+                if exc.reason == STOPPING:
+                    await self.store.call(self.records.abandon_step, goal.id)
+                    return  # not run: it runs after the restart
+                outcome, detail = "refused", f"{exc.reason}: {exc.detail}"
+            except asyncio.CancelledError:
+                if not self._stopping:  # cancelled with its goal, which recorded the step as interrupted
+                    self.metrics.steps.labels("interrupted").inc()
+                raise
+            except Exception as exc:  # a fault of healer's, not of the step: record it, never run it again
+                log.exception("goal step failed unexpectedly", extra=fields(goal=goal.id, strategy=strategy))
+                outcome, detail = "failed", f"internal error: {exc!r}"
+            else:
+                outcome, detail = ("ok" if result.ok else "failed"), result.detail
+            await self.store.call(self.records.end_step, goal.id, outcome, detail, self._clock())
+            self.metrics.steps.labels(outcome).inc()
+            log.info("goal step finished", extra=fields(goal=goal.id, strategy=strategy, result=outcome, detail=detail))
         except GoalEndedError:
             return
-        log.info("goal step started", extra=fields(goal=goal.id, strategy=strategy, step=goal.next_step))
-        try:
-            result = await self.engine.run_unattached(strategy, goal_context(goal))
-        except StepRefusedError as exc:
-            outcome, detail = "refused", f"{exc.reason}: {exc.detail}"
-        except asyncio.CancelledError:
-            if not self._stopping:  # cancelled by an operator: the goal has ended already
-                await self.store.call(
-                    self.records.end_step, goal.id, "interrupted", "the goal was cancelled", self._clock()
-                )
-                self.metrics.steps.labels("interrupted").inc()
-            raise
-        else:
-            outcome, detail = ("ok" if result.ok else "failed"), result.detail
-        await self.store.call(self.records.end_step, goal.id, outcome, detail, self._clock())
-        self.metrics.steps.labels(outcome).inc()
-        log.info("goal step finished", extra=fields(goal=goal.id, strategy=strategy, result=outcome, detail=detail))
-        self.wake()
+        except StoreUnavailableError as exc:
+            # The next cycle finds the step still recorded as running and closes it as failed.
+            log.error("goal step not recorded", extra=fields(goal=goal.id, strategy=strategy, reason=str(exc)))
+        finally:
+            self.wake()
 
     async def _end(self, goal: Goal, state: GoalState, detail: str) -> Goal | None:
         try:
@@ -345,7 +359,10 @@ class Planner:
         if ended is None:
             raise GoalEndedError(f"goal {goal_id} ended meanwhile")
         if self._step is not None and self._step[0] == goal_id:
-            self._step[1].cancel()
+            task = self._step[1]
+            task.cancel()
+            # The runner stops the action (a process group gets a grace period); the next goal waits for that.
+            await asyncio.wait([task], timeout=STEP_CANCEL_WAIT_SECONDS)
         self.wake()
         return ended
 

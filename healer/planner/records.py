@@ -97,6 +97,10 @@ def _goal(row: sqlite3.Row) -> Goal:
     )
 
 
+def _steps_json(steps: Sequence[GoalStep]) -> str:
+    return json.dumps([step.__dict__ for step in steps])
+
+
 class GoalRecords:
     """The goals table, on the healing store's file and thread (call it through `AsyncStore.call`)."""
 
@@ -205,8 +209,10 @@ class GoalRecords:
         """Record the latest measurement of an open goal's target."""
         self._store.transaction(
             lambda db: db.execute(
-                f"UPDATE goals SET last_value = ?, progress = ?, measured_at = ? WHERE id = ? AND state IN {_OPEN}",  # noqa: S608
-                (value, progress, now, goal_id),
+                # The first value ever measured is where progress counts from, even when the start had none.
+                "UPDATE goals SET last_value = ?, progress = ?, measured_at = ?,"  # noqa: S608 - constants
+                f" initial_value = coalesce(initial_value, ?) WHERE id = ? AND state IN {_OPEN}",
+                (value, progress, now, value, goal_id),
             )
         )
 
@@ -219,9 +225,7 @@ class GoalRecords:
                 raise GoalEndedError(f"goal {goal_id} is {goal.state.value}")
             step = GoalStep(goal.plan[goal.next_step], now)
             steps = [*goal.steps, step]
-            return self._update(
-                db, goal_id, step_running=1, step_started_at=now, steps=json.dumps([s.__dict__ for s in steps])
-            )
+            return self._update(db, goal_id, step_running=1, step_started_at=now, steps=_steps_json(steps))
 
         return self._store.transaction(work)
 
@@ -230,6 +234,8 @@ class GoalRecords:
 
         def work(db: sqlite3.Connection) -> Goal:
             goal = self._get(db, goal_id)
+            if not goal.is_open:
+                return goal  # ending the goal closed its step already
             steps = list(goal.steps)
             if steps and steps[-1].finished_at is None:
                 steps[-1] = replace(steps[-1], finished_at=now, result=result, detail=detail)
@@ -239,20 +245,41 @@ class GoalRecords:
                 step_running=0,
                 step_started_at=now,
                 next_step=goal.next_step + 1,
-                steps=json.dumps([s.__dict__ for s in steps]),
+                steps=_steps_json(steps),
             )
 
         return self._store.transaction(work)
 
+    def abandon_step(self, goal_id: int) -> Goal:
+        """Forget the step that was about to run and did not, so that it runs after all (after a restart)."""
+
+        def work(db: sqlite3.Connection) -> Goal:
+            goal = self._get(db, goal_id)
+            steps = goal.steps[:-1] if goal.steps and goal.steps[-1].finished_at is None else goal.steps
+            return self._update(db, goal_id, step_running=0, steps=_steps_json(steps))
+
+        return self._store.transaction(work)
+
     def end(self, goal_id: int, state: GoalState, detail: str, now: float) -> Goal:
-        """End an open goal as completed, failed or cancelled; raises GoalEndedError if it had ended."""
+        """End an open goal as completed, failed or cancelled; raises GoalEndedError if it had ended.
+
+        A step still recorded as running is closed as interrupted, so no ended goal keeps a running step.
+        """
         assert state in ENDED_STATES
 
         def work(db: sqlite3.Connection) -> Goal:
             goal = self._get(db, goal_id)
             if not goal.is_open:
                 raise GoalEndedError(f"goal {goal_id} is {goal.state.value} already")
-            return self._update(db, goal_id, state=state.value, detail=detail, ended_at=now)
+            steps = [
+                replace(step, finished_at=now, result="interrupted", detail=f"the goal ended {state.value}")
+                if step.finished_at is None
+                else step
+                for step in goal.steps
+            ]
+            return self._update(
+                db, goal_id, state=state.value, detail=detail, ended_at=now, step_running=0, steps=_steps_json(steps)
+            )
 
         return self._store.transaction(work)
 

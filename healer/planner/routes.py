@@ -68,6 +68,8 @@ async def create_goal(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     planner = request.app[PLANNER]
+    if not planner.config.planner.enabled:
+        return problem(503, "the planner is disabled (planner.enabled: false); a goal opened now would never run")
     if request.content_type != "application/json":
         return problem(415, f"Content-Type must be application/json, not {request.content_type!r}")
     try:

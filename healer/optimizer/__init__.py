@@ -1,0 +1,1 @@
+"""Self-optimisation: apply the candidate changes most likely to help, measure them, keep or roll back."""
