@@ -241,14 +241,8 @@ class HealingRule(_Strict):
     silence: bool = False
     dry_run: bool | None = None
     cancel_running_on_resolve: bool = False
+    # learned: each step takes the strategy not yet tried in this episode that has healed most often.
     order: Literal["config", "learned"] = "config"
-
-    @field_validator("order")
-    @classmethod
-    def _order_available(cls, order: str) -> str:
-        if order == "learned":
-            raise ValueError("learned is not available in this version; use config")
-        return order
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Tell whether every matcher of this rule holds for the label set."""

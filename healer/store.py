@@ -25,6 +25,8 @@ from healer.healing.payload import WebhookAlert, WebhookPayload
 from healer.logs import fields
 
 T = TypeVar("T")
+# The outcomes of a step that say whether its strategy heals: verified either way, or failed to act.
+LEARNING_OUTCOMES = ("healed", "not_healed", "failed", "timeout")
 log = logging.getLogger(__name__)
 
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
@@ -883,6 +885,20 @@ class SQLiteStore:
             "SELECT until, streak FROM cooldowns WHERE rule = ? AND fingerprint = ?", (rule, fingerprint)
         ).fetchone()
         return (float(row[0]), int(row[1])) if row else (0.0, 0)
+
+    def strategy_outcomes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per (rule, strategy): steps that healed, and steps whose outcome says whether they healed."""
+        rows = self._db.execute(
+            "SELECT rule, strategy, sum(outcome = 'healed'), sum(outcome IN (?, ?, ?, ?))"
+            " FROM actions GROUP BY rule, strategy",
+            LEARNING_OUTCOMES,
+        ).fetchall()
+        return {(row[0], row[1]): (int(row[2] or 0), int(row[3] or 0)) for row in rows}
+
+    def tried_strategies(self, episode_id: int) -> set[str]:
+        """The strategies an episode has had steps of."""
+        rows = self._db.execute("SELECT DISTINCT strategy FROM actions WHERE episode_id = ?", (episode_id,))
+        return {row[0] for row in rows}
 
     def attempts(self, episode_id: int) -> int:
         return int(

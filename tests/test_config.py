@@ -176,17 +176,18 @@ def test_literal_braces_are_not_templates() -> None:
     assert config.strategies["purge"].command[4] == "{}"  # type: ignore[attr-defined]
 
 
-def test_learned_order_is_refused_until_it_exists() -> None:
-    """`order: learned` names a feature this version lacks, so it is refused rather than ignored."""
-    with pytest.raises(ConfigError, match=r"healing\.rules\[0\]\.order: learned is not available"):
-        parse_config(
-            {
-                "strategies": {"x": {"type": "exec", "command": ["true"]}},
-                "healing": {
-                    "rules": [{"name": "a", "match": ['alertname="A"'], "strategies": ["x"], "order": "learned"}]
-                },
-            }
-        )
+def test_ladder_order_is_config_or_learned() -> None:
+    """`order` takes config or learned; any other word is refused at its key."""
+
+    def rule_with(order: str) -> dict[str, object]:
+        return {
+            "strategies": {"x": {"type": "exec", "command": ["true"]}},
+            "healing": {"rules": [{"name": "a", "match": ['alertname="A"'], "strategies": ["x"], "order": order}]},
+        }
+
+    assert parse_config(rule_with("learned")).healing.rules[0].order == "learned"
+    with pytest.raises(ConfigError, match=r"healing\.rules\[0\]\.order: Input should be 'config' or 'learned'"):
+        parse_config(rule_with("random"))
 
 
 @pytest.mark.parametrize("key", ["process_scan_interval"])

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import wait_for
+from tests.servers import http_json, wait_for
 from tests.stack import HealingStack, dump, remove_fault_command, start_stack
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
             rule("hopeless", "hopeless", ["does-nothing", "does-nothing"], max_attempts=2),
             rule("pending", "pending", ["does-nothing", "remove-fault"], cooldown="1m"),
             rule("silenced", "silenced", ["slow-remove-fault"], silence=True),
+            rule("learned", "learned", ["does-nothing", "remove-fault"], order="learned"),
         ]
     }
     stack = start_stack(workdir, healing, strategies)
@@ -157,3 +158,27 @@ def test_silence_exists_only_while_healing(stack: HealingStack) -> None:
     [action] = wait_episode_end(stack, "silenced")
     assert action["outcome"] == "healed", dump(stack)
     wait_for(lambda: active_silence() is None, 10, what="silence expired")
+
+
+def test_learned_order_puts_first_the_strategy_that_healed(stack: HealingStack) -> None:
+    """With order: learned, after one episode where the second rung healed, the next episode starts with it."""
+    stack.inject("learned")
+    first = wait_episode_end(stack, "learned")
+    assert [(a["strategy"], a["outcome"]) for a in first] == [
+        ("does-nothing", "not_healed"),
+        ("remove-fault", "healed"),
+    ]
+    ladder = http_json(f"{stack.healer.url}/api/v1/optimizations")["ladders"]["learned"]
+    assert [(r["strategy"], r["healed"], r["trials"]) for r in ladder] == [
+        ("remove-fault", 1, 1),
+        ("does-nothing", 0, 1),
+    ]
+    wait_for(lambda: not stack.am_alerts(alertname="FaultActive", fault="learned"), 20, what="the first alert to clear")
+    stack.inject("learned")
+
+    def second_episode() -> list[dict[str, Any]] | None:
+        actions = [a for a in stack.actions(rule="learned") if a["episode"]["id"] != first[0]["episode"]["id"]]
+        return list(reversed(actions)) if actions and actions[0]["episode"]["state"] != "open" else None
+
+    second = wait_for(second_episode, 40, interval=0.2, what="the second episode to end")
+    assert [(a["strategy"], a["outcome"]) for a in second] == [("remove-fault", "healed")], dump(stack)

@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +25,10 @@ from healer.healing.metrics import HealingMetrics
 from healer.healing.payload import WebhookAlert
 from healer.healing.rails import CircuitBreaker, IntakePacer, backoff
 from healer.logs import fields
+from healer.optimizer.model import learned_confidence
 from healer.promql import PrometheusUnavailableError, PromQLClient
 from healer.store import (
+    LEARNING_OUTCOMES,
     Action,
     ActionFilter,
     Agenda,
@@ -80,25 +82,31 @@ class Decision:
     explanation: str
 
 
-def decide(config: HealerConfig, labels: Mapping[str, str]) -> Decision:
-    """Find the first rule matching the labels and the ladder position the alert starts at."""
+def decide(
+    config: HealerConfig, labels: Mapping[str, str], ladder_of: Callable[[HealingRule], list[str]] | None = None
+) -> Decision:
+    """Find the first rule matching the labels and the ladder position the alert starts at.
+
+    `ladder_of` gives a rule's ladder (for `order: learned`); without it, the ladder is as configured.
+    """
     rule = next((r for r in config.healing.rules if r.matches(dict(labels))), None)
     if rule is None:
         return Decision(None, [], 0, "no_rule", "no healing rule matches these labels")
+    ladder = ladder_of(rule) if ladder_of is not None else rule.strategies
     wanted = labels.get(STRATEGY_LABEL)
     if wanted is None:
-        return Decision(rule, rule.strategies, 0, None, f"rule {rule.name!r} matches")
-    if wanted in rule.strategies:
+        return Decision(rule, ladder, 0, None, f"rule {rule.name!r} matches")
+    if wanted in ladder:
         return Decision(
             rule,
-            rule.strategies,
-            rule.strategies.index(wanted),
+            ladder,
+            ladder.index(wanted),
             None,
             f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} starts the ladder there",
         )
     return Decision(
         rule,
-        rule.strategies,
+        ladder,
         0,
         "strategy_not_allowed",
         f"rule {rule.name!r} matches; label {STRATEGY_LABEL}={wanted!r} is not in its ladder and is ignored",
@@ -166,6 +174,8 @@ class Engine:
         self._sending: set[int] = set()
         self._not_firing_seen: set[int] = set()
         self._discarded_counted = 0
+        # (rule, strategy) -> (healed, trials): what orders the ladders of rules with `order: learned`.
+        self._outcomes: dict[tuple[str, str], tuple[int, int]] = {}
         # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
         self.backlog = 0
         # _recover expires leftover silences at start; the sweep takes over from then on.
@@ -264,6 +274,8 @@ class Engine:
             log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
             if nxt is None:
                 await self._count_escalation(episode, reason)
+        if any(rule.order == "learned" for rule in self.config.healing.rules):
+            self._outcomes = await self.store.call(self.store.sync.strategy_outcomes)
         self.backlog = await self.store.call(self.store.sync.inbox_depth)
         self.metrics.inbox_depth.set(self.backlog)
         if self.config.healing.rules:
@@ -328,7 +340,7 @@ class Engine:
 
     def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
         alert = item.alert
-        decision = decide(self.config, alert.labels)
+        decision = decide(self.config, alert.labels, self.ladder)
         received = {"alertname": alert.alertname, "delivery": item.position.delivery}
         events: list[tuple[str, dict[str, Any]]] = [("received", received)]
         first = None
@@ -340,7 +352,8 @@ class Engine:
             rule = decision.rule
             state = "open"
             events.append(("matched", {"rule": rule.name, "explanation": decision.explanation}))
-            first = NewAction(1, decision.start, rule.name, decision.ladder[decision.start], self._clock())
+            strategy = decision.ladder[decision.start]
+            first = NewAction(1, rule.strategies.index(strategy), rule.name, strategy, self._clock())
         else:
             events.append(("unmatched", {"explanation": decision.explanation}))
         rule_name = decision.rule.name if decision.rule else None
@@ -475,12 +488,40 @@ class Engine:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def _next_step(self, action: Action, rule: HealingRule | None, *, same_step: bool = False) -> NewAction | None:
+    def _next_step(
+        self, action: Action, rule: HealingRule | None, *, same_step: bool = False, tried: Collection[str] = ()
+    ) -> NewAction | None:
+        """The step after `action`: the same one again, the next rung, or (learned order) the best untried one."""
         if rule is None or action.attempt >= rule.max_attempts:
             return None
-        step = action.step if same_step else min(action.step + 1, len(rule.strategies) - 1)
         delay = 0.0 if same_step else backoff(rule, action.attempt)
+        if same_step or action.strategy not in rule.strategies:
+            step = min(action.step, len(rule.strategies) - 1)
+        elif rule.order == "learned":
+            untried = [name for name in self.ladder(rule) if name not in tried]
+            # Like the configured ladder, the last rung repeats once every strategy has had its turn.
+            step = rule.strategies.index(untried[0] if untried else action.strategy)
+        else:
+            step = min(action.step + 1, len(rule.strategies) - 1)
         return NewAction(action.attempt + 1, step, rule.name, rule.strategies[step], self._clock() + delay)
+
+    # -- learned order -------------------------------------------------------------------------
+
+    def strategy_confidence(self, rule: str, strategy: str) -> tuple[float, int, int]:
+        """(confidence, healed, trials) of a rule's strategy: an even prior moved by the steps' outcomes."""
+        healed, trials = self._outcomes.get((rule, strategy), (0, 0))
+        return learned_confidence(0.5, self.config.optimizer.prior_weight, healed, trials), healed, trials
+
+    def ladder(self, rule: HealingRule) -> list[str]:
+        """A rule's ladder: as configured, or for `order: learned` by confidence, ties in configured order."""
+        if rule.order != "learned":
+            return rule.strategies
+        return sorted(rule.strategies, key=lambda name: -self.strategy_confidence(rule.name, name)[0])
+
+    def _learn(self, action: Action, outcome: str) -> None:
+        if outcome in LEARNING_OUTCOMES:
+            healed, trials = self._outcomes.get((action.rule, action.strategy), (0, 0))
+            self._outcomes[(action.rule, action.strategy)] = (healed + (outcome == "healed"), trials + 1)
 
     async def _execute(self, action: Action) -> None:
         try:
@@ -631,6 +672,7 @@ class Engine:
         cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
         if not result.ok:
             outcome = "timeout" if result.timed_out else "failed"
+            self._learn(action, outcome)
             self.metrics.actions.labels(action.strategy, outcome).inc()
             self._annotate(action, episode, outcome, result.detail, started)
             await self._continue_or_escalate(
@@ -653,6 +695,7 @@ class Engine:
             )
         except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
             verdict = "unverified"
+        self._learn(action, verdict)
         self.metrics.actions.labels(action.strategy, verdict).inc()
         self._annotate(action, episode, verdict, result.detail, started)
         base = Finish(
@@ -683,7 +726,10 @@ class Engine:
     async def _continue_or_escalate(
         self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, reason: str
     ) -> None:
-        nxt = self._next_step(action, rule)
+        tried: set[str] = set()
+        if rule.order == "learned":
+            tried = await self.store.call(self.store.sync.tried_strategies, episode.id)
+        nxt = self._next_step(action, rule, tried=tried)
         if nxt is not None:
             await self._finish(action, replace(finish, next_action=nxt))
             self.wake()
@@ -893,6 +939,8 @@ def first_plans(config: HealerConfig, registry: StrategyRegistry, alert: Webhook
         if alert.status != "firing":
             report["explanation"] = "resolved notification: cancels the pending steps of its episode"
         return report
+    if decision.rule.order == "learned":
+        report["explanation"] += "; order: learned, so healer puts first what has healed most (shown as configured)"
     context = AlertContext(alert.labels, alert.annotations, alert.fingerprint, alert.starts_at, alert.status)
     dry_run = dry_run_for(config, decision.rule)
     for name in decision.ladder[decision.start :]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
+from healer.healing.engine import Engine
 from healer.optimizer.optimizer import Optimizer
 from healer.receiver import problem
 
@@ -26,8 +29,22 @@ async def list_optimizations(request: web.Request) -> web.Response:
             "candidates": [view.to_json() for view in candidates],
             "in_flight": in_flight.to_json() if in_flight is not None else None,
             "trials": [trial.to_json() for trial in trials],
+            "ladders": learned_ladders(optimizer.engine),
         }
     )
+
+
+def learned_ladders(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """For each rule with `order: learned`, its ladder in the order the next episode would take it."""
+    ladders = {}
+    for rule in engine.config.healing.rules:
+        if rule.order == "learned":
+            rungs = []
+            for name in engine.ladder(rule):
+                confidence, healed, trials = engine.strategy_confidence(rule.name, name)
+                rungs.append({"strategy": name, "confidence": confidence, "healed": healed, "trials": trials})
+            ladders[rule.name] = rungs
+    return ladders
 
 
 def add_optimization_routes(app: web.Application) -> None:
