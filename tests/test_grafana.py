@@ -419,6 +419,22 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 },
                 "fail": {"type": "exec", "command": [sys.executable, "-c", "raise SystemExit(1)"], "timeout": "10s"},
             },
+            # Below min_confidence, so it never acts (and never spends the budget), but its confidence is exported.
+            "optimizer": {
+                "candidates": [
+                    {
+                        "name": "doubtful",
+                        "component": "app",
+                        "metric": "up",
+                        "direction": "increase",
+                        "apply": "fail",
+                        "rollback": "fail",
+                        "expected_improvement": 0.1,
+                        "cost": 1,
+                        "confidence": 0.5,
+                    }
+                ]
+            },
         }
         healer = start_healer(workdir / "healer", config, listen=f"127.0.0.1:{healer_port}")
         started.append(healer)
