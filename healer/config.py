@@ -341,9 +341,12 @@ class OptimizationCandidate(_Strict):
     apply: str
     rollback: str
     expected_improvement: float = Field(gt=0, allow_inf_nan=False)
-    cost: float = Field(gt=0, allow_inf_nan=False)
+    cost: float = Field(ge=1e-6, allow_inf_nan=False)
     confidence: float = Field(ge=0, le=1, allow_inf_nan=False)
     window: PositiveDuration = 300.0
+    # After the change, how long before the "after" window starts: at least the range of any
+    # rate() or *_over_time() in `metric`, whose values would otherwise reach back before the change.
+    settle: Duration = 0.0
     # The relative change in the good direction that counts as "it helped".
     min_improvement: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # After a rollback or a failed apply, how long before the candidate may be tried again.
@@ -355,7 +358,7 @@ class OptimizerConfig(_Strict):
     interval: PositiveDuration = 60.0
     min_confidence: float = Field(default=0.7, ge=0, le=1)
     # How many outcomes the prior confidence is worth when learning from outcomes.
-    prior_weight: float = Field(default=4.0, gt=0)
+    prior_weight: float = Field(default=4.0, gt=0, allow_inf_nan=False)
     candidates: list[OptimizationCandidate] = Field(default_factory=list)
 
     @field_validator("candidates")

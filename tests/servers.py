@@ -85,6 +85,21 @@ def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str
         return json.loads(raw) if raw else None
 
 
+def http_post(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST a JSON body and return the status and the decoded answer, also for error statuses."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body if body is not None else {}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 @dataclass
 class Server:
     """A started server process, stopped by its own PID."""

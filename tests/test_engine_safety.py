@@ -212,8 +212,13 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
     interrupted = sum(c["interrupted"] for c in outcomes.values())
     assert interrupted == running_at_kill and interrupted >= 1
     for identifier, counts in outcomes.items():
-        # A step recorded as finished ran once; only a step cut off by the kill ran again.
-        assert starts[identifier] == counts["unverified"] + counts["interrupted"], (identifier, counts)
+        # A step recorded as finished ran once; only a step cut off by the kill ran again. A step
+        # claimed just before the kill may not have reached its process's first line, hence "<=".
+        assert counts["unverified"] <= starts[identifier] <= counts["unverified"] + counts["interrupted"], (
+            identifier,
+            counts,
+            starts[identifier],
+        )
         assert counts["unverified"] == 1, (identifier, counts)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from healer.config import ConfigError, parse_config
 from healer.optimizer.model import improvement, learned_confidence, score
 from healer.optimizer.optimizer import window_average
 from tests.conftest import World
-from tests.servers import Server, http_get, http_json, process_alive, prom_query, start_healer, wait_for
+from tests.servers import Server, http_get, http_json, http_post, process_alive, prom_query, start_healer, wait_for
+
+pytestmark = pytest.mark.slow
 
 PY = sys.executable
 # Writes N bytes to a file: the knob the candidates turn.
@@ -68,11 +72,13 @@ def optimizations(healer: Server) -> dict[str, Any]:
 
 @pytest.fixture
 def files(world: World) -> Iterator[dict[str, Path]]:
-    """Three files of 1000 bytes that Prometheus has seen for a while; removed afterwards."""
+    """Three files of 1000 bytes that Prometheus has seen for a few seconds; removed afterwards."""
     paths = {name: world.files / f"opt-{name}" for name in ("a", "b", "c")}
     for path in paths.values():
         path.write_text("x" * 1000)
-    wait_for(lambda: len(prom_query(world.prometheus, 'fault_file_bytes{fault=~"opt-.*"} == 1000')) == 3, 10)
+    # The whole "before" window must show 1000, not what an earlier test left behind.
+    steady = 'max_over_time(fault_file_bytes{fault=~"opt-.*"}[3s]) == 1000'
+    wait_for(lambda: len(prom_query(world.prometheus, steady)) == 3, 15)
     yield paths
     for path in paths.values():
         path.unlink(missing_ok=True)
@@ -153,6 +159,38 @@ def test_an_interrupted_apply_is_rolled_back_after_restart(
     assert files["a"].stat().st_size == 1000
 
 
+def test_a_failed_rollback_holds_the_candidate_until_acknowledged(
+    world: World, files: dict[str, Path], tmp_path: Path, servers: list[Server]
+) -> None:
+    """A harmful change whose rollback fails stays out of the running until a person acknowledges it."""
+    strategies = {"grow-b": write(files["b"], 2000), "broken-restore": {"type": "exec", "command": ["false"]}}
+    candidates = [candidate("stuck", "opt-b", "grow-b", "broken-restore", confidence=0.9)]
+    healer = start_optimizer(world, tmp_path, strategies, candidates)
+    servers.append(healer)
+
+    def ended() -> list[dict[str, Any]] | None:
+        trials = optimizations(healer)["trials"]
+        return trials if trials and trials[0]["ended_at"] else None
+
+    (trial,) = wait_for(ended, 30, interval=0.2, what="the trial to end")
+    assert trial["outcome"] == "rollback_failed" and trial["improvement"] < 0, trial
+    assert "rollback broken-restore failed: exit 1" in trial["detail"]
+    assert files["b"].stat().st_size == 2000  # the change is still in place
+    time.sleep(2.0)  # past the cooldown: the candidate is still held
+    (state,) = optimizations(healer)["candidates"]
+    assert state["state"] == "rollback_failed" and state["confidence"] == pytest.approx(0.72)
+    assert len(optimizations(healer)["trials"]) == 1
+    acknowledge = f"{healer.url}/api/v1/optimizations/stuck/acknowledge"
+    assert http_json(acknowledge, "POST", {}) == {"acknowledged": "stuck"}
+    assert http_post(acknowledge)[0] == 409  # nothing left to acknowledge
+    assert http_post(f"{healer.url}/api/v1/optimizations/nobody/acknowledge") == (
+        404,
+        {"error": "no candidate 'nobody'"},
+    )
+    files["b"].write_text("x" * 1000)  # what the person did by hand
+    wait_for(lambda: len(optimizations(healer)["trials"]) == 2, 20, what="the candidate to be tried again")
+
+
 def test_window_average_is_a_subquery() -> None:
     """The metric is averaged over the window as a PromQL subquery, whatever the expression."""
     assert window_average("sum(rate(x[1m]))", 300) == "avg_over_time((sum(rate(x[1m])))[300000ms:])"
@@ -182,7 +220,7 @@ def test_confidence_moves_from_the_prior_with_outcomes() -> None:
         ({"rollback": "gated"}, r"optimizer\.candidates\[0\]\.rollback: strategy 'gated' requires approval"),
         ({"metric": "x{a={labels.a}}"}, r"optimizer\.candidates\[0\]\.metric: .*belong in a goal's target query"),
         ({"confidence": 1.5}, r"optimizer\.candidates\[0\]\.confidence: Input should be less than or equal to 1"),
-        ({"cost": 0}, r"optimizer\.candidates\[0\]\.cost: Input should be greater than 0"),
+        ({"cost": 0}, r"optimizer\.candidates\[0\]\.cost: Input should be greater than or equal to 0.000001"),
         ({"direction": "up"}, r"optimizer\.candidates\[0\]\.direction: Input should be 'decrease' or 'increase'"),
     ],
 )
@@ -198,3 +236,50 @@ def test_candidate_errors_name_the_key(change: dict[str, Any], message: str) -> 
     }
     with pytest.raises(ConfigError, match=message):
         parse_config(raw, "healer.yml")
+
+
+async def test_a_rollback_whose_end_was_lost_is_run_again_not_judged_again(
+    world: World, files: dict[str, Path], tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The store refuses to record a rollback's end once: the next cycle rolls back again; it never counts as kept."""
+    from healer.config import parse_config
+    from healer.optimizer.model import Outcome
+    from healer.optimizer.routes import OPTIMIZER
+    from healer.server import create_app
+    from healer.store import StoreUnavailableError
+
+    runs = tmp_path / "rollbacks"
+    restore = f"import sys; open(sys.argv[1], 'w').write('x' * 1000); open('{runs}', 'a').write('ran\\n')"
+    config = parse_config(
+        {
+            "prometheus": {"url": world.prometheus.url},
+            "store": {"path": str(tmp_path / "healer.db")},
+            "exporter": {"host": False},
+            "optimizer": {"interval": "200ms", "candidates": [candidate("harmful", "opt-b", "grow", "restore")]},
+            "strategies": {
+                "grow": write(files["b"], 2000),
+                "restore": {"type": "exec", "command": [PY, "-c", restore, str(files["b"])]},
+            },
+        }
+    )
+    app = create_app(config)
+    records = app[OPTIMIZER].records
+    end, refused = records.end, []
+
+    def flaky_end(trial_id: int, outcome: Outcome, *args: Any) -> Any:
+        if outcome is Outcome.ROLLED_BACK and not refused:
+            refused.append(trial_id)
+            raise StoreUnavailableError("database is locked")
+        return end(trial_id, outcome, *args)
+
+    records.end = flaky_end  # type: ignore[method-assign]
+    client = await aiohttp_client(app)
+    trials: list[dict[str, Any]] = []
+    for _ in range(150):
+        trials = (await (await client.get("/api/v1/optimizations")).json())["trials"]
+        if trials and trials[0]["ended_at"]:
+            break
+        await asyncio.sleep(0.1)
+    assert refused and len(trials) == 1, trials
+    assert trials[0]["outcome"] == "rolled_back" and trials[0]["improvement"] < 0, trials[0]
+    assert runs.read_text() == "ran\nran\n" and files["b"].stat().st_size == 1000

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from tests.servers import (
     Server,
     http_get,
     http_json,
+    http_post,
     process_alive,
     prom_query,
     start_healer,
@@ -75,18 +73,8 @@ def goals(healer: Server, **query: str) -> list[dict[str, Any]]:
 
 
 def call(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """POST JSON (with the token unless `headers` says otherwise) and return the status and decoded answer."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body if body is not None else {}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", **(AUTH if headers is None else headers)},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    """POST JSON with the token unless `headers` says otherwise."""
+    return http_post(url, body, AUTH if headers is None else headers)
 
 
 def post_goal(healer: Server, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:

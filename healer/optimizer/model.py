@@ -13,6 +13,7 @@ class Outcome(enum.StrEnum):
 
     APPLYING = "applying"
     MEASURING = "measuring"
+    ROLLING_BACK = "rolling_back"
     KEPT = "kept"
     ROLLED_BACK = "rolled_back"
     APPLY_FAILED = "apply_failed"
@@ -20,10 +21,8 @@ class Outcome(enum.StrEnum):
     UNMEASURED = "unmeasured"
 
 
-IN_FLIGHT = (Outcome.APPLYING, Outcome.MEASURING)
+IN_FLIGHT = (Outcome.APPLYING, Outcome.MEASURING, Outcome.ROLLING_BACK)
 ENDED = tuple(o for o in Outcome if o not in IN_FLIGHT)
-# Trials that say whether the change helped; the others say nothing about the candidate's worth.
-LEARNED_FROM = (Outcome.KEPT, Outcome.ROLLED_BACK, Outcome.ROLLBACK_FAILED)
 
 
 def improvement(before: float, after: float, direction: str) -> float:
@@ -37,6 +36,13 @@ def improvement(before: float, after: float, direction: str) -> float:
 def learned_confidence(prior: float, prior_weight: float, helped: int, trials: int) -> float:
     """The prior confidence, worth `prior_weight` outcomes, updated by how many trials helped (a Beta mean)."""
     return (prior * prior_weight + helped) / (prior_weight + trials)
+
+
+def taught(outcome: Outcome, improvement: float | None) -> bool:
+    """Whether a trial says if the change helps: kept, rolled back, or a failed rollback after a verdict."""
+    return outcome in (Outcome.KEPT, Outcome.ROLLED_BACK) or (
+        outcome is Outcome.ROLLBACK_FAILED and improvement is not None
+    )
 
 
 def score(expected_improvement: float, cost: float, confidence: float) -> float:
@@ -61,6 +67,9 @@ class Trial:
     measure_at: float | None
     ended_at: float | None
     detail: str
+    # While rolling back: how the trial ends once the rollback has run (rolled_back or unmeasured).
+    verdict: Outcome | None = None
+    acknowledged_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         improvement_value = self.improvement if self.improvement is None or math.isfinite(self.improvement) else None
@@ -78,4 +87,5 @@ class Trial:
             "measure_at": self.measure_at,
             "ended_at": self.ended_at,
             "detail": self.detail,
+            "acknowledged_at": self.acknowledged_at,
         }

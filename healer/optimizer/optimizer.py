@@ -1,12 +1,14 @@
 """The optimizer: try the best-scoring confident candidate, measure it, keep it or roll it back.
 
 Each cycle, when no trial is in flight, the candidates that are ready (confidence at least
-`min_confidence`, not kept already, not cooling down after a failed trial) are taken in order of
-score, expected improvement / cost x confidence. The first whose metric has data is measured (its
-average over `window`), applied, and after `window` measured again. A change that helped by more
-than `min_improvement` is kept; otherwise it is rolled back. Outcomes teach the confidence: the
-prior counts as `prior_weight` trials, each kept trial as a success. Trials live in the store, so
-a restart resumes a measurement, and rolls back a change whose apply it interrupted.
+`min_confidence`, not kept already, not cooling down after a trial that was not kept, and a
+quiet `settle + window` since the last trial of any candidate) are taken in order of score,
+expected improvement / cost x confidence. The first whose metric has data is measured (its
+average over `window`), applied, and `settle + window` later measured again over the last
+`window`. A change that helped by more than `min_improvement` is kept; otherwise the verdict is
+recorded first and the rollback runs, so that a trial cut off during its rollback is rolled back
+again, never judged again. Outcomes teach the confidence: the prior counts as `prior_weight`
+trials, each kept trial as a success. Trials live in the store, so a restart resumes them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from healer.config import HealerConfig, OptimizationCandidate
 from healer.cycles import Cycle
-from healer.healing.engine import Engine, StepRefusedError
+from healer.healing.engine import STOPPING, Engine, StepRefusedError
 from healer.logs import fields
 from healer.optimizer.model import ENDED, Outcome, Trial, improvement, learned_confidence, score
 from healer.optimizer.records import TrialRecords
@@ -34,8 +36,20 @@ from healer.strategies.runner import AlertContext
 
 log = logging.getLogger(__name__)
 
-# What keeps a candidate from being tried now, in the order they are checked.
-STATES = ("measuring", "kept", "cooldown", "below_confidence", "ready")
+# Where a candidate stands. The first three are the trial in flight; the rest are checked in this order.
+STATES = (
+    "applying",
+    "measuring",
+    "rolling_back",
+    "rollback_failed",
+    "kept",
+    "cooldown",
+    "below_confidence",
+    "waiting",
+    "ready",
+)
+# Refusals that pass by themselves: a rollback refused for one of them is tried again next cycle.
+PASSING_REFUSALS = (STOPPING, "circuit_open", "dry_run")
 
 
 class OptimizerMetrics:
@@ -52,7 +66,9 @@ class OptimizerMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "healer_optimization_in_flight", "1 while a change is being applied or measured.", registry=registry
+            "healer_optimization_in_flight",
+            "1 while a change is being applied, measured or rolled back.",
+            registry=registry,
         )
         self.query_errors = Counter(
             "healer_optimizer_query_errors",
@@ -129,15 +145,20 @@ class Optimizer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Roll back a change whose apply a previous run interrupted, then start the cycle."""
+        """Settle what a previous run left in flight, then start the cycle."""
         trial = await self.store.call(self.records.in_flight)
-        if trial is not None and trial.outcome is Outcome.APPLYING:
-            await self._roll_back(trial, Outcome.UNMEASURED, "healer stopped while applying the change")
+        if trial is not None:
+            self.metrics.in_flight.set(1)
+            if trial.candidate not in self._candidates:
+                await self._end(trial, Outcome.UNMEASURED, "the candidate is no longer configured; nothing rolled back")
+            elif self.config.optimizer.enabled and trial.outcome is Outcome.APPLYING:
+                await self._roll_back(trial, Outcome.UNMEASURED, "healer stopped while applying the change")
+        await self.candidates()  # the confidence gauges show what was learned, from the first scrape
         if self.config.optimizer.enabled and self._candidates:
             self._cycle.start()
 
     async def stop(self, deadline: float) -> None:
-        """Stop the cycle; a trial being applied gets until `deadline` (monotonic), a measurement resumes later."""
+        """Stop the cycle; a strategy running gets until `deadline` (monotonic); a trial in flight resumes later."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._quiet(), max(0.0, deadline - time.monotonic()))
         await self._cycle.stop()
@@ -154,43 +175,54 @@ class Optimizer:
 
     async def candidates(self) -> list[CandidateView]:
         """Every configured candidate with its learned confidence, score and state, best score first."""
-        summary = await self.store.call(self.records.summary)
-        trial = await self.store.call(self.records.in_flight)
+        records = await self.store.call(self.records.records)
+        last_ended = await self.store.call(self.records.last_ended)
         settings = self.config.optimizer
         now = self._clock()
         views = []
         for c in self._candidates.values():
-            seen = summary.get(c.name, {"trials": 0, "helped": 0, "last": None, "ended_at": None})
-            confidence = learned_confidence(c.confidence, settings.prior_weight, seen["helped"], seen["trials"])
-            ready_at = None
-            if trial is not None and trial.candidate == c.name:
-                state = "measuring"
-            elif seen["last"] is Outcome.KEPT:
+            record = records.get(c.name)
+            trials, helped = (record.trials, record.helped) if record else (0, 0)
+            last = record.last if record else None
+            confidence = learned_confidence(c.confidence, settings.prior_weight, helped, trials)
+            # The "before" of a new trial must not overlap the last trial's change or its rollback.
+            quiet_at = None if last_ended is None else last_ended + c.settle + c.window
+            ready_at: float | None = None
+            state: str
+            if last is not None and last.outcome.value in STATES[:3]:
+                state = last.outcome.value
+            elif last is not None and last.outcome is Outcome.ROLLBACK_FAILED and last.acknowledged_at is None:
+                state = "rollback_failed"
+            elif last is not None and last.outcome is Outcome.KEPT:
                 state = "kept"
-            elif seen["ended_at"] is not None and now < seen["ended_at"] + c.cooldown:
-                state, ready_at = "cooldown", seen["ended_at"] + c.cooldown
+            elif last is not None and last.ended_at is not None and now < last.ended_at + c.cooldown:
+                state, ready_at = "cooldown", last.ended_at + c.cooldown
             elif confidence < settings.min_confidence:
                 state = "below_confidence"
+            elif quiet_at is not None and now < quiet_at:
+                state, ready_at = "waiting", quiet_at
             else:
                 state = "ready"
             value = score(c.expected_improvement, c.cost, confidence)
-            views.append(CandidateView(c, confidence, value, seen["trials"], seen["helped"], state, ready_at))
+            views.append(CandidateView(c, confidence, value, trials, helped, state, ready_at))
             self.metrics.confidence.labels(c.name).set(confidence)
         return sorted(views, key=lambda v: (-v.score, v.candidate.name))
 
     # -- one cycle -----------------------------------------------------------------------------
 
     async def cycle(self) -> None:
-        """Judge the trial in flight once its window has passed, or else start the best ready candidate."""
+        """Go on with the trial in flight, or else start the best ready candidate."""
         trial = await self.store.call(self.records.in_flight)
         self.metrics.in_flight.set(0 if trial is None else 1)
-        if self.engine.stopping:
+        if self.engine.stopping or self._busy:
             return  # a trial in flight resumes after the restart
         if trial is not None:
-            if trial.outcome is Outcome.APPLYING and not self._busy:
+            if trial.outcome is Outcome.APPLYING:
                 # An earlier cycle failed between applying and recording it; how far it got is unknown.
                 await self._roll_back(trial, Outcome.UNMEASURED, "the apply's outcome was not recorded")
-            elif trial.outcome is Outcome.MEASURING and self._clock() >= (trial.measure_at or 0.0):
+            elif trial.outcome is Outcome.ROLLING_BACK:
+                await self._run_rollback(trial)
+            elif self._clock() >= (trial.measure_at or 0.0):
                 await self._judge(trial)
             return
         for view in await self.candidates():
@@ -207,24 +239,23 @@ class Optimizer:
             return False, None
         return True, value if value is not None and math.isfinite(value) else None
 
-    def _context(self, candidate: str, component: str) -> AlertContext:
-        return AlertContext(
-            labels={"candidate": candidate, "component": component},
+    async def _run_strategy(self, strategy: str, candidate: OptimizationCandidate) -> tuple[bool, str, str | None]:
+        """Run apply or rollback under the rails: (succeeded, detail, the refusal's reason or None)."""
+        context = AlertContext(
+            labels={"candidate": candidate.name, "component": candidate.component},
             annotations={},
-            fingerprint=f"optimization-{candidate}",
+            fingerprint=f"optimization-{candidate.name}",
             starts_at="",
             status="firing",
         )
-
-    async def _run_strategy(self, strategy: str, candidate: str, component: str) -> tuple[bool, str]:
         self._busy = True
         try:
-            result = await self.engine.run_unattached(strategy, self._context(candidate, component))
+            result = await self.engine.run_unattached(strategy, context)
         except StepRefusedError as exc:
-            return False, f"refused ({exc.reason}): {exc.detail}"
+            return False, f"refused ({exc.reason}): {exc.detail}", exc.reason
         finally:
             self._busy = False
-        return result.ok, result.detail
+        return result.ok, result.detail, None
 
     async def _try(self, view: CandidateView) -> bool:
         """Measure, then apply one candidate; False when its metric has no data now."""
@@ -237,11 +268,16 @@ class Optimizer:
         )
         self.metrics.in_flight.set(1)
         log.info("optimization applying", extra=fields(candidate=c.name, before=before, score=view.score))
-        ok, detail = await self._run_strategy(c.apply, c.name, c.component)
+        ok, detail, refusal = await self._run_strategy(c.apply, c)
+        if refusal == STOPPING:
+            await self.store.call(self.records.discard, trial.id)  # nothing ran; it is tried after the restart
+            self.metrics.in_flight.set(0)
+            return True
         if not ok:
             await self._end(trial, Outcome.APPLY_FAILED, f"{c.apply} did not apply: {detail}")
             return True
-        await self.store.call(self.records.measuring, trial.id, self._clock() + c.window, f"{c.apply}: {detail}")
+        measure_at = self._clock() + c.settle + c.window
+        await self.store.call(self.records.measuring, trial.id, measure_at, f"{c.apply}: {detail}")
         return True
 
     async def _judge(self, trial: Trial) -> None:
@@ -266,24 +302,29 @@ class Optimizer:
             await self._roll_back(trial, Outcome.ROLLED_BACK, f"no help: {verdict}", after, gain)
 
     async def _roll_back(
-        self, trial: Trial, outcome: Outcome, why: str, after: float | None = None, gain: float | None = None
+        self, trial: Trial, verdict: Outcome, why: str, after: float | None = None, gain: float | None = None
     ) -> None:
+        trial = await self.store.call(self.records.rolling_back, trial.id, verdict, why, after, gain)
+        await self._run_rollback(trial)
+
+    async def _run_rollback(self, trial: Trial) -> None:
+        """Run the rollback of a trial whose verdict is recorded; a refusal that passes is retried next cycle."""
         c = self._candidates.get(trial.candidate)
         if c is None:
-            await self._end(
-                trial, Outcome.UNMEASURED, f"{why}; the candidate is no longer configured, nothing rolled back"
-            )
+            detail = f"{trial.detail}; the candidate is no longer configured, nothing rolled back"
+            await self._end(trial, Outcome.ROLLBACK_FAILED, detail)
             return
-        ok, detail = await self._run_strategy(c.rollback, c.name, c.component)
-        if self.engine.stopping and not ok:
-            return  # refused because healer is stopping: the trial stays in flight and is judged after the restart
+        ok, detail, refusal = await self._run_strategy(c.rollback, c)
+        if refusal in PASSING_REFUSALS:
+            log.warning("rollback postponed", extra=fields(candidate=c.name, reason=detail))
+            return
         if ok:
-            await self._end(trial, outcome, f"{why}; rolled back with {c.rollback}: {detail}", after, gain)
+            await self._end(
+                trial, trial.verdict or Outcome.ROLLED_BACK, f"{trial.detail}; rolled back with {c.rollback}: {detail}"
+            )
         else:
             log.error("rollback failed", extra=fields(candidate=c.name, detail=detail))
-            await self._end(
-                trial, Outcome.ROLLBACK_FAILED, f"{why}; rollback {c.rollback} failed: {detail}", after, gain
-            )
+            await self._end(trial, Outcome.ROLLBACK_FAILED, f"{trial.detail}; rollback {c.rollback} failed: {detail}")
 
     async def _end(
         self, trial: Trial, outcome: Outcome, detail: str, after: float | None = None, gain: float | None = None
@@ -293,6 +334,10 @@ class Optimizer:
         self.metrics.in_flight.set(0)
         log.info("optimization ended", extra=fields(candidate=trial.candidate, outcome=outcome.value, detail=detail))
         await self.candidates()  # refresh the confidence gauges with what this trial taught
+
+    async def acknowledge(self, candidate: str) -> bool:
+        """A person has undone a change whose rollback failed: the candidate may be tried again."""
+        return bool(await self.store.call(self.records.acknowledge, candidate, self._clock()))
 
 
 def _signed_percent(value: float) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from dataclasses import dataclass
 
-from healer.optimizer.model import ENDED, IN_FLIGHT, LEARNED_FROM, Outcome, Trial
+from healer.optimizer.model import ENDED, IN_FLIGHT, Outcome, Trial, taught
 from healer.store import SQLiteStore
 
 TRIALS_SCHEMA = (
@@ -22,14 +22,22 @@ TRIALS_SCHEMA = (
         applied_at REAL NOT NULL,
         measure_at REAL,
         ended_at REAL,
-        detail TEXT NOT NULL DEFAULT ''
+        detail TEXT NOT NULL DEFAULT '',
+        verdict TEXT,
+        acknowledged_at REAL
     )""",
     "CREATE INDEX IF NOT EXISTS optimizations_candidate ON optimizations(candidate, id)",
 )
+_IN_FLIGHT = "(" + ", ".join(f"'{o.value}'" for o in IN_FLIGHT) + ")"
 
 
-def _in(values: tuple[Outcome, ...]) -> str:
-    return "(" + ", ".join(f"'{v.value}'" for v in values) + ")"
+@dataclass(frozen=True)
+class Record:
+    """What a candidate's trials add up to."""
+
+    trials: int  # those that taught something
+    helped: int
+    last: Trial
 
 
 def _trial(row: sqlite3.Row) -> Trial:
@@ -47,6 +55,8 @@ def _trial(row: sqlite3.Row) -> Trial:
         measure_at=row["measure_at"],
         ended_at=row["ended_at"],
         detail=row["detail"],
+        verdict=Outcome(row["verdict"]) if row["verdict"] else None,
+        acknowledged_at=row["acknowledged_at"],
     )
 
 
@@ -62,12 +72,17 @@ class TrialRecords:
 
         store.transaction(create)
 
-    def _get(self, db: sqlite3.Connection, trial_id: int) -> Trial:
-        return _trial(db.execute("SELECT * FROM optimizations WHERE id = ?", (trial_id,)).fetchone())
+    def _set(self, trial_id: int, **columns: object) -> Trial:
+        def work(db: sqlite3.Connection) -> Trial:
+            assignments = ", ".join(f"{name} = ?" for name in columns)
+            db.execute(f"UPDATE optimizations SET {assignments} WHERE id = ?", (*columns.values(), trial_id))  # noqa: S608 - names are ours
+            return _trial(db.execute("SELECT * FROM optimizations WHERE id = ?", (trial_id,)).fetchone())
+
+        return self._store.transaction(work)
 
     def in_flight(self) -> Trial | None:
-        """The trial being applied or measured, if any (there is at most one)."""
-        rows = self._store.read(f"SELECT * FROM optimizations WHERE outcome IN {_in(IN_FLIGHT)} ORDER BY id LIMIT 1")  # noqa: S608
+        """The trial being applied, measured or rolled back, if any (there is at most one)."""
+        rows = self._store.read(f"SELECT * FROM optimizations WHERE outcome IN {_IN_FLIGHT} ORDER BY id LIMIT 1")  # noqa: S608
         return _trial(rows[0]) if rows else None
 
     def begin(
@@ -81,21 +96,26 @@ class TrialRecords:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (candidate, component, Outcome.APPLYING.value, confidence, score, before, now),
             )
-            return self._get(db, int(cursor.lastrowid or 0))
+            return _trial(db.execute("SELECT * FROM optimizations WHERE id = ?", (cursor.lastrowid,)).fetchone())
 
         return self._store.transaction(work)
 
     def measuring(self, trial_id: int, measure_at: float, detail: str) -> Trial:
         """The change is applied; it is measured again at `measure_at`."""
+        return self._set(trial_id, outcome=Outcome.MEASURING.value, measure_at=measure_at, detail=detail)
 
-        def work(db: sqlite3.Connection) -> Trial:
-            db.execute(
-                "UPDATE optimizations SET outcome = ?, measure_at = ?, detail = ? WHERE id = ?",
-                (Outcome.MEASURING.value, measure_at, detail, trial_id),
-            )
-            return self._get(db, trial_id)
-
-        return self._store.transaction(work)
+    def rolling_back(
+        self, trial_id: int, verdict: Outcome, detail: str, after: float | None, improvement: float | None
+    ) -> Trial:
+        """Record the verdict before the rollback runs, so that a trial cut off here is never judged again."""
+        return self._set(
+            trial_id,
+            outcome=Outcome.ROLLING_BACK.value,
+            verdict=verdict.value,
+            detail=detail,
+            after=after,
+            improvement=improvement,
+        )
 
     def end(
         self,
@@ -106,16 +126,34 @@ class TrialRecords:
         after: float | None = None,
         improvement: float | None = None,
     ) -> Trial:
-        """Record how the trial ended."""
+        """Record how the trial ended; `after` and `improvement` stay as recorded when not given."""
         assert outcome in ENDED
 
         def work(db: sqlite3.Connection) -> Trial:
             db.execute(
-                "UPDATE optimizations SET outcome = ?, detail = ?, ended_at = ?, after = ?, improvement = ?"
-                " WHERE id = ?",
+                "UPDATE optimizations SET outcome = ?, detail = ?, ended_at = ?, after = coalesce(?, after),"
+                " improvement = coalesce(?, improvement) WHERE id = ?",
                 (outcome.value, detail, now, after, improvement, trial_id),
             )
-            return self._get(db, trial_id)
+            return _trial(db.execute("SELECT * FROM optimizations WHERE id = ?", (trial_id,)).fetchone())
+
+        return self._store.transaction(work)
+
+    def discard(self, trial_id: int) -> None:
+        """Forget a trial whose change never ran (healer began stopping just before)."""
+        self._store.transaction(lambda db: db.execute("DELETE FROM optimizations WHERE id = ?", (trial_id,)))
+
+    def acknowledge(self, candidate: str, now: float) -> bool:
+        """Mark the candidate's failed rollback as dealt with by a person; False if its last trial is not one."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            return bool(
+                db.execute(
+                    "UPDATE optimizations SET acknowledged_at = ? WHERE id = (SELECT max(id) FROM optimizations"
+                    " WHERE candidate = ?) AND outcome = 'rollback_failed' AND acknowledged_at IS NULL",
+                    (now, candidate),
+                ).rowcount
+            )
 
         return self._store.transaction(work)
 
@@ -124,25 +162,24 @@ class TrialRecords:
         rows = self._store.read("SELECT * FROM optimizations ORDER BY id DESC LIMIT ?", (limit,))
         return [_trial(row) for row in rows]
 
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per candidate: trials that taught something, how many helped, the last outcome and when it ended."""
-        last = "SELECT o.outcome FROM optimizations o WHERE o.candidate = t.candidate ORDER BY o.id DESC LIMIT 1"
-        rows = self._store.read(
-            f"SELECT candidate, sum(outcome IN {_in(LEARNED_FROM)}) AS trials, sum(outcome = 'kept') AS helped,"  # noqa: S608 - constants
-            f" ({last}) AS last, max(ended_at) AS ended_at FROM optimizations t GROUP BY candidate"
-        )
-        return {
-            row["candidate"]: {
-                "trials": int(row["trials"] or 0),
-                "helped": int(row["helped"] or 0),
-                "last": Outcome(row["last"]),
-                "ended_at": row["ended_at"],
-            }
-            for row in rows
-        }
+    def records(self) -> dict[str, Record]:
+        """Per candidate: the trials that taught something, how many helped, and the last trial."""
+        found: dict[str, Record] = {}
+        for row in self._store.read("SELECT * FROM optimizations ORDER BY id"):
+            trial = _trial(row)
+            before = found.get(trial.candidate, Record(0, 0, trial))
+            lesson = taught(trial.outcome, trial.improvement)
+            found[trial.candidate] = Record(
+                before.trials + lesson, before.helped + (lesson and trial.outcome is Outcome.KEPT), trial
+            )
+        return found
+
+    def last_ended(self) -> float | None:
+        """When the most recent trial of any candidate ended."""
+        return self._store.read("SELECT max(ended_at) FROM optimizations")[0][0]  # type: ignore[no-any-return]
 
     def purge(self, older_than: float) -> int:
-        """Delete ended trials older than `older_than`, keeping every candidate's last one (it decides cooldowns)."""
+        """Delete ended trials older than `older_than`, keeping every candidate's last one (it decides its state)."""
         return int(
             self._store.transaction(
                 lambda db: (

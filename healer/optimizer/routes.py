@@ -8,7 +8,7 @@ from aiohttp import web
 
 from healer.healing.engine import Engine
 from healer.optimizer.optimizer import Optimizer
-from healer.receiver import problem
+from healer.receiver import authenticate, problem
 
 OPTIMIZER = web.AppKey("optimizer", Optimizer)
 
@@ -34,6 +34,20 @@ async def list_optimizations(request: web.Request) -> web.Response:
     )
 
 
+async def acknowledge(request: web.Request) -> web.Response:
+    """A person undid a change whose rollback failed; its candidate may be tried again after its cooldown."""
+    refused = authenticate(request)
+    if refused is not None:
+        return refused
+    optimizer = request.app[OPTIMIZER]
+    name = request.match_info["candidate"]
+    if name not in {c.name for c in optimizer.config.optimizer.candidates}:
+        return problem(404, f"no candidate {name!r}")
+    if not await optimizer.acknowledge(name):
+        return problem(409, f"the last trial of {name!r} is not a failed rollback waiting to be acknowledged")
+    return web.json_response({"acknowledged": name})
+
+
 def learned_ladders(engine: Engine) -> dict[str, list[dict[str, Any]]]:
     """For each rule with `order: learned`, its ladder in the order the next episode would take it."""
     ladders = {}
@@ -49,3 +63,4 @@ def learned_ladders(engine: Engine) -> dict[str, list[dict[str, Any]]]:
 
 def add_optimization_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/optimizations", list_optimizations)
+    app.router.add_post("/api/v1/optimizations/{candidate}/acknowledge", acknowledge)

@@ -172,8 +172,10 @@ class Planner:
 
     async def cycle(self) -> None:
         """Run the trigger queries, then advance the goal in progress or start the next one."""
-        for template in self._templates.values():
-            await self._discover(template)
+        if self._templates:
+            opened_before = await self.store.call(self.records.open_goals)
+            for template in self._templates.values():
+                await self._discover(template, [g for g in opened_before if g.source == template.name])
         now = self._clock()
         for goal in await self.store.call(self.records.open_goals):
             # A goal in progress is measured first: reaching the target at the last moment counts.
@@ -187,7 +189,8 @@ class Planner:
             await self._advance(current)
         await self._publish()
 
-    async def _discover(self, template: GoalTemplate) -> None:
+    async def _discover(self, template: GoalTemplate, open_goals: list[Goal]) -> None:
+        """Open a goal for each new series of the template's trigger; cancel pending goals whose series went."""
         try:
             samples = await self.engine.promql.query(template.trigger)
         except (PromQLError, PrometheusUnavailableError) as exc:
@@ -205,8 +208,8 @@ class Planner:
         for goal in opened:
             self.metrics.opened.labels(goal.type.value).inc()
             log.info("goal opened", extra=fields(goal=goal.id, key=goal.key, trigger_value=goal.trigger_value))
-        for goal in await self.store.call(self.records.open_goals):
-            if goal.source == template.name and goal.key not in wanted and goal.state is GoalState.PENDING:
+        for goal in open_goals:
+            if goal.key not in wanted and goal.state is GoalState.PENDING:
                 await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
 
     def _running(self, goal_id: int) -> bool:
