@@ -287,3 +287,24 @@ def serve_on_loopback(app: web.Application) -> None:
         await runner.cleanup()
 
     asyncio.run(serve())
+
+
+def serve_exposition(port: int, body: Callable[[], bytes]) -> None:
+    """Serve `body()` as Prometheus text on 127.0.0.1:`port` until SIGTERM: a tiny exporter child."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            text = body()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve_forever()

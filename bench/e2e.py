@@ -44,12 +44,10 @@ PID on exit, also on error or Ctrl-C. All traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -73,15 +71,19 @@ TARGET_MS = 20.0
 FAULT_TIMEOUT_SECONDS = 20.0
 
 FAULT_RULES = {
-    "groups": [{
-        "name": "bench-faults",
-        "rules": [{
-            "alert": "FaultActive",
-            "expr": "fault_active == 1",
-            "labels": {"severity": "warning"},
-            "annotations": {"summary": "fault {{ $labels.fault }} is active"},
-        }],
-    }]
+    "groups": [
+        {
+            "name": "bench-faults",
+            "rules": [
+                {
+                    "alert": "FaultActive",
+                    "expr": "fault_active == 1",
+                    "labels": {"severity": "warning"},
+                    "annotations": {"summary": "fault {{ $labels.fault }} is active"},
+                }
+            ],
+        }
+    ]
 }
 
 
@@ -92,23 +94,12 @@ def fault_app_main(argv: list[str]) -> int:
     """Child process: export `fault_active{fault="NAME"} 1` for every file in a directory."""
     port, directory = int(argv[0]), argv[1]
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            lines = ["# HELP fault_active 1 while a fault file exists.", "# TYPE fault_active gauge"]
-            lines += [f'fault_active{{fault="{name}"}} 1' for name in sorted(os.listdir(directory))]
-            body = ("\n".join(lines) + "\n").encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def exposition() -> bytes:
+        lines = ["# HELP fault_active 1 while a fault file exists.", "# TYPE fault_active gauge"]
+        lines += [f'fault_active{{fault="{name}"}} 1' for name in sorted(os.listdir(directory))]
+        return ("\n".join(lines) + "\n").encode()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.serve_forever()
+    common.serve_exposition(port, exposition)
     return 0
 
 
@@ -120,8 +111,14 @@ def floor_main(argv: list[str]) -> int:
         document = json.loads(await request.read())
         arrived = time.time()
         lines = [
-            json.dumps({"event": "alert", "t": arrived, "status": alert.get("status"),
-                        "fault": alert.get("labels", {}).get("fault")})
+            json.dumps(
+                {
+                    "event": "alert",
+                    "t": arrived,
+                    "status": alert.get("status"),
+                    "fault": alert.get("labels", {}).get("fault"),
+                }
+            )
             for alert in document.get("alerts", [])
         ]
         sys.stdout.write("\n".join(lines) + "\n")
@@ -159,8 +156,11 @@ def start_alertmanager(keeper: common.Keeper, workdir: Path, floor_url: str, hea
     webhook = {"send_resolved": True, "http_config": {"authorization": {"credentials": TOKEN}}}
     config = {
         "route": {
-            "receiver": "healer", "group_by": ["alertname", "fault"], "group_wait": "0s",
-            "group_interval": "10ms", "repeat_interval": "1h",
+            "receiver": "healer",
+            "group_by": ["alertname", "fault"],
+            "group_wait": "0s",
+            "group_interval": "10ms",
+            "repeat_interval": "1h",
             "routes": [
                 {"receiver": "floor", "matchers": ['alertname="FaultActive"'], "continue": True},
                 {"receiver": "healer", "matchers": ['alertname="FaultActive"']},
@@ -175,16 +175,24 @@ def start_alertmanager(keeper: common.Keeper, workdir: Path, floor_url: str, hea
     directory.mkdir(parents=True)
     common.write_yaml(directory / "alertmanager.yml", config)
     port = free_port()
-    child = keeper.start("alertmanager", [
-        ALERTMANAGER, f"--config.file={directory / 'alertmanager.yml'}", f"--storage.path={directory / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn",
-    ])
+    child = keeper.start(
+        "alertmanager",
+        [
+            ALERTMANAGER,
+            f"--config.file={directory / 'alertmanager.yml'}",
+            f"--storage.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+            "--log.level=warn",
+        ],
+    )
     common.wait_ready(child, f"http://127.0.0.1:{port}")
     return child
 
 
-def start_prometheus(keeper: common.Keeper, workdir: Path, interval: str, app_port: int,
-                     alertmanager: common.Child) -> common.Child:
+def start_prometheus(
+    keeper: common.Keeper, workdir: Path, interval: str, app_port: int, alertmanager: common.Child
+) -> common.Child:
     directory = workdir / "prometheus"
     directory.mkdir(parents=True)
     rules = directory / "rules.yml"
@@ -197,10 +205,16 @@ def start_prometheus(keeper: common.Keeper, workdir: Path, interval: str, app_po
     }
     common.write_yaml(directory / "prometheus.yml", config)
     port = free_port()
-    child = keeper.start("prometheus", [
-        PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-    ])
+    child = keeper.start(
+        "prometheus",
+        [
+            PROMETHEUS,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+    )
     common.wait_ready(child, f"http://127.0.0.1:{port}")
 
     def scraping_and_notifying() -> bool:
@@ -216,8 +230,9 @@ def start_fault_app(keeper: common.Keeper, workdir: Path) -> tuple[Path, int]:
     faults = workdir / "faults"
     faults.mkdir(parents=True)
     port = free_port()
-    child = keeper.start("fault-app", [sys.executable, str(Path(__file__).resolve()), "_fault_app", str(port),
-                                       str(faults)])
+    child = keeper.start(
+        "fault-app", [sys.executable, str(Path(__file__).resolve()), "_fault_app", str(port), str(faults)]
+    )
     common.wait_ready(child, f"http://127.0.0.1:{port}", "/", timeout=10)
     return faults, port
 
@@ -232,15 +247,24 @@ def healer_config(workdir: Path, faults: Path, prometheus: str, alertmanager: st
         "exporter": {"host": False},
         "healing": {
             "budget": {"actions": 1000, "window": "10m"},
-            "rules": [{
-                "name": "remove-fault", "match": ['alertname="FaultActive"'], "strategies": ["remove-fault"],
-                "max_attempts": 2, "cooldown": "100ms", "verify": {"within": "5s", "interval": "50ms"},
-            }],
+            "rules": [
+                {
+                    "name": "remove-fault",
+                    "match": ['alertname="FaultActive"'],
+                    "strategies": ["remove-fault"],
+                    "max_attempts": 2,
+                    "cooldown": "100ms",
+                    "verify": {"within": "5s", "interval": "50ms"},
+                }
+            ],
         },
         "strategies": {
             "remove-fault": {
-                "type": "exec", "command": [RM, "-f", "--", "{labels.fault}"], "cwd": str(faults),
-                "allow_labels": {"fault": "^[a-z0-9][a-z0-9-]*$"}, "timeout": "5s",
+                "type": "exec",
+                "command": [RM, "-f", "--", "{labels.fault}"],
+                "cwd": str(faults),
+                "allow_labels": {"fault": "^[a-z0-9][a-z0-9-]*$"},
+                "timeout": "5s",
             },
         },
     }
@@ -251,12 +275,14 @@ def start_stack(keeper: common.Keeper, workdir: Path, interval: str) -> Stack:
     floor = keeper.start("floor", [sys.executable, str(Path(__file__).resolve()), "_floor"])
     common.wait_listening(floor)
     healer_port = free_port()
-    alertmanager = start_alertmanager(keeper, workdir, floor.url + WEBHOOK_PATH,
-                                      f"http://127.0.0.1:{healer_port}{WEBHOOK_PATH}")
+    alertmanager = start_alertmanager(
+        keeper, workdir, floor.url + WEBHOOK_PATH, f"http://127.0.0.1:{healer_port}{WEBHOOK_PATH}"
+    )
     prometheus = start_prometheus(keeper, workdir, interval, app_port, alertmanager)
     (workdir / "healer").mkdir()
-    config_path = common.write_yaml(workdir / "healer" / "healer.yml",
-                                    healer_config(workdir / "healer", faults, prometheus.url, alertmanager.url))
+    config_path = common.write_yaml(
+        workdir / "healer" / "healer.yml", healer_config(workdir / "healer", faults, prometheus.url, alertmanager.url)
+    )
     healer = common.start_healer(keeper, config_path, listen=f"127.0.0.1:{healer_port}", cwd=workdir / "healer")
     common.wait_listening(healer)
     return Stack(workdir, faults, prometheus, alertmanager, floor, healer)
@@ -316,8 +342,7 @@ def run_fault(stack: Stack, fault: str, interval: float, rng: random.Random) -> 
     (stack.faults / fault).write_text("fault\n")
     try:
         # Watching the file costs healer nothing; the audit API is asked only once the file is gone.
-        wait_for(lambda: not (stack.faults / fault).exists(), f"healer to remove {fault}", FAULT_TIMEOUT_SECONDS,
-                 0.005)
+        wait_for(lambda: not (stack.faults / fault).exists(), f"healer to remove {fault}", FAULT_TIMEOUT_SECONDS, 0.005)
 
         def finished() -> list[dict[str, Any]] | None:
             actions = healer_actions(stack, fault)
@@ -329,8 +354,11 @@ def run_fault(stack: Stack, fault: str, interval: float, rng: random.Random) -> 
     floor = wait_for(lambda: floor_arrival(stack, fault, "firing"), f"floor webhook of {fault}", 5)
     received = wait_for(lambda: healer_received(stack, fault, "firing"), f"healer inbox row of {fault}", 5)
     # Both receivers see the resolution before the next fault, so each fault meets a quiet stack.
-    wait_for(lambda: floor_arrival(stack, fault, "resolved") and healer_received(stack, fault, "resolved"),
-             f"resolved notifications of {fault}", FAULT_TIMEOUT_SECONDS)
+    wait_for(
+        lambda: floor_arrival(stack, fault, "resolved") and healer_received(stack, fault, "resolved"),
+        f"resolved notifications of {fault}",
+        FAULT_TIMEOUT_SECONDS,
+    )
     first, last = actions[0], actions[-1]
     if last["outcome"] != "healed":
         raise RuntimeError(f"fault {fault}: last step ended {last['outcome']!r}, not healed: {json.dumps(actions)}")
@@ -350,8 +378,12 @@ def run_fault(stack: Stack, fault: str, interval: float, rng: random.Random) -> 
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"median": round(percentile(values, 0.5), 1), "p90": round(percentile(values, 0.9), 1),
-            "max": round(max(values, default=0.0), 1), "min": round(min(values, default=0.0), 1)}
+    return {
+        "median": round(percentile(values, 0.5), 1),
+        "p90": round(percentile(values, 0.9), 1),
+        "max": round(max(values, default=0.0), 1),
+        "min": round(min(values, default=0.0), 1),
+    }
 
 
 @dataclass
@@ -368,10 +400,9 @@ class Report:
 
 def run(args: argparse.Namespace) -> Report:
     interval_seconds = args.interval_ms / 1000
-    report = Report(args.faults, f"{args.interval_ms}ms", os.cpu_count() or 0,
-                    [round(x, 2) for x in os.getloadavg()])
+    report = Report(args.faults, f"{args.interval_ms}ms", os.cpu_count() or 0, [round(x, 2) for x in os.getloadavg()])
     rng = random.Random(args.seed)
-    run_id = f"{rng.randrange(16 ** 4):04x}"
+    run_id = f"{rng.randrange(16**4):04x}"
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         keeper = common.Keeper(Path(tmp))
         try:
@@ -379,9 +410,13 @@ def run(args: argparse.Namespace) -> Report:
             for index in range(args.faults):
                 sample = run_fault(stack, f"fault-{run_id}-{index:03d}", interval_seconds, rng)
                 report.samples.append(sample)
-                print(f"... fault {index + 1}/{args.faults}: floor arrival {sample.floor_arrival_ms:.1f} ms,"
-                      f" healer arrival {sample.healer_arrival_ms:.1f} ms, start {sample.started_ms:.1f} ms,"
-                      f" healed {sample.healed_ms:.1f} ms", file=sys.stderr, flush=True)
+                print(
+                    f"... fault {index + 1}/{args.faults}: floor arrival {sample.floor_arrival_ms:.1f} ms,"
+                    f" healer arrival {sample.healer_arrival_ms:.1f} ms, start {sample.started_ms:.1f} ms,"
+                    f" healed {sample.healed_ms:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             keeper.stop_all()
     samples = report.samples
@@ -396,19 +431,26 @@ def run(args: argparse.Namespace) -> Report:
         "healer: step started -> verified heal": summary([s.started_to_healed_ms for s in samples]),
         "paired: floor arrival -> healer step started": summary([s.floor_arrival_to_started_ms for s in samples]),
     }
-    report.healer_adds_ms = round(percentile([s.started_ms for s in samples], 0.5)
-                                  - percentile([s.floor_arrival_ms for s in samples], 0.5), 1)
+    report.healer_adds_ms = round(
+        percentile([s.started_ms for s in samples], 0.5) - percentile([s.floor_arrival_ms for s in samples], 0.5), 1
+    )
     own = report.summary["healer: webhook arrival -> step started"]["median"]
-    report.checks = [{
-        "check": f"median healer webhook arrival -> step start < {TARGET_MS:g} ms",
-        "value": own, "limit": TARGET_MS, "passed": own < TARGET_MS,
-    }]
+    report.checks = [
+        {
+            "check": f"median healer webhook arrival -> step start < {TARGET_MS:g} ms",
+            "value": own,
+            "limit": TARGET_MS,
+            "passed": own < TARGET_MS,
+        }
+    ]
     return report
 
 
 def print_report(report: Report) -> None:
-    print(f"end-to-end benchmark: {report.faults} faults, scrape/evaluation {report.interval}, Alertmanager"
-          f" group_wait 0s group_interval 10ms, {report.cpus} CPUs, load average at start {report.load_average}")
+    print(
+        f"end-to-end benchmark: {report.faults} faults, scrape/evaluation {report.interval}, Alertmanager"
+        f" group_wait 0s group_interval 10ms, {report.cpus} CPUs, load average at start {report.load_average}"
+    )
     print("times in ms after the fault file was created (t0) unless named a -> b, over all faults:")
     print()
     print(f"{'':<47}{'median':>9}{'p90':>9}{'max':>9}{'min':>9}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.server
 import json
 import os
 import shutil
@@ -40,31 +39,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 # isort: split
 import common  # bench/common.py: `python bench/planner.py` puts bench/ first on sys.path
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 RATIO_LIMIT = 3.0
-
-
-def serve_series(port: int, count: int) -> None:
-    """The exporter child: `count` series of one gauge."""
-    body = ("# TYPE bench_series gauge\n" + "".join(f'bench_series{{i="{i}"}} 1\n' for i in range(count))).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
 @dataclass
@@ -158,7 +138,9 @@ def _wal_kb(workdir: Path) -> float:
 
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "_exporter":
-        serve_series(int(sys.argv[2]), int(sys.argv[3]))
+        count = int(sys.argv[3])
+        body = ("# TYPE bench_series gauge\n" + "".join(f'bench_series{{i="{i}"}} 1\n' for i in range(count))).encode()
+        common.serve_exposition(int(sys.argv[2]), lambda: body)
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--templates", type=int, default=20)
@@ -173,6 +155,7 @@ def main() -> int:
         keeper.start("exporter", [sys.executable, __file__, "_exporter", str(port), str(args.series)])
         common.wait_for(lambda: common.http_get(f"http://127.0.0.1:{port}/")[0] == 200, "the exporter")
         prometheus_dir = workdir / "prometheus"
+        prometheus_dir.mkdir()
         common.write_yaml(
             prometheus_dir / "prometheus.yml",
             {

@@ -71,26 +71,32 @@ P99_TARGET_MS = 20.0
 
 # One alert shaped like a captured Alertmanager 0.25 alert (tests/fixtures), about 600 bytes.
 # FP is replaced by a fingerprint that is new for every alert of every request.
-_ALERT_TEMPLATE = json.dumps({
-    "status": "firing",
-    "labels": {
-        "alertname": "BenchAlert", "instance": "web-1:9877", "job": "healer", "process": "web",
-        "service": "demo-app", "severity": "warning", "id": "FP",
+_ALERT_TEMPLATE = json.dumps(
+    {
+        "status": "firing",
+        "labels": {
+            "alertname": "BenchAlert",
+            "instance": "web-1:9877",
+            "job": "healer",
+            "process": "web",
+            "service": "demo-app",
+            "severity": "warning",
+            "id": "FP",
+        },
+        "annotations": {
+            "description": "web on web-1:9877 is above 85% memory for 2m",
+            "runbook_url": "https://example.org/runbook.md#processhighmemory",
+            "summary": "Process web uses 91% of memory",
+        },
+        "startsAt": "2026-11-23T23:14:16Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://127.0.0.1:9090/graph?g0.expr=healer_process_resident_memory_bytes+%3E+0",
+        "fingerprint": "FP",
     },
-    "annotations": {
-        "description": "web on web-1:9877 is above 85% memory for 2m",
-        "runbook_url": "https://example.org/runbook.md#processhighmemory",
-        "summary": "Process web uses 91% of memory",
-    },
-    "startsAt": "2026-11-23T23:14:16Z",
-    "endsAt": "0001-01-01T00:00:00Z",
-    "generatorURL": "http://127.0.0.1:9090/graph?g0.expr=healer_process_resident_memory_bytes+%3E+0",
-    "fingerprint": "FP",
-}, separators=(",", ":"))
-_ALERT_PARTS = _ALERT_TEMPLATE.split("FP")
-_PAYLOAD_HEAD = (
-    '{"receiver":"healer","status":"firing","alerts":['
+    separators=(",", ":"),
 )
+_ALERT_PARTS = _ALERT_TEMPLATE.split("FP")
+_PAYLOAD_HEAD = '{"receiver":"healer","status":"firing","alerts":['
 _PAYLOAD_TAIL = (
     '],"groupLabels":{"alertname":"BenchAlert"},"commonLabels":{"alertname":"BenchAlert","job":"healer"},'
     '"commonAnnotations":{},"externalURL":"http://127.0.0.1:9093","version":"4",'
@@ -138,8 +144,7 @@ async def _post(session: Any, url: str, body: bytes, headers: dict[str, str]) ->
         return int(response.status)
 
 
-async def closed_loop(url: str, alerts: int, case: int, connections: int, seconds: float,
-                      warmup: float) -> LoadResult:
+async def closed_loop(url: str, alerts: int, case: int, connections: int, seconds: float, warmup: float) -> LoadResult:
     """`connections` workers, each sending its next request when the previous one is answered."""
     import aiohttp
 
@@ -186,16 +191,27 @@ async def closed_loop(url: str, alerts: int, case: int, connections: int, second
     latencies.sort()
     ms = [value * 1000 for value in latencies]
     return LoadResult(
-        mode="closed", alerts_per_request=alerts, seconds=seconds, requests=measured, ok=measured_ok,
-        requests_per_second=measured_ok / seconds, alerts_per_second=measured_ok * alerts / seconds,
-        p50_ms=percentile(ms, 0.50), p90_ms=percentile(ms, 0.90), p99_ms=percentile(ms, 0.99),
-        max_ms=ms[-1] if ms else 0.0, errors=errors, statuses=dict(statuses), alerts_accepted=accepted,
+        mode="closed",
+        alerts_per_request=alerts,
+        seconds=seconds,
+        requests=measured,
+        ok=measured_ok,
+        requests_per_second=measured_ok / seconds,
+        alerts_per_second=measured_ok * alerts / seconds,
+        p50_ms=percentile(ms, 0.50),
+        p90_ms=percentile(ms, 0.90),
+        p99_ms=percentile(ms, 0.99),
+        max_ms=ms[-1] if ms else 0.0,
+        errors=errors,
+        statuses=dict(statuses),
+        alerts_accepted=accepted,
         client_cpu_ratio=(time.process_time() - cpu_start) / wall,
     )
 
 
-async def open_loop(url: str, alerts: int, case: int, connections: int, rate: float, seconds: float,
-                    warmup: float) -> LoadResult:
+async def open_loop(
+    url: str, alerts: int, case: int, connections: int, rate: float, seconds: float, warmup: float
+) -> LoadResult:
     """Requests due at a fixed rate, each sent at its due time; latency counts from the due time."""
     import aiohttp
 
@@ -245,10 +261,20 @@ async def open_loop(url: str, alerts: int, case: int, connections: int, rate: fl
     latencies.sort()
     ms = [value * 1000 for value in latencies]
     return LoadResult(
-        mode="open", alerts_per_request=alerts, seconds=seconds, requests=len(latencies), ok=measured_ok,
-        requests_per_second=measured_ok / seconds, alerts_per_second=measured_ok * alerts / seconds,
-        p50_ms=percentile(ms, 0.50), p90_ms=percentile(ms, 0.90), p99_ms=percentile(ms, 0.99),
-        max_ms=ms[-1] if ms else 0.0, errors=errors, statuses=dict(statuses), alerts_accepted=accepted,
+        mode="open",
+        alerts_per_request=alerts,
+        seconds=seconds,
+        requests=len(latencies),
+        ok=measured_ok,
+        requests_per_second=measured_ok / seconds,
+        alerts_per_second=measured_ok * alerts / seconds,
+        p50_ms=percentile(ms, 0.50),
+        p90_ms=percentile(ms, 0.90),
+        p99_ms=percentile(ms, 0.99),
+        max_ms=ms[-1] if ms else 0.0,
+        errors=errors,
+        statuses=dict(statuses),
+        alerts_accepted=accepted,
         client_cpu_ratio=(time.process_time() - cpu_start) / wall,
         max_send_lag_ms=max(lags, default=0.0) * 1000,
     )
@@ -268,11 +294,11 @@ def load_main(argv: list[str]) -> int:
     if not args.url.startswith("http://127.0.0.1:"):
         raise SystemExit("the load generator only sends to 127.0.0.1")
     if args.rate > 0:
-        result = asyncio.run(open_loop(args.url, args.alerts, args.case, args.connections, args.rate,
-                                       args.seconds, args.warmup))
+        result = asyncio.run(
+            open_loop(args.url, args.alerts, args.case, args.connections, args.rate, args.seconds, args.warmup)
+        )
     else:
-        result = asyncio.run(closed_loop(args.url, args.alerts, args.case, args.connections, args.seconds,
-                                         args.warmup))
+        result = asyncio.run(closed_loop(args.url, args.alerts, args.case, args.connections, args.seconds, args.warmup))
     print(json.dumps(asdict(result)))
     return 0
 
@@ -305,8 +331,11 @@ def healer_config(workdir: Path) -> Path:
     """healer with a token, a store in `workdir`, no healing rules, no host exporter, no upstreams."""
     (workdir / "token").write_text(TOKEN)
     config = {
-        "server": {"auth": {"bearer_token_file": str(workdir / "token")}, "shutdown_timeout": "2s",
-                   "max_request_bytes": 4 * 1024 * 1024},
+        "server": {
+            "auth": {"bearer_token_file": str(workdir / "token")},
+            "shutdown_timeout": "2s",
+            "max_request_bytes": 4 * 1024 * 1024,
+        },
         "prometheus": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
         "alertmanager": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
         "store": {"path": str(workdir / "healer.db")},
@@ -367,13 +396,28 @@ class Report:
     floors: list[Floor] = field(default_factory=list)
 
 
-def run_load(keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace,
-             rate: float) -> LoadResult:
+def run_load(
+    keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace, rate: float
+) -> LoadResult:
     seconds = args.rate_seconds if rate > 0 else args.seconds
     argv = [
-        sys.executable, str(Path(__file__).resolve()), "_load", "--url", server.url + WEBHOOK_PATH,
-        "--alerts", str(alerts), "--case", str(case), "--connections", str(args.connections),
-        "--seconds", str(seconds), "--warmup", str(args.warmup), "--rate", str(rate),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_load",
+        "--url",
+        server.url + WEBHOOK_PATH,
+        "--alerts",
+        str(alerts),
+        "--case",
+        str(case),
+        "--connections",
+        str(args.connections),
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(args.warmup),
+        "--rate",
+        str(rate),
     ]
     out_path = keeper.workdir / f"load-{case}-{server.name}.json"
     child = keeper.start(f"load-{case}-{server.name}", argv, stdout=out_path)  # stderr goes to its log
@@ -400,8 +444,15 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(keeper: common.Keeper, server: common.Child, alerts: int, case: int, args: argparse.Namespace,
-            rate: float, report: Report) -> CaseResult:
+def measure(
+    keeper: common.Keeper,
+    server: common.Child,
+    alerts: int,
+    case: int,
+    args: argparse.Namespace,
+    rate: float,
+    report: Report,
+) -> CaseResult:
     proc = psutil.Process(server.pid)
     cpu_before = sum(proc.cpu_times()[:2])
     machine_before = busy_seconds()
@@ -421,7 +472,8 @@ def measure(keeper: common.Keeper, server: common.Child, alerts: int, case: int,
     if server.name == "healer":
         report.alerts_answered_200 += load.alerts_accepted
         result.inbox_backlog_after, result.drain_seconds, result.backlog_left = wait_drained(
-            keeper.workdir / "healer.db", args.drain_timeout)
+            keeper.workdir / "healer.db", args.drain_timeout
+        )
     return result
 
 
@@ -461,8 +513,9 @@ def measure_floor(alerts: int, payloads: int = 400) -> Floor:
         def commit_all() -> None:
             for group in range(0, payloads, 8):
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT INTO inbox (body) VALUES (CAST(? AS TEXT))",
-                               [(b,) for b in bodies[group:group + 8]])
+                db.executemany(
+                    "INSERT INTO inbox (body) VALUES (CAST(? AS TEXT))", [(b,) for b in bodies[group : group + 8]]
+                )
                 db.execute("COMMIT")
 
         commit = per_body(commit_all)
@@ -471,9 +524,15 @@ def measure_floor(alerts: int, payloads: int = 400) -> Floor:
 
 
 def run(args: argparse.Namespace) -> Report:
-    report = Report(os.cpu_count() or 0, sys.version.split()[0], [round(x, 2) for x in os.getloadavg()],
-                    args.connections, args.seconds, args.rate,
-                    args.rate_seconds)
+    report = Report(
+        os.cpu_count() or 0,
+        sys.version.split()[0],
+        [round(x, 2) for x in os.getloadavg()],
+        args.connections,
+        args.seconds,
+        args.rate,
+        args.rate_seconds,
+    )
     # Before any server runs, so that nothing else competes for the CPU or the disk.
     report.floors = [measure_floor(alerts) for alerts in args.sizes]
     with tempfile.TemporaryDirectory(prefix="bench-receiver-") as tmp:
@@ -511,8 +570,9 @@ def progress(args: argparse.Namespace, message: str) -> None:
 
 
 def find(report: Report, server: str, mode: str, alerts: int) -> CaseResult:
-    return next(c for c in report.cases
-                if c.server == server and c.load.mode == mode and c.load.alerts_per_request == alerts)
+    return next(
+        c for c in report.cases if c.server == server and c.load.mode == mode and c.load.alerts_per_request == alerts
+    )
 
 
 def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
@@ -520,33 +580,47 @@ def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
     for alerts in sizes:
         healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
         ratio = healer.load.alerts_per_second / max(bare.load.alerts_per_second, 1e-9)
-        result.append({
-            "check": f"healer alerts/s >= {RATIO_TARGET} x bare, {alerts} alert(s)/request",
-            "value": round(ratio, 3), "limit": RATIO_TARGET, "passed": ratio >= RATIO_TARGET,
-        })
+        result.append(
+            {
+                "check": f"healer alerts/s >= {RATIO_TARGET} x bare, {alerts} alert(s)/request",
+                "value": round(ratio, 3),
+                "limit": RATIO_TARGET,
+                "passed": ratio >= RATIO_TARGET,
+            }
+        )
     healer_rate = find(report, "healer", "open", 1)
-    result.append({
-        "check": f"healer p99 < {P99_TARGET_MS:g} ms at {report.rate:g} requests/s",
-        "value": round(healer_rate.load.p99_ms, 2), "limit": P99_TARGET_MS,
-        "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
-    })
-    result.append({
-        "check": "healer inbox alerts == alerts answered 200",
-        "value": report.store_alerts, "limit": report.alerts_answered_200,
-        "passed": report.store_alerts == report.alerts_answered_200,
-    })
+    result.append(
+        {
+            "check": f"healer p99 < {P99_TARGET_MS:g} ms at {report.rate:g} requests/s",
+            "value": round(healer_rate.load.p99_ms, 2),
+            "limit": P99_TARGET_MS,
+            "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
+        }
+    )
+    result.append(
+        {
+            "check": "healer inbox alerts == alerts answered 200",
+            "value": report.store_alerts,
+            "limit": report.alerts_answered_200,
+            "passed": report.store_alerts == report.alerts_answered_200,
+        }
+    )
     return result
 
 
 def print_report(report: Report) -> None:
-    print(f"receiver benchmark: {report.cpus} CPUs (load average at start {report.load_average}),"
-          f" Python {report.python}, {report.connections} connections,"
-          f" closed loop {report.seconds:g}s per case, open loop {report.rate:g} req/s for {report.rate_seconds:g}s")
+    print(
+        f"receiver benchmark: {report.cpus} CPUs (load average at start {report.load_average}),"
+        f" Python {report.python}, {report.connections} connections,"
+        f" closed loop {report.seconds:g}s per case, open loop {report.rate:g} req/s for {report.rate_seconds:g}s"
+    )
     print()
-    header = (f"{'mode':<7}{'server':<8}{'alerts/req':>10}{'req/s':>10}{'alerts/s':>10}{'p50 ms':>9}"
-              f"{'p99 ms':>9}{'max ms':>9}{'non-200':>8}{'srv cpu':>8}{'us/alert':>9}{'cli cpu':>8}{'other':>6}"
-              f"{'RSS MB':>8}"
-              f"{'backlog':>8}{'drain s':>8}")
+    header = (
+        f"{'mode':<7}{'server':<8}{'alerts/req':>10}{'req/s':>10}{'alerts/s':>10}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'max ms':>9}{'non-200':>8}{'srv cpu':>8}{'us/alert':>9}{'cli cpu':>8}{'other':>6}"
+        f"{'RSS MB':>8}"
+        f"{'backlog':>8}{'drain s':>8}"
+    )
     print(header)
     for c in report.cases:
         load = c.load
@@ -555,41 +629,57 @@ def print_report(report: Report) -> None:
         drain = "" if c.drain_seconds is None else f"{c.drain_seconds:.1f}"
         if c.backlog_left:
             drain = f">{c.drain_seconds:.0f}"
-        print(f"{load.mode:<7}{c.server:<8}{load.alerts_per_request:>10}{load.requests_per_second:>10.0f}"
-              f"{load.alerts_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{load.max_ms:>9.1f}"
-              f"{non_ok:>8}{c.server_cpu_ratio:>8.2f}{c.server_cpu_us_per_alert:>9.0f}{load.client_cpu_ratio:>8.2f}"
-              f"{c.other_cpu_ratio:>6.2f}"
-              f"{c.rss_mb:>8.1f}{backlog:>8}{drain:>8}")
+        print(
+            f"{load.mode:<7}{c.server:<8}{load.alerts_per_request:>10}{load.requests_per_second:>10.0f}"
+            f"{load.alerts_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{load.max_ms:>9.1f}"
+            f"{non_ok:>8}{c.server_cpu_ratio:>8.2f}{c.server_cpu_us_per_alert:>9.0f}{load.client_cpu_ratio:>8.2f}"
+            f"{c.other_cpu_ratio:>6.2f}"
+            f"{c.rss_mb:>8.1f}{backlog:>8}{drain:>8}"
+        )
     print()
     for alerts in sorted({c.load.alerts_per_request for c in report.cases if c.load.mode == "closed"}):
         healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
-        print(f"healer/bare, {alerts} alert(s)/request: requests/s {healer.load.requests_per_second:.0f}/"
-              f"{bare.load.requests_per_second:.0f} = "
-              f"{healer.load.requests_per_second / max(bare.load.requests_per_second, 1e-9):.3f}; p50 "
-              f"{healer.load.p50_ms:.2f}/{bare.load.p50_ms:.2f} ms; p99 {healer.load.p99_ms:.2f}/"
-              f"{bare.load.p99_ms:.2f} ms")
+        print(
+            f"healer/bare, {alerts} alert(s)/request: requests/s {healer.load.requests_per_second:.0f}/"
+            f"{bare.load.requests_per_second:.0f} = "
+            f"{healer.load.requests_per_second / max(bare.load.requests_per_second, 1e-9):.3f}; p50 "
+            f"{healer.load.p50_ms:.2f}/{bare.load.p50_ms:.2f} ms; p99 {healer.load.p99_ms:.2f}/"
+            f"{bare.load.p99_ms:.2f} ms"
+        )
     for c in report.cases:
         if c.inbox_backlog_after and c.drain_seconds:
             done = c.inbox_backlog_after - (c.backlog_left or 0)
-            print(f"healer engine after the {c.load.mode}-loop {c.load.alerts_per_request}-alert case: processed"
-                  f" {done} of {c.inbox_backlog_after} queued alerts in {c.drain_seconds:.1f} s"
-                  f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic")
-    print(f"healer store: {report.store_alerts} alerts in the inbox table; {report.alerts_answered_200} alerts"
-          f" answered 200")
+            print(
+                f"healer engine after the {c.load.mode}-loop {c.load.alerts_per_request}-alert case: processed"
+                f" {done} of {c.inbox_backlog_after} queued alerts in {c.drain_seconds:.1f} s"
+                f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic"
+            )
+    print(
+        f"healer store: {report.store_alerts} alerts in the inbox table; {report.alerts_answered_200} alerts"
+        f" answered 200"
+    )
     for floor in report.floors:
         bare = find(report, "bare", "closed", floor.alerts)
         bare_us = bare.server_cpu_us_per_alert * floor.alerts
         validating = bare_us / (bare_us - floor.parse_us + floor.validate_us)
         committing = bare_us / (bare_us - floor.parse_us + floor.validate_us + floor.commit_us)
-        print(f"floor, {floor.alerts} alert(s)/payload, one thread: json.loads {floor.parse_us:.0f} us, healer's"
-              f" validation {floor.validate_us:.0f} us, SQLite commit {floor.commit_us:.0f} us; bare's whole request"
-              f" {bare_us:.0f} us of CPU. healer/bare at most {validating:.2f} with validation in place of"
-              f" json.loads and nothing else, {committing:.2f} with the commit on the same core too")
-    print("RSS at the end: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.rss_mb.items())
-          + "; peak after a case: " + ", ".join(f"{k} {v:.1f} MB" for k, v in report.peak_rss_mb.items()))
-    print("(srv cpu / cli cpu / other: CPU seconds per wall second of the server / the load generator / everything"
-          " else on the machine; us/alert: server CPU per alert answered 200; backlog: inbox items healer's engine"
-          " had not yet processed when the load stopped)")
+        print(
+            f"floor, {floor.alerts} alert(s)/payload, one thread: json.loads {floor.parse_us:.0f} us, healer's"
+            f" validation {floor.validate_us:.0f} us, SQLite commit {floor.commit_us:.0f} us; bare's whole request"
+            f" {bare_us:.0f} us of CPU. healer/bare at most {validating:.2f} with validation in place of"
+            f" json.loads and nothing else, {committing:.2f} with the commit on the same core too"
+        )
+    print(
+        "RSS at the end: "
+        + ", ".join(f"{k} {v:.1f} MB" for k, v in report.rss_mb.items())
+        + "; peak after a case: "
+        + ", ".join(f"{k} {v:.1f} MB" for k, v in report.peak_rss_mb.items())
+    )
+    print(
+        "(srv cpu / cli cpu / other: CPU seconds per wall second of the server / the load generator / everything"
+        " else on the machine; us/alert: server CPU per alert answered 200; backlog: inbox items healer's engine"
+        " had not yet processed when the load stopped)"
+    )
     print()
     for check in report.checks:
         verdict = "PASS" if check["passed"] else "FAIL"
@@ -602,22 +692,37 @@ def main(argv: list[str] | None = None) -> int:
         return load_main(argv[1:])
     if argv[:1] == ["_bare"]:
         return bare_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per closed-loop case")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 50],
-                        help="alerts per request, comma separated (default 1,50)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 50],
+        help="alerts per request, comma separated (default 1,50)",
+    )
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the open-loop run")
     parser.add_argument("--rate-seconds", type=float, default=10.0)
-    parser.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="after each healer case, wait at most this long for its engine to work off the inbox"
-                             " backlog (the rate it does so is reported)")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="after each healer case, wait at most this long for its engine to work off the inbox"
+        " backlog (the rate it does so is reported)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    if not (0 < args.seconds <= 600 and 0 < args.rate_seconds <= 600 and 1 <= args.connections <= 1024
-            and 0 < args.rate <= 20000 and all(1 <= s <= 10000 for s in args.sizes) and 0 <= args.warmup <= 60):
+    if not (
+        0 < args.seconds <= 600
+        and 0 < args.rate_seconds <= 600
+        and 1 <= args.connections <= 1024
+        and 0 < args.rate <= 20000
+        and all(1 <= s <= 10000 for s in args.sizes)
+        and 0 <= args.warmup <= 60
+    ):
         parser.error("out of bounds: seconds <= 600, connections 1..1024, rate <= 20000, sizes 1..10000")
     report = run(args)
     if args.json:

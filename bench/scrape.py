@@ -105,9 +105,7 @@ def write_healer_config(workdir: Path, watched_title: str, pidfile: Path, probe_
                 {"name": "bench_sleeper_by_cmdline", "cmdline": f"^{watched_title}( |$)"},
                 {"name": "bench_sleeper_by_pidfile", "pidfile": str(pidfile)},
             ],
-            "probes": [
-                {"name": "bench_target", "url": probe_url, "interval": "1s", "timeout": "1s"}
-            ],
+            "probes": [{"name": "bench_target", "url": probe_url, "interval": "1s", "timeout": "1s"}],
         },
     }
     return common.write_yaml(workdir / "healer.yml", config)
@@ -115,9 +113,7 @@ def write_healer_config(workdir: Path, watched_title: str, pidfile: Path, probe_
 
 def start_node_exporter(keeper: common.Keeper) -> common.Child:
     port = common.free_port()
-    node_exporter = keeper.start(
-        "node_exporter", [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}"]
-    )
+    node_exporter = keeper.start("node_exporter", [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}"])
     common.wait_ready(node_exporter, f"http://127.0.0.1:{port}", "/metrics")
     return node_exporter
 
@@ -284,10 +280,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"extra idle processes: {report['extra_processes']}, "
         f"host processes: {report['host_processes']}"
     )
-    header = (
-        f"{'server':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
-        f"{'series':>8}{'bytes':>9}{'RSS MB':>9}"
-    )
+    header = f"{'server':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'series':>8}{'bytes':>9}{'RSS MB':>9}"
     print(header)
     print("-" * len(header))
     for key in ("healer", "node_exporter"):
@@ -322,9 +315,7 @@ def stop_on_termination_signals() -> Iterator[None]:
     def exit_cleanly(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {
-        signum: signal.signal(signum, exit_cleanly) for signum in (signal.SIGTERM, signal.SIGHUP)
-    }
+    previous = {signum: signal.signal(signum, exit_cleanly) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -334,16 +325,10 @@ def stop_on_termination_signals() -> Iterator[None]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
-    parser.add_argument(
-        "--rounds", type=int, default=500, help="measured rounds; each scrapes both servers once"
-    )
+    parser.add_argument("--rounds", type=int, default=500, help="measured rounds; each scrapes both servers once")
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured rounds before measuring")
-    parser.add_argument(
-        "--processes", type=int, default=0, help="extra idle sleeper processes to spawn"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="also print the results as one JSON object"
-    )
+    parser.add_argument("--processes", type=int, default=0, help="extra idle sleeper processes to spawn")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2")
@@ -368,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             watched_title = f"healer-bench-watched-{run_id}"
             start_sleeper(keeper, "sleeper-by-cmdline", watched_title)
-            pidfile_sleeper = start_sleeper(
-                keeper, "sleeper-by-pidfile", f"healer-bench-pidfile-{run_id}"
-            )
+            pidfile_sleeper = start_sleeper(keeper, "sleeper-by-pidfile", f"healer-bench-pidfile-{run_id}")
             pidfile = workdir / "sleeper.pid"
             pidfile.write_text(f"{pidfile_sleeper.pid}\n")
             for index in range(args.processes):

@@ -172,16 +172,20 @@ class Planner:
 
     async def cycle(self) -> None:
         """Run the trigger queries, then advance the goal in progress or start the next one."""
-        if self._templates:
-            opened_before = await self.store.call(self.records.open_goals)
-            for template in self._templates.values():
-                await self._discover(template, [g for g in opened_before if g.source == template.name])
+        goals = await self.store.call(self.records.open_goals)
+        changed = False
+        for template in self._templates.values():
+            changed |= await self._discover(template, [g for g in goals if g.source == template.name])
         now = self._clock()
-        for goal in await self.store.call(self.records.open_goals):
+        for goal in goals:
             # A goal in progress is measured first: reaching the target at the last moment counts.
             if goal.state is GoalState.PENDING and now >= goal.deadline:
-                await self._end(goal, GoalState.FAILED, "the deadline passed before the goal could start")
-        goals = await self.store.call(self.records.open_goals)
+                changed |= (
+                    await self._end(goal, GoalState.FAILED, "the deadline passed before the goal could start")
+                    is not None
+                )
+        if changed:
+            goals = await self.store.call(self.records.open_goals)
         current = next((g for g in goals if g.state is GoalState.IN_PROGRESS), None)
         if current is None and goals and not self.engine.stopping:
             current = await self._begin(goals[0])
@@ -189,14 +193,15 @@ class Planner:
             await self._advance(current)
         await self._publish()
 
-    async def _discover(self, template: GoalTemplate, open_goals: list[Goal]) -> None:
-        """Open a goal for each new series of the template's trigger; cancel pending goals whose series went."""
+    async def _discover(self, template: GoalTemplate, open_goals: list[Goal]) -> bool:
+        """Open a goal for each new series of the template's trigger, cancel pending goals whose series went;
+        return whether any goal was opened or cancelled."""
         try:
             samples = await self.engine.promql.query(template.trigger)
         except (PromQLError, PrometheusUnavailableError) as exc:
             self.metrics.query_errors.labels("trigger").inc()
             log.warning("trigger query failed", extra=fields(template=template.name, reason=str(exc)))
-            return  # an unanswered trigger says nothing about the goals it opened: leave them be
+            return False  # an unanswered trigger says nothing about the goals it opened: leave them be
         now = self._clock()
         wanted: dict[str, NewGoal] = {}
         for sample in samples:
@@ -204,13 +209,19 @@ class Planner:
             value = sample.value if math.isfinite(sample.value) else None
             candidate = new_goal(template, template.name, template.name, labels, now, value)
             wanted[candidate.key] = candidate
-        opened = await self.store.call(self.records.create, list(wanted.values()), now)
+        known = {goal.key for goal in open_goals}
+        # Most cycles find every series' goal open already: no write, no transaction.
+        fresh = [goal for key, goal in wanted.items() if key not in known]
+        opened = await self.store.call(self.records.create, fresh, now) if fresh else []
         for goal in opened:
             self.metrics.opened.labels(goal.type.value).inc()
             log.info("goal opened", extra=fields(goal=goal.id, key=goal.key, trigger_value=goal.trigger_value))
+        cancelled = 0
         for goal in open_goals:
             if goal.key not in wanted and goal.state is GoalState.PENDING:
-                await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
+                ended = await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
+                cancelled += ended is not None
+        return bool(opened) or cancelled > 0
 
     def _running(self, goal_id: int) -> bool:
         return self._step is not None and self._step[0] == goal_id and not self._step[1].done()
@@ -334,11 +345,10 @@ class Planner:
         return ended
 
     async def _publish(self) -> None:
-        goals = await self.store.call(self.records.open_goals)
-        current = [g for g in goals if g.state is GoalState.IN_PROGRESS]
-        self.metrics.open.labels(GoalState.PENDING.value).set(len(goals) - len(current))
-        self.metrics.open.labels(GoalState.IN_PROGRESS.value).set(len(current))
-        self.metrics.progress.set((current[0].progress or 0.0) if current else 0.0)
+        counts, progress = await self.store.call(self.records.open_summary)
+        self.metrics.open.labels(GoalState.PENDING.value).set(counts[GoalState.PENDING])
+        self.metrics.open.labels(GoalState.IN_PROGRESS.value).set(counts[GoalState.IN_PROGRESS])
+        self.metrics.progress.set(progress or 0.0)
 
     # -- operators -----------------------------------------------------------------------------
 

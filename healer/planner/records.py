@@ -138,9 +138,18 @@ class GoalRecords:
         )
         return [_goal(row) for row in rows]
 
-    def find_open(self, key: str) -> Goal | None:
-        rows = self._store.read(f"SELECT * FROM goals WHERE key = ? AND state IN {_OPEN}", (key,))  # noqa: S608
-        return _goal(rows[0]) if rows else None
+    def open_summary(self) -> tuple[dict[GoalState, int], float | None]:
+        """How many goals are pending and in progress, and the progress of the one in progress."""
+        rows = self._store.read(
+            f"SELECT state, count(*), max(progress) FROM goals WHERE state IN {_OPEN} GROUP BY state"  # noqa: S608
+        )
+        counts = {GoalState.PENDING: 0, GoalState.IN_PROGRESS: 0}
+        progress = None
+        for state, count, most in rows:
+            counts[GoalState(state)] = int(count)
+            if state == GoalState.IN_PROGRESS:
+                progress = most
+        return counts, progress
 
     def recent(self, state: GoalState | None = None, limit: int = 100) -> list[Goal]:
         """Goals newest first, optionally of one state."""
