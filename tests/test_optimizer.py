@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -127,6 +128,10 @@ def test_changes_that_help_are_kept_and_others_rolled_back(
     assert len(optimizations(healer)["trials"]) == 2
     report = http_json(f"{healer.url}/api/v1/status")["optimization"]
     assert report["candidates"] == 3 and report["kept"] == 1 and report["in_flight"] is None
+    text = subprocess.run(
+        [PY, "-m", "healer", "status", "--url", healer.url], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "Optimizing 1 kept, 0 ready, 0 cooling down of 3 candidates" in text, text
     body = http_get(f"{healer.url}/metrics")[1].decode()
     assert 'healer_optimizations_total{outcome="kept"} 1.0' in body
     assert 'healer_optimizations_total{outcome="rolled_back"} 1.0' in body
