@@ -173,9 +173,12 @@ class Planner:
     async def cycle(self) -> None:
         """Run the trigger queries, then advance the goal in progress or start the next one."""
         goals = await self.store.call(self.records.open_goals)
+        by_source: dict[str, list[Goal]] = {}
+        for goal in goals:
+            by_source.setdefault(goal.source, []).append(goal)
         changed = False
         for template in self._templates.values():
-            changed |= await self._discover(template, [g for g in goals if g.source == template.name])
+            changed |= await self._discover(template, by_source.get(template.name, []))
         now = self._clock()
         for goal in goals:
             # A goal in progress is measured first: reaching the target at the last moment counts.
@@ -203,16 +206,18 @@ class Planner:
             log.warning("trigger query failed", extra=fields(template=template.name, reason=str(exc)))
             return False  # an unanswered trigger says nothing about the goals it opened: leave them be
         now = self._clock()
-        wanted: dict[str, NewGoal] = {}
+        known = {goal.key for goal in open_goals}
+        wanted: set[str] = set()
+        fresh: dict[str, NewGoal] = {}
         for sample in samples:
             labels = {k: v for k, v in sample.labels.items() if k != "__name__"}
-            value = sample.value if math.isfinite(sample.value) else None
-            candidate = new_goal(template, template.name, template.name, labels, now, value)
-            wanted[candidate.key] = candidate
-        known = {goal.key for goal in open_goals}
-        # Most cycles find every series' goal open already: no write, no transaction.
-        fresh = [goal for key, goal in wanted.items() if key not in known]
-        opened = await self.store.call(self.records.create, fresh, now) if fresh else []
+            key = goal_key(template.name, labels)
+            wanted.add(key)
+            # Most cycles find every series' goal open already: nothing to build, no write.
+            if key not in known:
+                value = sample.value if math.isfinite(sample.value) else None
+                fresh[key] = new_goal(template, template.name, template.name, labels, now, value)
+        opened = await self.store.call(self.records.create, list(fresh.values()), now) if fresh else []
         for goal in opened:
             self.metrics.opened.labels(goal.type.value).inc()
             log.info("goal opened", extra=fields(goal=goal.id, key=goal.key, trigger_value=goal.trigger_value))
