@@ -495,8 +495,10 @@ class Engine:
         if rule is None or action.attempt >= rule.max_attempts:
             return None
         delay = 0.0 if same_step else backoff(rule, action.attempt)
-        if same_step or action.strategy not in rule.strategies:
+        if action.strategy not in rule.strategies:  # the config changed since: keep the position
             step = min(action.step, len(rule.strategies) - 1)
+        elif same_step:
+            step = rule.strategies.index(action.strategy)
         elif rule.order == "learned":
             untried = [name for name in self.ladder(rule) if name not in tried]
             # Like the configured ladder, the last rung repeats once every strategy has had its turn.
@@ -534,6 +536,7 @@ class Engine:
             with contextlib.suppress(Exception):
                 episode = await self.store.call(self.store.sync.get_episode, action.episode_id)
                 if episode is not None:
+                    self._learn(action, "failed")  # as the store records it, so a restart learns the same
                     self.metrics.actions.labels(action.strategy, "failed").inc()
                     await self._end_with_escalation(
                         action,

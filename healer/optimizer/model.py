@@ -38,13 +38,6 @@ def learned_confidence(prior: float, prior_weight: float, helped: int, trials: i
     return (prior * prior_weight + helped) / (prior_weight + trials)
 
 
-def taught(outcome: Outcome, improvement: float | None) -> bool:
-    """Whether a trial says if the change helps: kept, rolled back, or a failed rollback after a verdict."""
-    return outcome in (Outcome.KEPT, Outcome.ROLLED_BACK) or (
-        outcome is Outcome.ROLLBACK_FAILED and improvement is not None
-    )
-
-
 def score(expected_improvement: float, cost: float, confidence: float) -> float:
     """Expected improvement per unit of cost, discounted by the confidence that it materialises."""
     return expected_improvement / cost * confidence

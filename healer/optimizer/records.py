@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from healer.optimizer.model import ENDED, IN_FLIGHT, Outcome, Trial, taught
+from healer.optimizer.model import ENDED, IN_FLIGHT, Outcome, Trial
 from healer.store import SQLiteStore
 
 TRIALS_SCHEMA = (
@@ -164,15 +164,15 @@ class TrialRecords:
 
     def records(self) -> dict[str, Record]:
         """Per candidate: the trials that taught something, how many helped, and the last trial."""
-        found: dict[str, Record] = {}
-        for row in self._store.read("SELECT * FROM optimizations ORDER BY id"):
-            trial = _trial(row)
-            before = found.get(trial.candidate, Record(0, 0, trial))
-            lesson = taught(trial.outcome, trial.improvement)
-            found[trial.candidate] = Record(
-                before.trials + lesson, before.helped + (lesson and trial.outcome is Outcome.KEPT), trial
-            )
-        return found
+        # What taught something: kept, rolled back, or a failed rollback after a verdict.
+        rows = self._store.read(
+            "SELECT o.*, c.trials, c.helped FROM optimizations o JOIN ("
+            " SELECT candidate, max(id) AS last,"
+            " sum(outcome IN ('kept', 'rolled_back') OR (outcome = 'rollback_failed' AND improvement IS NOT NULL))"
+            " AS trials, sum(outcome = 'kept') AS helped FROM optimizations GROUP BY candidate"
+            ") c ON o.id = c.last"
+        )
+        return {row["candidate"]: Record(int(row["trials"] or 0), int(row["helped"] or 0), _trial(row)) for row in rows}
 
     def last_ended(self) -> float | None:
         """When the most recent trial of any candidate ended."""

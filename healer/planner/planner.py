@@ -249,15 +249,23 @@ class Planner:
         answered, value = await self._measure(goal)
         if not answered:
             return None
-        goal = await self.store.call(
-            self.records.start, goal.id, value, goal.target.progress(value, value), self._clock()
-        )
+        try:
+            goal = await self.store.call(
+                self.records.start, goal.id, value, goal.target.progress(value, value), self._clock()
+            )
+        except GoalEndedError:
+            return None  # cancelled by an operator while this cycle ran its queries
         log.info("goal started", extra=fields(goal=goal.id, key=goal.key, value=value))
         return goal
 
     async def _advance(self, goal: Goal) -> None:
-        answered, value = await self._measure(goal)
         running = self._running(goal.id)
+        if not running:
+            # The cycle's copy was read before the trigger queries; a step may have ended since.
+            goal = await self.store.call(self.records.get, goal.id)
+            if not goal.is_open:
+                return
+        answered, value = await self._measure(goal)
         if answered:
             initial = goal.initial_value if goal.initial_value is not None else value
             progress = goal.target.progress(initial, value)
