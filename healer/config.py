@@ -19,7 +19,6 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -203,6 +202,16 @@ def _unique_names(items: Sequence[_Named], what: str) -> None:
         seen.add(item.name)
 
 
+def _unique_names_of(what: str) -> AfterValidator:
+    """A validator for a list whose items' names must differ; `what` names them in the error."""
+
+    def check(items: list[Any]) -> list[Any]:
+        _unique_names(items, what)
+        return items
+
+    return AfterValidator(check)
+
+
 class ExporterConfig(_Strict):
     host: bool = True
     filesystems: FilesystemFilter = FilesystemFilter()
@@ -256,13 +265,7 @@ class HealingConfig(_Strict):
     budget: Budget = Budget()
     circuit_reset: Duration = 600.0
     approval_timeout: Duration = 900.0
-    rules: list[HealingRule] = Field(default_factory=list)
-
-    @field_validator("rules")
-    @classmethod
-    def _rule_names_unique(cls, rules: list[HealingRule]) -> list[HealingRule]:
-        _unique_names(rules, "rule")
-        return rules
+    rules: Annotated[list[HealingRule], _unique_names_of("rule")] = Field(default_factory=list)
 
 
 GOAL_PLACEHOLDER = re.compile(r"\{(\w+)\.([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -323,13 +326,7 @@ class GoalTemplate(GoalSpec):
 class PlannerConfig(_Strict):
     enabled: bool = True
     interval: PositiveDuration = 30.0
-    goals: list[GoalTemplate] = Field(default_factory=list)
-
-    @field_validator("goals")
-    @classmethod
-    def _template_names_unique(cls, goals: list[GoalTemplate]) -> list[GoalTemplate]:
-        _unique_names(goals, "goal template")
-        return goals
+    goals: Annotated[list[GoalTemplate], _unique_names_of("goal template")] = Field(default_factory=list)
 
 
 class OptimizationCandidate(_Strict):
@@ -359,13 +356,7 @@ class OptimizerConfig(_Strict):
     min_confidence: float = Field(default=0.7, ge=0, le=1)
     # How many outcomes the prior confidence is worth when learning from outcomes.
     prior_weight: float = Field(default=4.0, gt=0, allow_inf_nan=False)
-    candidates: list[OptimizationCandidate] = Field(default_factory=list)
-
-    @field_validator("candidates")
-    @classmethod
-    def _candidate_names_unique(cls, candidates: list[OptimizationCandidate]) -> list[OptimizationCandidate]:
-        _unique_names(candidates, "candidate")
-        return candidates
+    candidates: Annotated[list[OptimizationCandidate], _unique_names_of("candidate")] = Field(default_factory=list)
 
 
 class GrafanaConfig(_Strict):
