@@ -321,6 +321,9 @@ class GoalTemplate(GoalSpec):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
     # Each series this query returns opens one goal, keyed by the template and the series' labels.
     trigger: Annotated[str, AfterValidator(_plain_query)]
+    # After a goal of a series ends, how long before the trigger may open another for it: a trend
+    # query lags, and would otherwise reopen a goal that was just reached every cycle.
+    cooldown: Duration = 600.0
 
 
 class PlannerConfig(_Strict):

@@ -51,11 +51,16 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class Scenario:
-    """One fault the example app can suffer, and the alert that healing answers."""
+    """One fault the example app can suffer, and the alert that healing answers.
+
+    A scenario with a `goal` shows the planner instead: the goal of that template must reach its
+    target before `alert` fires.
+    """
 
     name: str
     alert: str
     story: str
+    goal: str | None = None
 
 
 SCENARIOS = (
@@ -65,9 +70,20 @@ SCENARIOS = (
     Scenario("crash", "ProcessDown", "the app crashes"),
     Scenario("errors", "AppHighErrorRate", "a corrupted cache makes every request fail"),
     Scenario("latency", "AppHighLatency", "the cache is switched off and requests slow down"),
+    Scenario(
+        "drift-creep",
+        "ModelDriftHigh",
+        "the model drifts slowly toward ModelDriftHigh; a forecast goal recalibrates it before the alert",
+        goal="model-drift-forecast",
+    ),
     Scenario("drift", "ModelDriftHigh", "the model drifts away from its calibration"),
 )
+FORECAST_TEMPLATE = "model-drift-forecast"
+# The template's trigger with the demo's compressed time: a 20s trend projected 2 minutes ahead.
+FORECAST_TRIGGER = "predict_linear(app_model_drift_score[20s], 120) > 0.3 and app_model_drift_score < 0.3"
 SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
+# A healing scenario succeeds when its episode is healed; a goal scenario when its goal completes.
+SUCCESS = ("healed", "completed")
 
 
 @dataclass
@@ -139,9 +155,16 @@ def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, dat
         probe.update(url=probe["url"].replace("http://127.0.0.1:8000", app_url), interval="2s", timeout="2s")
     for rule in config["healing"]["rules"]:
         rule.update(cooldown="2s", verify={"within": "20s", "interval": "1s"})
-    # The scenarios show healing; goals and trials acting on the same app would blur which fix did what.
-    for subsystem in ("planner", "optimizer"):
-        config.setdefault(subsystem, {})["enabled"] = False
+    # Only the drift forecast plans goals, on the demo's compressed clock; other templates and the
+    # optimizer acting on the same app would blur which fix did what.
+    planner = config.setdefault("planner", {})
+    planner["interval"] = "1s"
+    planner["goals"] = [
+        {**template, "trigger": FORECAST_TRIGGER, "settle": "5s", "deadline": "2m"}
+        for template in planner.get("goals", [])
+        if template["name"] == FORECAST_TEMPLATE
+    ]
+    config.setdefault("optimizer", {})["enabled"] = False
     for strategy in config["strategies"].values():
         if strategy["type"] == "http":
             strategy["url"] = strategy["url"].replace("http://127.0.0.1:8000", app_url)
@@ -382,8 +405,56 @@ def _since(t0: float, t: float | None) -> str:
     return "" if t is None else f"+{t - t0:5.1f}s"
 
 
+def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
+    """Inject a slow fault and follow the forecast goal it opens, which must finish before the alert fires."""
+    result = Result(scenario.name, scenario.alert, "timeout")
+    healer = stack.url("healer")
+    display.say(f"\n== {scenario.name}: {scenario.story}")
+    t0 = time.time()
+    http(f"{stack.url('app')}/admin/fault/{scenario.name}", "POST", timeout=30)
+    display.say(f"  {_since(t0, time.time())}  fault injected")
+    seen: set[str] = set()
+    deadline = time.monotonic() + SCENARIO_TIMEOUT
+    while time.monotonic() < deadline:
+        display.tick(f"  {_since(t0, time.time())}  waiting for goal {scenario.goal} ...")
+        status, body = http(f"{healer}/api/v1/goals?limit=20")
+        listed = body["goals"] if status == 200 else []
+        goals = [g for g in listed if g["name"] == scenario.goal and g["created_at"] >= t0]
+        goal = min(goals, key=lambda g: g["id"]) if goals else None  # the first one this fault opened
+        if goal is not None:
+            if "opened" not in seen:
+                seen.add("opened")
+                result.seconds_to_fire = goal["created_at"] - t0
+                display.say(
+                    f"  {_since(t0, goal['created_at'])}  goal {goal['name']} opened ({goal['type']}, "
+                    f"{goal['priority']}): the trend crosses 0.3 (forecast {goal['trigger_value']:.2f})"
+                )
+            for step in goal["steps"]:
+                key = f"{step['strategy']}:{step['started_at']}:{step['result']}"
+                if step["result"] is not None and key not in seen:
+                    seen.add(key)
+                    display.say(f"  {_since(t0, step['finished_at'])}  {step['strategy']} finished: {step['result']}")
+                    result.strategies.append(step["strategy"])
+            if goal["state"] in ("completed", "failed", "cancelled"):
+                since = f"{int(time.time() - t0) + 1}s"
+                firing = f'ALERTS{{alertname="{scenario.alert}", alertstate="firing"}}'
+                fired = bool(stack.query(f"max_over_time({firing}[{since}])"))
+                result.outcome = goal["state"] if not fired else f"{goal['state']}, but {scenario.alert} fired"
+                result.seconds_to_heal = goal["ended_at"] - t0
+                display.say(f"  {_since(t0, goal['ended_at'])}  goal {goal['state']}: {goal['detail']}")
+                display.say(f"  {scenario.alert} {'fired' if fired else 'never fired'}")
+                break
+        time.sleep(0.25)
+    else:
+        display.say(f"  gave up after {SCENARIO_TIMEOUT:.0f}s; logs in {stack.workdir}")
+    settle(stack, display)
+    return result
+
+
 def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     """Inject one fault and follow it through alert, rule, action and verification."""
+    if scenario.goal is not None:
+        return run_goal_scenario(stack, scenario, display)
     result = Result(scenario.name, scenario.alert, "timeout")
     healer, alertmanager = stack.url("healer"), stack.url("alertmanager")
     display.say(f"\n== {scenario.name}: {scenario.story}")
@@ -473,6 +544,8 @@ def summary(results: list[Result]) -> str:
         lines.append(
             f"  {r.scenario:<12} {r.alert:<18} {r.outcome:<10} {fired:>7} {healed:>8}  {' → '.join(r.strategies)}"
         )
+    if any(r.outcome == "completed" for r in results):
+        lines.append("  (for a goal: fired = the goal opened, healed = its target reached, before any alert)")
     return "\n".join(lines)
 
 
@@ -540,4 +613,4 @@ def run_demo(
             stack.stop()
             if os.environ.get("HEALER_DEMO_KEEP_FILES") is None and workdir.name.startswith("healer-demo-"):
                 shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if results and all(r.outcome == "healed" for r in results) else 1
+    return 0 if results and all(r.outcome in SUCCESS for r in results) else 1

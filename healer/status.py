@@ -86,6 +86,7 @@ async def goals(planner: Planner) -> dict[str, Any]:
         planner.store.call(planner.records.counts), planner.store.call(planner.records.open_goals)
     )
     return {
+        "enabled": planner.config.planner.enabled,
         **counts,
         "open": [
             {
@@ -108,7 +109,12 @@ async def optimization(optimizer: Optimizer) -> dict[str, Any]:
     views = await optimizer.candidates()
     trial = await optimizer.store.call(optimizer.records.in_flight)
     states = {state: sum(1 for v in views if v.state == state) for state in CANDIDATE_STATES}
-    return {"candidates": len(views), **states, "in_flight": None if trial is None else trial.to_json()}
+    return {
+        "enabled": optimizer.config.optimizer.enabled,
+        "candidates": len(views),
+        **states,
+        "in_flight": None if trial is None else trial.to_json(),
+    }
 
 
 async def build_status(engine: Engine, planner: Planner, optimizer: Optimizer) -> dict[str, Any]:
@@ -135,6 +141,8 @@ def _optimization_line(report: dict[str, Any]) -> str:
     o = report["optimization"]
     if not o or not o["candidates"]:
         return "nothing"
+    if not o.get("enabled", True):
+        return f"disabled ({o['candidates']} candidates configured)"
     counts = f"{o['kept']} kept, {o['ready']} ready, {o['cooldown']} cooling down of {o['candidates']} candidates"
     trial = o["in_flight"]
     if trial is None:
@@ -147,6 +155,8 @@ def _goal_line(report: dict[str, Any]) -> str:
     if not g:
         return "none"
     ended = f"{g['completed']} completed, {g['failed']} failed, {g['cancelled']} cancelled"
+    if not g.get("enabled", True):
+        return f"disabled; {ended}"
     current = [o for o in g["open"] if o["state"] == "in_progress"]
     if not current:
         return f"{g['pending']} pending, none in progress; {ended}"

@@ -1,6 +1,7 @@
 """An example web service with its own metrics, fault injection and the fixes healer applies.
 
-Faults (POST /admin/fault/NAME): memory-leak, cpu-burn, disk-fill, errors, latency, drift, crash.
+Faults (POST /admin/fault/NAME): memory-leak, cpu-burn, disk-fill, errors, latency, drift,
+drift-creep (the drift grows slowly, reaching the alert's threshold after about 12 s), crash.
 Fixes: POST /admin/cache/clear (errors come from a corrupted cache), /admin/cache/enable (latency
 comes from a disabled cache; /admin/cache/disable undoes it), /admin/memory/free, /admin/model/recalibrate, /admin/reload (clears
 every fault but a crash). Files that fill the data directory are `*.fill`; deleting them is the fix.
@@ -28,13 +29,17 @@ from prometheus_client import (
     generate_latest,
 )
 
-FAULTS = ("memory-leak", "cpu-burn", "disk-fill", "errors", "latency", "drift", "crash")
+FAULTS = ("memory-leak", "cpu-burn", "disk-fill", "errors", "latency", "drift", "drift-creep", "crash")
 LEAK_CHUNK_BYTES = 10 * 1024 * 1024
 LEAK_TOTAL_BYTES = 400 * 1024 * 1024
 FILL_CHUNK_BYTES = 1024 * 1024
 SLOW_SECONDS = 1.5
 HEALTHY_DRIFT = 0.05
 DRIFTED = 0.6
+# drift-creep: the drift grows by this much every CREEP_SECONDS until it is DRIFTED, crossing
+# ModelDriftHigh's 0.3 after about 12 seconds unless something recalibrates the model first.
+CREEP_STEP = 0.01
+CREEP_SECONDS = 0.5
 
 
 class AppState:
@@ -51,6 +56,7 @@ class AppState:
         self.drift = HEALTHY_DRIFT
         self.knowledge_updated = time.time()
         self.burning = threading.Event()
+        self.creeping = False
 
     def data_dir_bytes(self) -> int:
         total = 0
@@ -67,6 +73,7 @@ class AppState:
             "errors": self.cache_corrupted,
             "latency": self.slow,
             "drift": self.drift > 0.3,
+            "drift-creep": self.creeping,
         }
 
 
@@ -148,6 +155,14 @@ def _burn(state: AppState) -> None:
         sum(i * i for i in range(10_000))
 
 
+async def _creep(state: AppState) -> None:
+    """Let the model drift slowly: a trend that predict_linear sees well before the alert's threshold."""
+    while state.creeping and state.drift < DRIFTED:
+        state.drift += CREEP_STEP
+        await asyncio.sleep(CREEP_SECONDS)
+    state.creeping = False
+
+
 async def inject(request: web.Request) -> web.Response:
     """Start a fault."""
     state = request.app[STATE]
@@ -173,6 +188,9 @@ async def inject(request: web.Request) -> web.Response:
         state.slow = True
     elif fault == "drift":
         state.drift = DRIFTED
+    elif fault == "drift-creep" and not state.creeping:
+        state.creeping = True
+        asyncio.get_running_loop().create_task(_creep(state))
     elif fault == "crash":
         asyncio.get_running_loop().call_later(0.1, os._exit, 3)
     return web.json_response({"injected": fault})
@@ -209,6 +227,7 @@ async def free_memory(request: web.Request) -> web.Response:
 
 async def recalibrate(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    state.creeping = False
     state.drift = HEALTHY_DRIFT
     state.knowledge_updated = time.time()
     return web.json_response({"drift": state.drift})
@@ -220,6 +239,7 @@ async def reload(request: web.Request) -> web.Response:
     state.burning.clear()
     state.cache_corrupted = False
     state.cache_enabled, state.slow = True, False
+    state.creeping = False
     state.drift = HEALTHY_DRIFT
     return web.json_response({"reloaded": True})
 

@@ -217,6 +217,9 @@ class Planner:
             if key not in known:
                 value = sample.value if math.isfinite(sample.value) else None
                 fresh[key] = new_goal(template, template.name, template.name, labels, now, value)
+        if fresh:
+            cooling = await self.store.call(self.records.ended_since, list(fresh), now - template.cooldown)
+            fresh = {key: goal for key, goal in fresh.items() if key not in cooling}
         opened = await self.store.call(self.records.create, list(fresh.values()), now) if fresh else []
         for goal in opened:
             self.metrics.opened.labels(goal.type.value).inc()

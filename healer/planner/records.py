@@ -54,6 +54,7 @@ GOALS_SCHEMA = (
     # The database itself keeps "one open goal per key", so two cycles can never open the same goal twice.
     "CREATE UNIQUE INDEX IF NOT EXISTS goals_open_key ON goals(key) WHERE state IN ('pending', 'in_progress')",
     "CREATE INDEX IF NOT EXISTS goals_open ON goals(state) WHERE state IN ('pending', 'in_progress')",
+    "CREATE INDEX IF NOT EXISTS goals_key_ended ON goals(key, ended_at)",
 )
 _OPEN = "('pending', 'in_progress')"
 
@@ -150,6 +151,19 @@ class GoalRecords:
             if state == GoalState.IN_PROGRESS:
                 progress = most
         return counts, progress
+
+    def ended_since(self, keys: Sequence[str], since: float) -> set[str]:
+        """Those of `keys` that had a goal end at or after `since`."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+            chunk = keys[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._store.read(
+                f"SELECT DISTINCT key FROM goals WHERE key IN ({marks}) AND ended_at >= ?",  # noqa: S608 - marks only
+                (*chunk, since),
+            )
+            found |= {row[0] for row in rows}
+        return found
 
     def recent(self, state: GoalState | None = None, limit: int = 100) -> list[Goal]:
         """Goals newest first, optionally of one state."""
