@@ -414,3 +414,25 @@ async def test_a_disabled_planner_refuses_new_goals(tmp_path: Path, aiohttp_clie
     client = await aiohttp_client(create_app(config))
     response = await client.post("/api/v1/goals", json=operator_goal("never", ["noop"]))
     assert response.status == 503 and "planner.enabled" in (await response.json())["error"]
+
+
+def test_a_reached_goal_is_not_reopened_within_its_cooldown(
+    world: World, tmp_path: Path, servers: list[Server]
+) -> None:
+    """While the trigger still holds, a series whose goal just completed gets no new goal until the cooldown ends."""
+    strategies = {"noop": {"type": "exec", "command": ["true"]}}
+    template = {
+        "type": "performance",
+        "trigger": 'fault_active{fault="cool"}',
+        "target": {"query": "vector(0)", "below": 1},
+        "plan": ["noop"],
+    }
+    templates = [{**template, "name": "patient", "cooldown": "1m"}, {**template, "name": "eager", "cooldown": "0s"}]
+    (world.files / "cool").write_text("x")
+    try:
+        healer = start_planner(world, tmp_path, strategies, templates, servers)
+        wait_for(lambda: sum(g["name"] == "eager" for g in goals(healer)) >= 3, 20, what="eager goals to reopen")
+    finally:
+        (world.files / "cool").unlink()
+    patient = [g for g in goals(healer) if g["name"] == "patient"]
+    assert [g["state"] for g in patient] == ["completed"], patient
