@@ -436,3 +436,57 @@ def test_a_reached_goal_is_not_reopened_within_its_cooldown(
         (world.files / "cool").unlink()
     patient = [g for g in goals(healer) if g["name"] == "patient"]
     assert [g["state"] for g in patient] == ["completed"], patient
+
+
+async def test_a_step_ending_during_the_trigger_queries_is_not_closed_twice(
+    world: World, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """A step that ends while a cycle waits on slow trigger queries keeps its result, and the next step runs."""
+    from healer.config import parse_config
+    from healer.planner.routes import PLANNER
+    from healer.server import create_app
+
+    slow = [PY, "-c", "import time; time.sleep(0.5)"]
+    config = parse_config(
+        {
+            "prometheus": {"url": world.prometheus.url},
+            "store": {"path": str(tmp_path / "healer.db")},
+            "exporter": {"host": False},
+            "planner": {
+                "interval": "100ms",
+                "goals": [
+                    {
+                        "name": "race",
+                        "type": "performance",
+                        "trigger": "vector(1)",
+                        "target": {"query": "vector(1)", "below": 0},
+                        "plan": ["a", "b"],
+                        "settle": "200ms",
+                    }
+                ],
+            },
+            "strategies": {"a": {"type": "exec", "command": slow}, "b": {"type": "exec", "command": ["true"]}},
+        }
+    )
+    app = create_app(config)
+    promql = app[PLANNER].engine.promql
+    query = promql.query
+
+    async def slow_trigger(expr: str) -> Any:
+        # A slow Prometheus: the trigger answers after the step has had time to end.
+        if expr == "vector(1)":
+            await asyncio.sleep(0.8)
+        return await query(expr)
+
+    promql.query = slow_trigger  # type: ignore[method-assign]
+    client = await aiohttp_client(app)
+    goal: dict[str, Any] = {}
+    for _ in range(150):
+        listed = (await (await client.get("/api/v1/goals")).json())["goals"]
+        if listed and listed[-1]["state"] == "failed":
+            goal = listed[-1]
+            break
+        await asyncio.sleep(0.1)
+    assert goal, "the goal did not end"
+    assert [(s["strategy"], s["result"]) for s in goal["steps"]] == [("a", "ok"), ("b", "ok")], goal
+    assert "plan ran out" in goal["detail"]
