@@ -405,18 +405,38 @@ def _since(t0: float, t: float | None) -> str:
     return "" if t is None else f"+{t - t0:5.1f}s"
 
 
+def inject(stack: Stack, scenario: Scenario, display: Display) -> float:
+    """Announce the scenario and inject its fault; return when it was injected."""
+    display.say(f"\n== {scenario.name}: {scenario.story}")
+    t0 = time.time()
+    # The crash fault may take the app down before it answers.
+    with contextlib.suppress(urllib.error.URLError, OSError):
+        http(f"{stack.url('app')}/admin/fault/{scenario.name}", "POST", timeout=30)
+    display.say(f"  {_since(t0, time.time())}  fault injected")
+    return t0
+
+
+def follow(stack: Stack, display: Display, t0: float, waiting: str, done: Callable[[], bool]) -> None:
+    """Call `done` every quarter second until it says the scenario ended or SCENARIO_TIMEOUT passes, then settle."""
+    deadline = time.monotonic() + SCENARIO_TIMEOUT
+    while time.monotonic() < deadline:
+        display.tick(f"  {_since(t0, time.time())}  waiting for {waiting} ...")
+        if done():
+            break
+        time.sleep(0.25)
+    else:
+        display.say(f"  gave up after {SCENARIO_TIMEOUT:.0f}s; logs in {stack.workdir}")
+    settle(stack, display)
+
+
 def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     """Inject a slow fault and follow the forecast goal it opens, which must finish before the alert fires."""
     result = Result(scenario.name, scenario.alert, "timeout")
     healer = stack.url("healer")
-    display.say(f"\n== {scenario.name}: {scenario.story}")
-    t0 = time.time()
-    http(f"{stack.url('app')}/admin/fault/{scenario.name}", "POST", timeout=30)
-    display.say(f"  {_since(t0, time.time())}  fault injected")
+    t0 = inject(stack, scenario, display)
     seen: set[str] = set()
-    deadline = time.monotonic() + SCENARIO_TIMEOUT
-    while time.monotonic() < deadline:
-        display.tick(f"  {_since(t0, time.time())}  waiting for goal {scenario.goal} ...")
+
+    def done() -> bool:
         status, body = http(f"{healer}/api/v1/goals?limit=20")
         listed = body["goals"] if status == 200 else []
         goals = [g for g in listed if g["name"] == scenario.goal and g["created_at"] >= t0]
@@ -443,11 +463,10 @@ def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Res
                 result.seconds_to_heal = goal["ended_at"] - t0
                 display.say(f"  {_since(t0, goal['ended_at'])}  goal {goal['state']}: {goal['detail']}")
                 display.say(f"  {scenario.alert} {'fired' if fired else 'never fired'}")
-                break
-        time.sleep(0.25)
-    else:
-        display.say(f"  gave up after {SCENARIO_TIMEOUT:.0f}s; logs in {stack.workdir}")
-    settle(stack, display)
+                return True
+        return False
+
+    follow(stack, display, t0, f"goal {scenario.goal}", done)
     return result
 
 
@@ -457,16 +476,10 @@ def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
         return run_goal_scenario(stack, scenario, display)
     result = Result(scenario.name, scenario.alert, "timeout")
     healer, alertmanager = stack.url("healer"), stack.url("alertmanager")
-    display.say(f"\n== {scenario.name}: {scenario.story}")
-    t0 = time.time()
-    # The crash fault may take the app down before it answers.
-    with contextlib.suppress(urllib.error.URLError, OSError):
-        http(f"{stack.url('app')}/admin/fault/{scenario.name}", "POST", timeout=30)
-    display.say(f"  {_since(t0, time.time())}  fault injected")
+    t0 = inject(stack, scenario, display)
     seen: set[str] = set()
-    deadline = time.monotonic() + SCENARIO_TIMEOUT
-    while time.monotonic() < deadline:
-        display.tick(f"  {_since(t0, time.time())}  waiting for {scenario.alert} ...")
+
+    def done() -> bool:
         if "firing" not in seen:
             query = urllib.parse.urlencode({"filter": f'alertname="{scenario.alert}"', "active": "true"})
             status, alerts = http(f"{alertmanager}/api/v2/alerts?{query}")
@@ -510,11 +523,10 @@ def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
                 )
             else:
                 display.say(f"  {_since(t0, time.time())}  episode ended {result.outcome}")
-            break
-        time.sleep(0.25)
-    else:
-        display.say(f"  gave up after {SCENARIO_TIMEOUT:.0f}s; logs in {stack.workdir}")
-    settle(stack, display)
+            return True
+        return False
+
+    follow(stack, display, t0, scenario.alert, done)
     return result
 
 
