@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_ALERTS_PER_PAYLOAD = 10_000
 MAX_LABEL_VALUE_BYTES = 1024 * 1024
@@ -63,3 +63,35 @@ class WebhookPayload(BaseModel):
     commonAnnotations: dict[str, str] = Field(default_factory=dict)
     externalURL: str = ""
     alerts: list[WebhookAlert] = Field(min_length=1, max_length=MAX_ALERTS_PER_PAYLOAD)
+
+
+class InvalidPayloadError(ValueError):
+    """A webhook body that is not JSON (status 400) or not the Alertmanager format (status 422)."""
+
+    def __init__(self, status: int, message: str, errors: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+
+
+FORMAT_MISMATCH = "payload does not match the Alertmanager webhook format"
+
+
+def decode_webhook(body: bytes | str) -> WebhookPayload:
+    """Parse and validate a webhook body in one pass, or raise InvalidPayloadError naming the field at fault."""
+    try:
+        return WebhookPayload.model_validate_json(body)
+    except ValidationError as exc:
+        details = exc.errors(include_url=False, include_input=False)
+        if details and details[0]["type"] == "json_invalid":
+            raise InvalidPayloadError(400, f"body is not valid JSON: {details[0]['msg']}", []) from None
+        errors = [
+            {
+                "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+                "message": str(error["msg"]).removeprefix("Value error, "),
+            }
+            for error in details[:20]
+        ]
+        message = f"{FORMAT_MISMATCH}: {errors[0]['field']}: {errors[0]['message']}"
+        raise InvalidPayloadError(422, message, errors) from None
