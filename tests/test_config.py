@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from healer.config import ConfigError, load_config, parse_config
+from healer.config import ConfigError, ParamsCatalog, StrategyParams, load_config, parse_config
 from healer.durations import InvalidDurationError, format_duration, parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,3 +208,20 @@ def test_empty_token_counts_as_none(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("  \n")
     config = parse_config({"server": {"auth": {"bearer_token_file": str(tmp_path / "token")}}})
     assert config.server.auth.resolve_token(environ={"HEALER_TOKEN": " "}) is None
+
+
+def test_strategies_validate_against_the_given_catalog() -> None:
+    """parse_config validates `strategies:` against the parameter models of the catalog it is given."""
+
+    class PageParams(StrategyParams):
+        pager: str
+
+    catalog = ParamsCatalog({"page": PageParams})
+    config = parse_config({"strategies": {"p": {"type": "page", "pager": "ops"}}}, registry=catalog)
+    assert config.strategies["p"] == PageParams(type="page", pager="ops")
+    with pytest.raises(ConfigError) as error:
+        parse_config({"strategies": {"e": {"type": "exec"}, "p": {"type": "page"}}}, registry=catalog)
+    assert error.value.errors == [
+        "<config>: strategies.e.type: unknown strategy type 'exec'; known types: page",
+        "<config>: strategies.p.pager: Field required",
+    ]

@@ -7,20 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class GoalType(enum.StrEnum):
-    PERFORMANCE = "performance"
-    CAPABILITY = "capability"
-    KNOWLEDGE = "knowledge"
-    RELIABILITY = "reliability"
-
-
-class GoalPriority(enum.IntEnum):
-    DEFERRED = 1
-    LOW = 2
-    MEDIUM = 3
-    HIGH = 4
-    CRITICAL = 5
+# Config names goal types and priorities, so they live in the config layer; re-exported here.
+from healer.config.goals import GoalPriority as GoalPriority
+from healer.config.goals import GoalType as GoalType
+from healer.config.goals import parse_priority as parse_priority
 
 
 class GoalState(enum.StrEnum):
@@ -162,21 +152,6 @@ class Goal:
             "detail": self.detail,
             "steps": [step.__dict__ for step in self.steps],
         }
-
-
-def parse_priority(value: object) -> GoalPriority:
-    """Accept a priority by name (`critical`, any case) or by level 1-5."""
-    if isinstance(value, GoalPriority):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return GoalPriority(value)
-        except ValueError:
-            pass
-    elif isinstance(value, str) and value.upper() in GoalPriority.__members__:
-        return GoalPriority[value.upper()]
-    names = ", ".join(f"{p.name} ({p.value})" for p in sorted(GoalPriority, reverse=True))
-    raise ValueError(f"priority {value!r} is not one of {names}")
 
 
 def goal_key(source: str, labels: dict[str, str]) -> str:

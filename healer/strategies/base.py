@@ -1,61 +1,47 @@
-"""What every healing strategy shares: its parameter model and the registry keyed by type."""
+"""The registry of strategy types keyed by name, each a parameter model and the runner that runs it.
+
+The parameter models live in `healer.config.strategy_params` (config validates against them);
+their names are re-exported here for runners and plugins.
+"""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Annotated, Any, Literal
+from typing import TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from healer.config.strategy_params import (
+    DEFAULT_LABEL_PATTERN,
+    PLACEHOLDER,
+    STRATEGY_ENTRY_POINTS,
+    DuplicateStrategyTypeError,
+    StrategyParams,
+    TemplateField,
+    UnknownStrategyTypeError,
+    published_strategy_types,
+)
+from healer.strategies.runner import StrategyRunner
 
-from healer.types import Duration, Regex
+__all__ = [
+    "DEFAULT_LABEL_PATTERN",
+    "PLACEHOLDER",
+    "DuplicateStrategyTypeError",
+    "StrategyParams",
+    "StrategyRegistry",
+    "StrategyType",
+    "TemplateField",
+    "UnknownStrategyTypeError",
+    "params_of",
+]
 
-# Conservative on purpose: no whitespace, quotes, shell metacharacters, slashes or leading dash.
-DEFAULT_LABEL_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
-PLACEHOLDER = re.compile(r"\{(labels|annotations)\.([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _whole_placeholder_or_literal(value: str) -> str:
-    """Accept a literal string (braces such as find's `{}` included) or exactly one whole placeholder."""
-    if PLACEHOLDER.fullmatch(value) or not PLACEHOLDER.search(value):
-        return value
-    raise ValueError(
-        f"{value!r}: a template must be exactly one whole placeholder such as "
-        "'{labels.service}' (labels fill whole arguments only, never part of one)"
-    )
-
-
-TemplateField = Annotated[str, AfterValidator(_whole_placeholder_or_literal)]
-
-
-class StrategyParams(BaseModel):
-    """Parameters shared by every strategy type."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str
-    description: str = ""
-    timeout: Duration = 30.0
-    approval: Literal["none", "required"] = "none"
-    max_concurrent: int = Field(default=1, ge=1)
-    allow_labels: dict[str, Regex] = Field(default_factory=dict)
-
-    def label_pattern(self, name: str) -> re.Pattern[str]:
-        """Return the allowlist pattern a label must match before it enters this strategy."""
-        return re.compile(self.allow_labels.get(name, DEFAULT_LABEL_PATTERN))
+P = TypeVar("P", bound=StrategyParams)
 
 
-class UnknownStrategyTypeError(KeyError):
-    """No strategy type of that name is registered."""
-
-    def __str__(self) -> str:
-        return f"unknown strategy type {self.args[0]!r}; known types: {', '.join(self.args[1])}"
-
-
-class DuplicateStrategyTypeError(ValueError):
-    """A strategy type of that name is registered already."""
+def params_of(params: StrategyParams, model: type[P], runner: str) -> P:
+    """Return `params` as the model a runner expects, failing loudly when it is another type's."""
+    if not isinstance(params, model):
+        raise TypeError(f"{runner} runner got {type(params).__name__}, not {model.__name__}")
+    return params
 
 
 @dataclass(frozen=True)
@@ -64,7 +50,7 @@ class StrategyType:
 
     name: str
     params: type[StrategyParams]
-    runner: Any = None
+    runner: StrategyRunner
 
 
 class StrategyRegistry:
@@ -92,9 +78,9 @@ class StrategyRegistry:
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._types))
 
-    def load_plugins(self, group: str = "healer.strategies") -> None:
+    def load_plugins(self, group: str = STRATEGY_ENTRY_POINTS) -> None:
         """Register every strategy type published under the `healer.strategies` entry points."""
-        for entry in entry_points(group=group):
-            loaded = entry.load()
-            is_factory = callable(loaded) and not isinstance(loaded, StrategyType)
-            self.register(loaded() if is_factory else loaded)
+        for published in published_strategy_types(group):
+            if not isinstance(published, StrategyType):
+                raise TypeError(f"entry point of {group!r} gave {published!r}, not a StrategyType")
+            self.register(published)

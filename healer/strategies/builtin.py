@@ -1,15 +1,18 @@
 """The built-in strategy types, exec, http, signal and systemd, and the default registry.
 
-Each type's parameter model and runner live in its own module; they are re-exported here.
+Each type's runner lives in its own module and its parameter model in
+`healer.config.strategy_params`; both are re-exported here.
 """
 
 from __future__ import annotations
 
+from healer.config.strategy_params import BUILTIN_PARAMS, ExecParams, HttpParams, SignalParams, SystemdParams
 from healer.strategies.base import StrategyRegistry, StrategyType
-from healer.strategies.exec import ExecParams, ExecRunner
-from healer.strategies.http import HttpParams, HttpRunner
-from healer.strategies.signal import SignalParams, SignalRunner
-from healer.strategies.systemd import SystemdParams, SystemdRunner
+from healer.strategies.exec import ExecRunner
+from healer.strategies.http import HttpRunner
+from healer.strategies.runner import StrategyRunner
+from healer.strategies.signal import SignalRunner
+from healer.strategies.systemd import SystemdRunner
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -24,12 +27,15 @@ __all__ = [
     "default_registry",
 ]
 
-BUILTIN_TYPES = (
-    StrategyType("exec", ExecParams, ExecRunner()),
-    StrategyType("http", HttpParams, HttpRunner()),
-    StrategyType("signal", SignalParams, SignalRunner()),
-    StrategyType("systemd", SystemdParams, SystemdRunner()),
-)
+_RUNNERS: dict[str, StrategyRunner] = {
+    "exec": ExecRunner(),
+    "http": HttpRunner(),
+    "signal": SignalRunner(),
+    "systemd": SystemdRunner(),
+}
+
+# Built from config's table of parameter models, so config and the registry agree on the built-in types.
+BUILTIN_TYPES = tuple(StrategyType(name, params, _RUNNERS[name]) for name, params in BUILTIN_PARAMS.items())
 
 
 def default_registry(*, plugins: bool = True) -> StrategyRegistry:

@@ -27,13 +27,12 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import psutil
-from pydantic import Field
 
+from healer.config.strategy_params import ExecParams, StrategyParams
 from healer.durations import format_duration
-from healer.strategies.base import StrategyParams, TemplateField
+from healer.strategies.base import params_of
 from healer.strategies.runner import AlertContext, OutputBuffer, StepResult, one_line
 from healer.strategies.templating import lookup, render
 
@@ -42,16 +41,6 @@ OUTPUT_GRACE_SECONDS = 1.0
 BASE_ENV_KEYS = ("PATH", "LANG")
 _READ_CHUNK = 65536
 _POLL_SECONDS = 0.05
-
-
-class ExecParams(StrategyParams):
-    """Run a program from an argv list; never through a shell."""
-
-    type: Literal["exec"] = "exec"
-    command: list[TemplateField] = Field(min_length=1)
-    env: dict[str, TemplateField] = Field(default_factory=dict)
-    cwd: Path | None = None
-    output_limit_bytes: int = Field(default=65536, ge=0)
 
 
 @dataclass(frozen=True)
@@ -255,18 +244,12 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             os.close(read_fd)
 
 
-def _exec_params(params: StrategyParams) -> ExecParams:
-    if not isinstance(params, ExecParams):
-        raise TypeError(f"exec runner got {type(params).__name__}, not ExecParams")
-    return params
-
-
 class ExecRunner:
     """Runner of the `exec` strategy type."""
 
     def invocation(self, params: StrategyParams, alert: AlertContext) -> Invocation:
         """Render argv and env from the alert; raises UnsafeLabelError."""
-        exec_params = _exec_params(params)
+        exec_params = params_of(params, ExecParams, "exec")
         argv = tuple(render(arg, params, alert) for arg in exec_params.command)
         env = {key: render(value, params, alert) for key, value in exec_params.env.items()}
         env.update(alert_env(params, alert))

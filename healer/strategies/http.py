@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import aiohttp
-from pydantic import Field, field_validator
 
+from healer.config.strategy_params import HttpParams, StrategyParams
 from healer.durations import format_duration
-from healer.strategies.base import StrategyParams, TemplateField
+from healer.strategies.base import params_of
 from healer.strategies.runner import AlertContext, OutputBuffer, StepResult, one_line
 from healer.strategies.templating import render, render_body, render_url
 
@@ -25,24 +24,6 @@ HTTP_OUTPUT_LIMIT = 64 * 1024
 REDACTED = "<redacted>"
 _SECRET_HEADER_WORDS = ("authorization", "cookie", "token", "secret", "key", "password")
 _READ_CHUNK = 65536
-
-
-class HttpParams(StrategyParams):
-    """Send one HTTP request and check its status code."""
-
-    type: Literal["http"] = "http"
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    url: str
-    headers: dict[str, TemplateField] = Field(default_factory=dict)
-    body: str | None = None
-    expected_status: list[int] = Field(default_factory=lambda: list(range(200, 300)))
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r} is not an http:// or https:// URL")
-        return url
 
 
 @dataclass(frozen=True)
@@ -86,18 +67,12 @@ def _status_ranges(codes: tuple[int, ...]) -> list[str]:
     return ranges
 
 
-def _http_params(params: StrategyParams) -> HttpParams:
-    if not isinstance(params, HttpParams):
-        raise TypeError(f"http runner got {type(params).__name__}, not HttpParams")
-    return params
-
-
 class HttpRunner:
     """Runner of the `http` strategy type."""
 
     def request(self, params: StrategyParams, alert: AlertContext) -> HttpRequest:
         """Render URL, headers and body from the alert; raises UnsafeLabelError."""
-        http_params = _http_params(params)
+        http_params = params_of(params, HttpParams, "http")
         headers = {name: render(value, params, alert) for name, value in http_params.headers.items()}
         body = None if http_params.body is None else render_body(http_params.body, params, alert)
         if body is not None and not any(name.lower() == "content-type" for name in headers):

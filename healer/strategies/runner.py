@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from healer.strategies.base import StrategyParams
+    from healer.config.strategy_params import StrategyParams
 
 TRUNCATION_MARKER = "…[truncated {dropped} bytes]"
 

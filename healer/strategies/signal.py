@@ -13,41 +13,12 @@ import re
 import signal as signal_module
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import psutil
-from pydantic import field_validator, model_validator
 
-from healer.strategies.base import StrategyParams
+from healer.config.strategy_params import SignalParams, StrategyParams
+from healer.strategies.base import params_of
 from healer.strategies.runner import AlertContext, StepResult
-from healer.types import Regex
-
-
-def _signal_number(name: str) -> str:
-    normalised = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-    if not isinstance(getattr(signal_module, normalised, None), signal_module.Signals):
-        raise ValueError(f"unknown signal {name!r}; use a name such as SIGHUP or SIGTERM")
-    return normalised
-
-
-class SignalParams(StrategyParams):
-    """Send a signal to processes found by pidfile or command-line regex."""
-
-    type: Literal["signal"] = "signal"
-    signal: str = "SIGHUP"
-    pidfile: Path | None = None
-    cmdline: Regex | None = None
-
-    @field_validator("signal")
-    @classmethod
-    def _known_signal(cls, name: str) -> str:
-        return _signal_number(name)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> SignalParams:
-        if (self.pidfile is None) == (self.cmdline is None):
-            raise ValueError("give exactly one of pidfile or cmdline")
-        return self
 
 
 @dataclass(frozen=True)
@@ -69,12 +40,6 @@ class Targets:
         if self.problem is not None:
             plan["problem"] = self.problem
         return plan
-
-
-def _signal_params(params: StrategyParams) -> SignalParams:
-    if not isinstance(params, SignalParams):
-        raise TypeError(f"signal runner got {type(params).__name__}, not SignalParams")
-    return params
 
 
 def _from_pidfile(pidfile: Path) -> tuple[tuple[int, ...], str | None]:
@@ -115,7 +80,7 @@ class SignalRunner:
 
     def targets(self, params: StrategyParams) -> Targets:
         """Find the processes to signal now."""
-        signal_params = _signal_params(params)
+        signal_params = params_of(params, SignalParams, "signal")
         if signal_params.pidfile is not None:
             pids, problem = _from_pidfile(signal_params.pidfile)
             source = f"pidfile {signal_params.pidfile}"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from healer.strategies.base import PLACEHOLDER, StrategyParams, TemplateField
+from healer.config.strategy_params import PLACEHOLDER, StrategyParams, SystemdParams
+from healer.strategies.base import params_of
 from healer.strategies.exec import Invocation, alert_env, run_invocation
 from healer.strategies.runner import AlertContext, StepResult, UnsafeLabelError
 from healer.strategies.templating import allow_key, render
@@ -13,26 +12,12 @@ SYSTEMCTL = "systemctl"
 SYSTEMCTL_OUTPUT_LIMIT = 64 * 1024
 
 
-class SystemdParams(StrategyParams):
-    """Restart, reload, start or stop a systemd unit through systemctl."""
-
-    type: Literal["systemd"] = "systemd"
-    unit: TemplateField
-    action: Literal["restart", "reload", "start", "stop"] = "restart"
-
-
-def _systemd_params(params: StrategyParams) -> SystemdParams:
-    if not isinstance(params, SystemdParams):
-        raise TypeError(f"systemd runner got {type(params).__name__}, not SystemdParams")
-    return params
-
-
 class SystemdRunner:
     """Runner of the `systemd` strategy type; `systemctl` is looked up on healer's PATH."""
 
     def invocation(self, params: StrategyParams, alert: AlertContext) -> Invocation:
         """Render `[systemctl, action, unit]`; a unit from a label may not start with `-`."""
-        systemd_params = _systemd_params(params)
+        systemd_params = params_of(params, SystemdParams, "systemd")
         unit = render(systemd_params.unit, params, alert)
         match = PLACEHOLDER.fullmatch(systemd_params.unit)
         if match is not None and unit.startswith("-"):

@@ -32,7 +32,7 @@ import json
 import re
 from urllib.parse import quote
 
-from healer.strategies.base import PLACEHOLDER, StrategyParams
+from healer.config.strategy_params import PLACEHOLDER, StrategyParams
 from healer.strategies.runner import AlertContext, UnsafeLabelError
 
 MAX_VALUE_LENGTH = 1024
