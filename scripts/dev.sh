@@ -2,9 +2,9 @@
 # Sets up a fresh Debian or Ubuntu machine for healer and runs it or its tests.
 #   scripts/dev.sh demo   the live demo: real faults healed and verified (extra arguments go to `healer demo`)
 #   scripts/dev.sh run    run healer on examples/healer.yml
-#   scripts/dev.sh test   run the test suite (extra arguments go to pytest)
+#   scripts/dev.sh test   ruff, mypy --strict, then the test suite (extra arguments go to pytest)
 # Installs what is missing: python3-venv, Debian's prometheus and prometheus-alertmanager,
-# and a virtual environment in .venv with healer and its test dependencies.
+# and a virtual environment in .venv with healer and its dependencies (for `test`, the dev tools too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,11 +30,13 @@ ensure_tools() {
   apt_install "${packages[@]}"
 }
 
+# ensure_venv [EXTRA]: healer in .venv, editable, with the optional dependencies EXTRA (default: test).
 ensure_venv() {
+  local extra=${1:-test}
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
   fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
 }
 
 command=${1:-}
@@ -52,12 +54,22 @@ case "$command" in
     ;;
   test)
     ensure_tools
-    ensure_venv
+    ensure_venv dev
+    # Every check runs even after one fails, so a single run reports all of them.
+    failed=()
+    .venv/bin/ruff check healer tests bench || failed+=(ruff)
+    .venv/bin/mypy || failed+=(mypy)
     status=0
     .venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
     # pytest exits 5 when it collected no tests; that is not a failure of the code.
-    if [ "$status" -eq 5 ]; then status=0; fi
-    exit "$status"
+    if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then failed+=(pytest); fi
+    if [ ${#failed[@]} -gt 0 ]; then
+      echo "failed: ${failed[*]}" >&2
+      # pytest's own status when it failed (CI tells its kinds apart), otherwise 1.
+      if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi
+      exit 1
+    fi
+    exit 0
     ;;
   *)
     echo "usage: scripts/dev.sh demo|run|test [ARGS...]" >&2
