@@ -67,7 +67,7 @@ class Report:
 async def measure(args: argparse.Namespace, prometheus_url: str, workdir: Path) -> Report:
     from healer.config import parse_config
     from healer.planner.routes import PLANNER
-    from healer.server import create_app
+    from healer.server import STORAGE, create_app
 
     template = {
         "type": "reliability",
@@ -88,7 +88,7 @@ async def measure(args: argparse.Namespace, prometheus_url: str, workdir: Path) 
     )
     app = create_app(config)
     planner = app[PLANNER]
-    promql = planner.engine.promql
+    promql = planner.promql
     queries = [t.trigger for t in config.planner.goals]
 
     async def floor() -> None:
@@ -102,7 +102,7 @@ async def measure(args: argparse.Namespace, prometheus_url: str, workdir: Path) 
     await planner.cycle()  # opens every goal
     opening_ms = (time.perf_counter() - started) * 1000
     rss_gain = common.rss_mb(os.getpid()) - rss_before
-    open_goals = len(await planner.store.call(planner.records.open_goals))
+    open_goals = len(await planner.records.open_goals())
     cycles, floors = [], []
     for _ in range(args.rounds):
         started = time.perf_counter()
@@ -111,7 +111,7 @@ async def measure(args: argparse.Namespace, prometheus_url: str, workdir: Path) 
         started = time.perf_counter()
         await floor()
         floors.append((time.perf_counter() - started) * 1000)
-    await planner.engine.store.close()
+    await app[STORAGE].close()
     promql.close()
     cycle_p50, floor_p50 = statistics.median(cycles), statistics.median(floors)
     return Report(

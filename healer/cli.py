@@ -65,7 +65,7 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
     """Print, for each alert in a payload, the rule, the ladder and the rendered invocations."""
     from pydantic import ValidationError
 
-    from healer.healing.engine import first_plans
+    from healer.healing.ladder import first_plans
     from healer.healing.payload import WebhookPayload
     from healer.strategies.builtin import default_registry
 
@@ -138,7 +138,7 @@ def _listen_address(config: HealerConfig, override: str | None) -> tuple[str, in
 async def _serve(config: HealerConfig, host: str, port: int) -> None:
     from prometheus_client import disable_created_metrics
 
-    from healer.receiver import ENGINE
+    from healer.healing.routes import ENGINE
     from healer.server import create_app
 
     # `_created` series double the series count and nothing in healer's rules reads them.
@@ -151,7 +151,7 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
     bound = runner.addresses
     address = f"{bound[0][0]}:{bound[0][1]}" if bound else f"{host}:{port}"
     if config.server.external_url is None:
-        app[ENGINE].external_url = f"http://{address}"
+        app[ENGINE].escalator.external_url = f"http://{address}"
     # The modules, config and app built so far live as long as the process. Freezing them keeps the
     # collector from walking them on every full collection: 13% more webhook throughput with 50-alert
     # deliveries (bench/receiver.py).
@@ -179,7 +179,7 @@ def serve(path: Path, listen: str | None, log_format: str | None) -> int:
     except (StartupError, ValueError, OSError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
-    from healer.store import StoreUnavailableError
+    from healer.storage import StoreUnavailableError
 
     try:
         asyncio.run(_serve(config, host, port))

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from healer.logs import fields
-from healer.store import StoreUnavailableError
+from healer.storage import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,18 +20,20 @@ from healer.exporter.probes import ProbeMetrics, Prober
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
 from healer.healing.engine import Engine
+from healer.healing.escalator import Escalator, SideTasks
+from healer.healing.ladder import Ladder
 from healer.healing.metrics import HealingMetrics
+from healer.healing.routes import ENGINE, add_routes
+from healer.healing.steps import StepRunner
+from healer.http import TOKEN
 from healer.logs import fields
 from healer.optimizer.optimizer import Optimizer, OptimizerMetrics
-from healer.optimizer.records import TrialRecords
 from healer.optimizer.routes import OPTIMIZER, add_optimization_routes
 from healer.planner.planner import Planner, PlannerMetrics
-from healer.planner.records import GoalRecords
 from healer.planner.routes import PLANNER, add_goal_routes
 from healer.promql import PromQLClient
-from healer.receiver import ENGINE, TOKEN, add_routes
 from healer.status import status_handler
-from healer.store import AsyncStore, SQLiteStore, StoreUnavailableError
+from healer.storage import Storage, StoreUnavailableError, open_storage
 from healer.strategies.base import StrategyRegistry
 from healer.strategies.builtin import default_registry
 from healer.upstreams import UpstreamMonitor
@@ -57,6 +58,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+STORAGE = web.AppKey("storage", Storage)
 
 
 def build_services(
@@ -90,13 +92,14 @@ async def _scan_processes(services: Services) -> None:
         await asyncio.sleep(interval)
 
 
-async def _purge_old_records(engine: Engine, planner: Planner, optimizer: Optimizer, retention: float) -> None:
+async def _purge_old_records(storage: Storage, retention: float) -> None:
     while True:
         try:
             horizon = time.time() - retention
-            removed = await engine.store.call(engine.store.sync.purge, horizon)
-            goals = await engine.store.call(planner.records.purge, horizon)
-            trials = await engine.store.call(optimizer.records.purge, horizon)
+            removed = await storage.healing.purge(horizon)
+            await storage.inbox.purge(horizon)
+            goals = await storage.goals.purge(horizon)
+            trials = await storage.trials.purge(horizon)
         except StoreUnavailableError as exc:
             log.error("audit records not purged; retrying in an hour", extra=fields(reason=str(exc)))
         else:
@@ -105,56 +108,72 @@ async def _purge_old_records(engine: Engine, planner: Planner, optimizer: Optimi
         await asyncio.sleep(3600)
 
 
-def build_engine(services: Services) -> Engine:
-    """Open the store and create the engine; raises StoreUnavailableError when the store cannot open."""
+def build_engine(services: Services, storage: Storage) -> Engine:
+    """Create the engine and the parts it is made of (step runner, ladder, escalator) on an open store."""
     config = services.config
-    try:
-        store = AsyncStore(SQLiteStore(config.store.path))
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreUnavailableError(f"cannot open the store {config.store.path}: {exc}") from exc
+    promql = PromQLClient(config.prometheus)
+    steps = StepRunner(config, services.strategies, services.healing_metrics)
+    side = SideTasks()
+    # The escalator wakes the engine's work loop when a post ends; both share this event.
+    wakeup = asyncio.Event()
+    escalator = Escalator(
+        config,
+        storage.healing,
+        AlertmanagerClient(config.alertmanager),
+        promql,
+        services.healing_metrics,
+        config.server.external_url or f"http://{config.server.listen}",
+        side,
+        wakeup.set,
+    )
     return Engine(
         config,
-        store,
-        services.strategies,
+        wakeup,
+        storage.inbox,
+        storage.healing,
+        steps,
+        Ladder(config),
+        escalator,
+        side,
         services.healing_metrics,
-        PromQLClient(config.prometheus),
-        AlertmanagerClient(config.alertmanager),
-        config.server.external_url or f"http://{config.server.listen}",
+        promql,
         GrafanaAnnotator(config.grafana, services.registry),
     )
 
 
-def build_planner(services: Services, engine: Engine) -> Planner:
-    """The planner, its goals kept in the engine's store."""
-    records = GoalRecords(engine.store.sync)
-    return Planner(services.config, engine.store, records, engine, PlannerMetrics(services.registry))
+def build_planner(services: Services, storage: Storage, engine: Engine) -> Planner:
+    """The planner, its goals in the store, its steps through the engine's step runner."""
+    metrics = PlannerMetrics(services.registry)
+    return Planner(services.config, storage.goals, engine.steps, engine.promql, metrics)
 
 
-def build_optimizer(services: Services, engine: Engine) -> Optimizer:
-    """The optimizer, its trials kept in the engine's store."""
+def build_optimizer(services: Services, storage: Storage, engine: Engine) -> Optimizer:
+    """The optimizer, its trials in the store, its changes through the engine's step runner."""
     config = services.config
     metrics = OptimizerMetrics(services.registry, config.optimizer.candidates)
-    return Optimizer(config, engine.store, TrialRecords(engine.store.sync), engine, metrics)
+    return Optimizer(config, storage.trials, engine.steps, engine.promql, metrics)
 
 
 async def _healing(app: web.Application) -> AsyncIterator[None]:
     """Start the engine, planner and optimizer; on shutdown let running steps finish, then close the store."""
     engine, planner, optimizer = app[ENGINE], app[PLANNER], app[OPTIMIZER]
     config = app[SERVICES].config
-    await engine.alertmanager.start()
+    alertmanager = engine.escalator.alertmanager
+    await alertmanager.start()
     await engine.start()
     await planner.start()
     await optimizer.start()
-    purge = asyncio.create_task(_purge_old_records(engine, planner, optimizer, config.store.retention), name="purge")
+    purge = asyncio.create_task(_purge_old_records(app[STORAGE], config.store.retention), name="purge")
     yield
     purge.cancel()
     engine.begin_stop(config.server.shutdown_timeout)
-    await asyncio.gather(planner.stop(engine.stop_deadline), optimizer.stop(engine.stop_deadline))
+    deadline = engine.steps.stop_deadline
+    await asyncio.gather(planner.stop(deadline), optimizer.stop(deadline))
     await engine.stop(config.server.shutdown_timeout)
-    await engine.alertmanager.close()
+    await alertmanager.close()
     await engine.annotator.close()
     engine.promql.close()
-    await engine.store.close()
+    await app[STORAGE].close()
 
 
 async def _begin_stop(app: web.Application) -> None:
@@ -207,9 +226,10 @@ def create_app(
     """Build the healer web application for a validated config."""
     app = web.Application(client_max_size=config.server.max_request_bytes)
     app[SERVICES] = build_services(config, registry, strategies)
-    app[ENGINE] = build_engine(app[SERVICES])
-    app[PLANNER] = build_planner(app[SERVICES], app[ENGINE])
-    app[OPTIMIZER] = build_optimizer(app[SERVICES], app[ENGINE])
+    app[STORAGE] = open_storage(config.store)
+    app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
+    app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])
+    app[OPTIMIZER] = build_optimizer(app[SERVICES], app[STORAGE], app[ENGINE])
     token = config.server.auth.resolve_token()
     if token is not None:
         app[TOKEN] = token

@@ -10,13 +10,14 @@ from typing import Any
 from aiohttp import web
 
 from healer.healing.engine import Engine
+from healer.healing.model import EpisodeState, Outcome
+from healer.healing.routes import ENGINE
 from healer.optimizer.optimizer import STATES as CANDIDATE_STATES
 from healer.optimizer.optimizer import Optimizer
 from healer.optimizer.routes import OPTIMIZER
 from healer.planner.planner import Planner
 from healer.planner.routes import PLANNER
 from healer.promql import PrometheusUnavailableError
-from healer.receiver import ENGINE
 
 HEALTH_NAMES = {0: "HEALTHY", 1: "DEGRADED", 2: "CRITICAL", 3: "FAILING"}
 TREND_NAMES = {-1: "improving", 0: "stable", 1: "degrading"}
@@ -30,7 +31,7 @@ HEALTH_QUERIES = {
     "latency_p99_seconds": "max(probe:healer_probe_duration_seconds:p99_rate5m)",
     "alerts_firing": 'count(ALERTS{alertstate="firing"}) or vector(0)',
 }
-ENDED_BY_HEALER = ("healed", "escalated", "unverified")
+ENDED_BY_HEALER = (EpisodeState.HEALED, EpisodeState.ESCALATED, EpisodeState.UNVERIFIED)
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -61,30 +62,28 @@ async def health(engine: Engine) -> dict[str, Any]:
 
 async def healing(engine: Engine) -> dict[str, Any]:
     """Counts of the audit trail: alerts, episodes by outcome, resolution rate, time to heal."""
-    counts = await engine.store.call(engine.store.sync.counts)
-    episodes: dict[str, int] = counts["episodes"]
+    counts = await engine.records.counts()
+    episodes = counts.episodes
     ended = sum(episodes.get(state, 0) for state in ENDED_BY_HEALER)
-    heal_seconds: list[float] = counts["heal_seconds"]
+    heal_seconds = counts.heal_seconds
     return {
-        "alerts_received": counts["alerts_received"],
+        "alerts_received": counts.alerts_received,
         "episodes": episodes,
-        "healed": episodes.get("healed", 0),
-        "not_healed": counts["actions"].get("not_healed", 0),
-        "escalated": episodes.get("escalated", 0),
-        "in_progress": episodes.get("open", 0),
-        "actions": counts["actions"],
-        "resolution_rate": (episodes.get("healed", 0) / ended) if ended else None,
+        "healed": episodes.get(EpisodeState.HEALED, 0),
+        "not_healed": counts.actions.get(Outcome.NOT_HEALED, 0),
+        "escalated": episodes.get(EpisodeState.ESCALATED, 0),
+        "in_progress": episodes.get(EpisodeState.OPEN, 0),
+        "actions": counts.actions,
+        "resolution_rate": (episodes.get(EpisodeState.HEALED, 0) / ended) if ended else None,
         "time_to_heal_seconds": {"p50": _quantile(heal_seconds, 0.5), "p95": _quantile(heal_seconds, 0.95)},
-        "circuit_open": engine.circuit.is_open,
+        "circuit_open": engine.steps.circuit.is_open,
         "dry_run": engine.config.healing.dry_run,
     }
 
 
 async def goals(planner: Planner) -> dict[str, Any]:
     """Goals by state, and the open ones in the order the planner takes them."""
-    counts, open_goals = await asyncio.gather(
-        planner.store.call(planner.records.counts), planner.store.call(planner.records.open_goals)
-    )
+    counts, open_goals = await asyncio.gather(planner.records.counts(), planner.records.open_goals())
     return {
         "enabled": planner.config.planner.enabled,
         **counts,
@@ -107,7 +106,7 @@ async def goals(planner: Planner) -> dict[str, Any]:
 async def optimization(optimizer: Optimizer) -> dict[str, Any]:
     """Candidates by state, and the trial in flight."""
     views = await optimizer.candidates()
-    trial = await optimizer.store.call(optimizer.records.in_flight)
+    trial = await optimizer.records.in_flight()
     states = {state: sum(1 for v in views if v.state == state) for state in CANDIDATE_STATES}
     return {
         "enabled": optimizer.config.optimizer.enabled,

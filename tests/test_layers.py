@@ -18,7 +18,16 @@ PACKAGE_DIR = Path(healer.__file__).resolve().parent
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations",
-        ("healer", "healer.durations", "healer.types", "healer.matchers", "healer.logs", "healer.config"),
+        # healer.http: authentication, error bodies and request parsing that every route module shares.
+        (
+            "healer",
+            "healer.durations",
+            "healer.types",
+            "healer.matchers",
+            "healer.logs",
+            "healer.config",
+            "healer.http",
+        ),
     ),
     1: (
         "domain",
@@ -45,7 +54,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     ),
     4: ("healing", ("healer.healing",)),
     5: ("goals and optimisation", ("healer.planner", "healer.optimizer")),
-    6: ("serving", ("healer.http", "healer.status", "healer.server", "healer.console")),
+    6: ("serving", ("healer.status", "healer.server", "healer.console")),
     7: ("entry points", ("healer.cli", "healer.demo", "healer.__main__")),
 }
 # The row `healer` stands for the package's __init__ alone, not for everything below it.

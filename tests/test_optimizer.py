@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from healer.config import ConfigError, parse_config
-from healer.optimizer.model import improvement, learned_confidence, score
+from healer.healing.learning import learned_confidence
+from healer.optimizer.model import improvement, score
 from healer.optimizer.optimizer import window_average
 from tests.conftest import World
 from tests.servers import Server, http_get, http_json, http_post, process_alive, prom_query, start_healer, wait_for
@@ -251,7 +252,7 @@ async def test_a_rollback_whose_end_was_lost_is_run_again_not_judged_again(
     from healer.optimizer.model import Outcome
     from healer.optimizer.routes import OPTIMIZER
     from healer.server import create_app
-    from healer.store import StoreUnavailableError
+    from healer.storage import StoreUnavailableError
 
     runs = tmp_path / "rollbacks"
     restore = f"import sys; open(sys.argv[1], 'w').write('x' * 1000); open('{runs}', 'a').write('ran\\n')"

@@ -352,7 +352,7 @@ async def test_a_step_whose_outcome_was_lost_is_not_run_again(
     from healer.config import parse_config
     from healer.planner.routes import PLANNER
     from healer.server import create_app
-    from healer.store import StoreUnavailableError
+    from healer.storage import StoreUnavailableError
 
     runs = tmp_path / "runs"
     count = "import sys; open(sys.argv[1], 'a').write('ran\\n')"
@@ -469,7 +469,7 @@ async def test_a_step_ending_during_the_trigger_queries_is_not_closed_twice(
         }
     )
     app = create_app(config)
-    promql = app[PLANNER].engine.promql
+    promql = app[PLANNER].promql
     query = promql.query
 
     async def slow_trigger(expr: str) -> Any:

@@ -33,11 +33,6 @@ def improvement(before: float, after: float, direction: str) -> float:
     return change / abs(before)
 
 
-def learned_confidence(prior: float, prior_weight: float, helped: int, trials: int) -> float:
-    """The prior confidence, worth `prior_weight` outcomes, updated by how many trials helped (a Beta mean)."""
-    return (prior * prior_weight + helped) / (prior_weight + trials)
-
-
 def score(expected_improvement: float, cost: float, confidence: float) -> float:
     """Expected improvement per unit of cost, discounted by the confidence that it materialises."""
     return expected_improvement / cost * confidence
@@ -82,3 +77,12 @@ class Trial:
             "detail": self.detail,
             "acknowledged_at": self.acknowledged_at,
         }
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """What a candidate's trials add up to."""
+
+    trials: int  # those that taught something
+    helped: int
+    last: Trial

@@ -26,12 +26,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from healer.config import HealerConfig, OptimizationCandidate
 from healer.cycles import Cycle
-from healer.healing.engine import STOPPING, Engine, StepRefusedError
+from healer.healing.learning import learned_confidence
+from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
-from healer.optimizer.model import ENDED, Outcome, Trial, improvement, learned_confidence, score
-from healer.optimizer.records import TrialRecords
-from healer.promql import PrometheusUnavailableError, PromQLError
-from healer.store import AsyncStore
+from healer.optimizer.model import ENDED, Outcome, Trial, improvement, score
+from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError
+from healer.storage import TrialRecords
 from healer.strategies.runner import AlertContext
 
 log = logging.getLogger(__name__)
@@ -125,16 +125,16 @@ class Optimizer:
     def __init__(
         self,
         config: HealerConfig,
-        store: AsyncStore,
         records: TrialRecords,
-        engine: Engine,
+        steps: StepRunner,
+        promql: PromQLClient,
         metrics: OptimizerMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store
         self.records = records
-        self.engine = engine
+        self.steps = steps
+        self.promql = promql
         self.metrics = metrics
         self._clock = clock
         self._candidates = {c.name: c for c in config.optimizer.candidates}
@@ -146,7 +146,7 @@ class Optimizer:
 
     async def start(self) -> None:
         """Settle what a previous run left in flight, then start the cycle."""
-        trial = await self.store.call(self.records.in_flight)
+        trial = await self.records.in_flight()
         if trial is not None:
             self.metrics.in_flight.set(1)
             if trial.candidate not in self._candidates:
@@ -175,8 +175,8 @@ class Optimizer:
 
     async def candidates(self) -> list[CandidateView]:
         """Every configured candidate with its learned confidence, score and state, best score first."""
-        records = await self.store.call(self.records.records)
-        last_ended = await self.store.call(self.records.last_ended)
+        records = await self.records.records()
+        last_ended = await self.records.last_ended()
         settings = self.config.optimizer
         now = self._clock()
         views = []
@@ -212,9 +212,9 @@ class Optimizer:
 
     async def cycle(self) -> None:
         """Go on with the trial in flight, or else start the best ready candidate."""
-        trial = await self.store.call(self.records.in_flight)
+        trial = await self.records.in_flight()
         self.metrics.in_flight.set(0 if trial is None else 1)
-        if self.engine.stopping or self._busy:
+        if self.steps.stopping or self._busy:
             return  # a trial in flight resumes after the restart
         if trial is not None:
             if trial.outcome is Outcome.APPLYING:
@@ -232,7 +232,7 @@ class Optimizer:
     async def _measure(self, candidate: OptimizationCandidate) -> tuple[bool, float | None]:
         """(answered, average over the window); the average is None when the metric has no data."""
         try:
-            value = await self.engine.promql.scalar(window_average(candidate.metric, candidate.window))
+            value = await self.promql.scalar(window_average(candidate.metric, candidate.window))
         except (PromQLError, PrometheusUnavailableError) as exc:
             self.metrics.query_errors.inc()
             log.warning("candidate not measured", extra=fields(candidate=candidate.name, reason=str(exc)))
@@ -250,7 +250,7 @@ class Optimizer:
         )
         self._busy = True
         try:
-            result = await self.engine.run_unattached(strategy, context)
+            result = await self.steps.run_unattached(strategy, context)
         except StepRefusedError as exc:
             return False, f"refused ({exc.reason}): {exc.detail}", exc.reason
         finally:
@@ -263,21 +263,20 @@ class Optimizer:
         answered, before = await self._measure(c)
         if not answered or before is None:
             return False
-        trial = await self.store.call(
-            self.records.begin, c.name, c.component, view.confidence, view.score, before, self._clock()
+        trial = await self.records.begin(c.name, c.component, view.confidence, view.score, before, self._clock()
         )
         self.metrics.in_flight.set(1)
         log.info("optimization applying", extra=fields(candidate=c.name, before=before, score=view.score))
         ok, detail, refusal = await self._run_strategy(c.apply, c)
         if refusal == STOPPING:
-            await self.store.call(self.records.discard, trial.id)  # nothing ran; it is tried after the restart
+            await self.records.discard(trial.id)  # nothing ran; it is tried after the restart
             self.metrics.in_flight.set(0)
             return True
         if not ok:
             await self._end(trial, Outcome.APPLY_FAILED, f"{c.apply} did not apply: {detail}")
             return True
         measure_at = self._clock() + c.settle + c.window
-        await self.store.call(self.records.measuring, trial.id, measure_at, f"{c.apply}: {detail}")
+        await self.records.measuring(trial.id, measure_at, f"{c.apply}: {detail}")
         return True
 
     async def _judge(self, trial: Trial) -> None:
@@ -304,7 +303,7 @@ class Optimizer:
     async def _roll_back(
         self, trial: Trial, verdict: Outcome, why: str, after: float | None = None, gain: float | None = None
     ) -> None:
-        trial = await self.store.call(self.records.rolling_back, trial.id, verdict, why, after, gain)
+        trial = await self.records.rolling_back(trial.id, verdict, why, after, gain)
         await self._run_rollback(trial)
 
     async def _run_rollback(self, trial: Trial) -> None:
@@ -329,7 +328,7 @@ class Optimizer:
     async def _end(
         self, trial: Trial, outcome: Outcome, detail: str, after: float | None = None, gain: float | None = None
     ) -> None:
-        await self.store.call(self.records.end, trial.id, outcome, detail, self._clock(), after, gain)
+        await self.records.end(trial.id, outcome, detail, self._clock(), after, gain)
         self.metrics.trials.labels(outcome.value).inc()
         self.metrics.in_flight.set(0)
         log.info("optimization ended", extra=fields(candidate=trial.candidate, outcome=outcome.value, detail=detail))
@@ -337,7 +336,7 @@ class Optimizer:
 
     async def acknowledge(self, candidate: str) -> bool:
         """A person has undone a change whose rollback failed: the candidate may be tried again."""
-        return bool(await self.store.call(self.records.acknowledge, candidate, self._clock()))
+        return bool(await self.records.acknowledge(candidate, self._clock()))
 
 
 def _signed_percent(value: float) -> str:

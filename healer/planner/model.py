@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Config names goal types and priorities, so they live in the config layer; re-exported here.
@@ -157,3 +157,77 @@ class Goal:
 def goal_key(source: str, labels: dict[str, str]) -> str:
     """One open goal per key: the template and the trigger series' labels, in a stable order."""
     return source + "{" + ",".join(f"{k}={labels[k]!r}" for k in sorted(labels)) + "}"
+
+
+class GoalNotFoundError(LookupError):
+    """No goal has that id."""
+
+
+class GoalEndedError(Exception):
+    """The goal has ended already; it cannot change any more."""
+
+
+# How a goal changes. Each rule takes the goal as stored and returns it changed; storage applies
+# one atomically (`GoalRecords.change`), so that two changes never interleave.
+
+
+def started(goal: Goal, initial: float | None, progress: float | None, now: float) -> Goal:
+    """A pending goal becomes the one in progress, with its first measurement."""
+    if goal.state is not GoalState.PENDING:
+        raise GoalEndedError(f"goal {goal.id} is {goal.state.value}, not pending")
+    return replace(
+        goal,
+        state=GoalState.IN_PROGRESS,
+        started_at=now,
+        initial_value=initial,
+        last_value=initial,
+        progress=progress,
+        measured_at=now if initial is not None else None,
+    )
+
+
+def measured(goal: Goal, value: float | None, progress: float | None, now: float) -> Goal:
+    """An open goal's latest measurement; the first value ever measured is where progress counts from."""
+    if not goal.is_open:
+        return goal
+    initial = goal.initial_value if goal.initial_value is not None else value
+    return replace(goal, last_value=value, progress=progress, measured_at=now, initial_value=initial)
+
+
+def step_begun(goal: Goal, now: float) -> Goal:
+    """The goal's next step starts now."""
+    if goal.state is not GoalState.IN_PROGRESS:
+        raise GoalEndedError(f"goal {goal.id} is {goal.state.value}")
+    step = GoalStep(goal.plan[goal.next_step], now)
+    return replace(goal, step_running=True, step_started_at=now, steps=[*goal.steps, step])
+
+
+def step_ended(goal: Goal, result: str, detail: str, now: float) -> Goal:
+    """The running step ended; the goal moves on to its next step after `settle`."""
+    if not goal.is_open:
+        return goal  # ending the goal closed its step already
+    steps = list(goal.steps)
+    if steps and steps[-1].finished_at is None:
+        steps[-1] = replace(steps[-1], finished_at=now, result=result, detail=detail)
+    return replace(goal, step_running=False, step_started_at=now, next_step=goal.next_step + 1, steps=steps)
+
+
+def step_abandoned(goal: Goal) -> Goal:
+    """The step that was about to run did not, so that it runs after all (after a restart)."""
+    steps = goal.steps[:-1] if goal.steps and goal.steps[-1].finished_at is None else goal.steps
+    return replace(goal, step_running=False, steps=list(steps))
+
+
+def ended(goal: Goal, state: GoalState, detail: str, now: float) -> Goal:
+    """An open goal ends completed, failed or cancelled; a step still running is closed as interrupted."""
+    if state not in ENDED_STATES:
+        raise ValueError(f"{state.value} is not a state a goal ends in")
+    if not goal.is_open:
+        raise GoalEndedError(f"goal {goal.id} is {goal.state.value} already")
+    steps = [
+        replace(step, finished_at=now, result="interrupted", detail=f"the goal ended {state.value}")
+        if step.finished_at is None
+        else step
+        for step in goal.steps
+    ]
+    return replace(goal, state=state, detail=detail, ended_at=now, step_running=False, steps=steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -22,20 +23,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from healer.config import GOAL_PLACEHOLDER, GoalSpec, GoalTemplate, HealerConfig
 from healer.cycles import Cycle
-from healer.healing.engine import STOPPING, Engine, StepRefusedError
+from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
 from healer.planner.model import (
     ENDED_STATES,
     Goal,
+    GoalEndedError,
     GoalState,
     GoalType,
     NewGoal,
     Target,
+    ended,
     goal_key,
+    measured,
+    started,
+    step_abandoned,
+    step_begun,
+    step_ended,
 )
-from healer.planner.records import GoalEndedError, GoalRecords
-from healer.promql import PrometheusUnavailableError, PromQLError, quote_label_value
-from healer.store import AsyncStore, StoreUnavailableError
+from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, quote_label_value
+from healer.storage import GoalRecords, StoreUnavailableError
 from healer.strategies.runner import AlertContext
 
 log = logging.getLogger(__name__)
@@ -124,16 +131,16 @@ class Planner:
     def __init__(
         self,
         config: HealerConfig,
-        store: AsyncStore,
         records: GoalRecords,
-        engine: Engine,
+        steps: StepRunner,
+        promql: PromQLClient,
         metrics: PlannerMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store
         self.records = records
-        self.engine = engine
+        self.steps = steps
+        self.promql = promql
         self.metrics = metrics
         self._clock = clock
         self._templates = {template.name: template for template in config.planner.goals}
@@ -145,11 +152,12 @@ class Planner:
 
     async def start(self) -> None:
         """Record steps a previous run left running as interrupted, then start the cycle."""
-        for goal in await self.store.call(self.records.open_goals):
+        for goal in await self.records.open_goals():
             if goal.step_running:
-                await self.store.call(
-                    self.records.end_step, goal.id, "interrupted", "healer stopped while the step ran", self._clock()
+                interrupted = functools.partial(
+                    step_ended, result="interrupted", detail="healer stopped while the step ran", now=self._clock()
                 )
+                await self.records.change(goal.id, interrupted)
                 self.metrics.steps.labels("interrupted").inc()
         if self.config.planner.enabled:
             self._cycle.start()
@@ -172,7 +180,7 @@ class Planner:
 
     async def cycle(self) -> None:
         """Run the trigger queries, then advance the goal in progress or start the next one."""
-        goals = await self.store.call(self.records.open_goals)
+        goals = await self.records.open_goals()
         by_source: dict[str, list[Goal]] = {}
         for goal in goals:
             by_source.setdefault(goal.source, []).append(goal)
@@ -188,9 +196,9 @@ class Planner:
                     is not None
                 )
         if changed:
-            goals = await self.store.call(self.records.open_goals)
+            goals = await self.records.open_goals()
         current = next((g for g in goals if g.state is GoalState.IN_PROGRESS), None)
-        if current is None and goals and not self.engine.stopping:
+        if current is None and goals and not self.steps.stopping:
             current = await self._begin(goals[0])
         if current is not None:
             await self._advance(current)
@@ -200,7 +208,7 @@ class Planner:
         """Open a goal for each new series of the template's trigger, cancel pending goals whose series went;
         return whether any goal was opened or cancelled."""
         try:
-            samples = await self.engine.promql.query(template.trigger)
+            samples = await self.promql.query(template.trigger)
         except (PromQLError, PrometheusUnavailableError) as exc:
             self.metrics.query_errors.labels("trigger").inc()
             log.warning("trigger query failed", extra=fields(template=template.name, reason=str(exc)))
@@ -218,17 +226,17 @@ class Planner:
                 value = sample.value if math.isfinite(sample.value) else None
                 fresh[key] = new_goal(template, template.name, template.name, labels, now, value)
         if fresh:
-            cooling = await self.store.call(self.records.ended_since, list(fresh), now - template.cooldown)
+            cooling = await self.records.ended_since(list(fresh), now - template.cooldown)
             fresh = {key: goal for key, goal in fresh.items() if key not in cooling}
-        opened = await self.store.call(self.records.create, list(fresh.values()), now) if fresh else []
+        opened = await self.records.create(list(fresh.values()), now) if fresh else []
         for goal in opened:
             self.metrics.opened.labels(goal.type.value).inc()
             log.info("goal opened", extra=fields(goal=goal.id, key=goal.key, trigger_value=goal.trigger_value))
         cancelled = 0
         for goal in open_goals:
             if goal.key not in wanted and goal.state is GoalState.PENDING:
-                ended = await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
-                cancelled += ended is not None
+                gone = await self._end(goal, GoalState.CANCELLED, "the trigger no longer returns this series")
+                cancelled += gone is not None
         return bool(opened) or cancelled > 0
 
     def _running(self, goal_id: int) -> bool:
@@ -237,7 +245,7 @@ class Planner:
     async def _measure(self, goal: Goal) -> tuple[bool, float | None]:
         """Return (answered, value) of the target query; a value is None when the query returns nothing."""
         try:
-            value = await self.engine.promql.scalar(goal.target.query)
+            value = await self.promql.scalar(goal.target.query)
         except PromQLError as exc:
             self.metrics.query_errors.labels("target").inc()
             await self._end(goal, GoalState.FAILED, f"the target query is not usable: {exc}")
@@ -253,9 +261,8 @@ class Planner:
         if not answered:
             return None
         try:
-            goal = await self.store.call(
-                self.records.start, goal.id, value, goal.target.progress(value, value), self._clock()
-            )
+            progress, now = goal.target.progress(value, value), self._clock()
+            goal = await self.records.change(goal.id, lambda g: started(g, value, progress, now))
         except GoalEndedError:
             return None  # cancelled by an operator while this cycle ran its queries
         log.info("goal started", extra=fields(goal=goal.id, key=goal.key, value=value))
@@ -265,14 +272,15 @@ class Planner:
         running = self._running(goal.id)
         if not running:
             # The cycle's copy was read before the trigger queries; a step may have ended since.
-            goal = await self.store.call(self.records.get, goal.id)
+            goal = await self.records.get(goal.id)
             if not goal.is_open:
                 return
         answered, value = await self._measure(goal)
         if answered:
             initial = goal.initial_value if goal.initial_value is not None else value
             progress = goal.target.progress(initial, value)
-            await self.store.call(self.records.measured, goal.id, value, progress, self._clock())
+            now = self._clock()
+            await self.records.change(goal.id, lambda g: measured(g, value, progress, now))
             if value is not None and goal.target.reached(value):
                 if not running:
                     await self._end(
@@ -288,8 +296,9 @@ class Planner:
         if goal.step_running:
             # The step's task ended without recording how (its store write failed): it may have run,
             # so it is not run again.
-            await self.store.call(
-                self.records.end_step, goal.id, "failed", "the step's outcome was not recorded", self._clock()
+            now = self._clock()
+            await self.records.change(
+                goal.id, lambda g: step_ended(g, "failed", "the step's outcome was not recorded", now)
             )
             self.metrics.steps.labels("failed").inc()
             return
@@ -303,7 +312,7 @@ class Planner:
                 f"the deadline passed with the target not reached ({_percent(progress)} of the way)",
             )
             return
-        if not answered or self.engine.stopping:
+        if not answered or self.steps.stopping:
             return  # no step runs blind, nor once the stop has begun
         if goal.next_step < len(goal.plan):
             if goal.next_step == 0 or since_step >= goal.settle:
@@ -321,13 +330,14 @@ class Planner:
         strategy = goal.plan[goal.next_step]
         outcome = "interrupted"
         try:
-            goal = await self.store.call(self.records.begin_step, goal.id, self._clock())
+            begun = self._clock()
+            goal = await self.records.change(goal.id, lambda g: step_begun(g, begun))
             log.info("goal step started", extra=fields(goal=goal.id, strategy=strategy, step=goal.next_step))
             try:
-                result = await self.engine.run_unattached(strategy, goal_context(goal))
+                result = await self.steps.run_unattached(strategy, goal_context(goal))
             except StepRefusedError as exc:
                 if exc.reason == STOPPING:
-                    await self.store.call(self.records.abandon_step, goal.id)
+                    await self.records.change(goal.id, step_abandoned)
                     return  # not run: it runs after the restart
                 outcome, detail = "refused", f"{exc.reason}: {exc.detail}"
             except asyncio.CancelledError:
@@ -339,7 +349,8 @@ class Planner:
                 outcome, detail = "failed", f"internal error: {exc!r}"
             else:
                 outcome, detail = ("ok" if result.ok else "failed"), result.detail
-            await self.store.call(self.records.end_step, goal.id, outcome, detail, self._clock())
+            now = self._clock()
+            await self.records.change(goal.id, lambda g: step_ended(g, outcome, detail, now))
             self.metrics.steps.labels(outcome).inc()
             log.info("goal step finished", extra=fields(goal=goal.id, strategy=strategy, result=outcome, detail=detail))
         except GoalEndedError:
@@ -352,16 +363,17 @@ class Planner:
 
     async def _end(self, goal: Goal, state: GoalState, detail: str) -> Goal | None:
         try:
-            ended = await self.store.call(self.records.end, goal.id, state, detail, self._clock())
+            now = self._clock()
+            closed = await self.records.change(goal.id, lambda g: ended(g, state, detail, now))
         except GoalEndedError:
             return None
         self.metrics.ended.labels(state.value).inc()
         log.info("goal ended", extra=fields(goal=goal.id, key=goal.key, state=state.value, detail=detail))
         self.wake()  # the next goal may start now rather than a cycle later
-        return ended
+        return closed
 
     async def _publish(self) -> None:
-        counts, progress = await self.store.call(self.records.open_summary)
+        counts, progress = await self.records.open_summary()
         self.metrics.open.labels(GoalState.PENDING.value).set(counts[GoalState.PENDING])
         self.metrics.open.labels(GoalState.IN_PROGRESS.value).set(counts[GoalState.IN_PROGRESS])
         self.metrics.progress.set(progress or 0.0)
@@ -370,9 +382,7 @@ class Planner:
 
     async def add(self, spec: GoalSpec, name: str, labels: dict[str, str]) -> Goal | None:
         """Open an operator's goal; None when a goal of the same name and labels is open already."""
-        opened = await self.store.call(
-            self.records.create, [new_goal(spec, name, OPERATOR, labels, self._clock())], self._clock()
-        )
+        opened = await self.records.create([new_goal(spec, name, OPERATOR, labels, self._clock())], self._clock())
         if not opened:
             return None
         self.metrics.opened.labels(opened[0].type.value).inc()
@@ -381,11 +391,11 @@ class Planner:
 
     async def cancel(self, goal_id: int, who: str) -> Goal:
         """Cancel an open goal, stopping its running step; raises GoalNotFoundError or GoalEndedError."""
-        goal = await self.store.call(self.records.get, goal_id)
+        goal = await self.records.get(goal_id)
         if not goal.is_open:
             raise GoalEndedError(f"goal {goal_id} is {goal.state.value} already")
-        ended = await self._end(goal, GoalState.CANCELLED, f"cancelled by {who}")
-        if ended is None:
+        closed = await self._end(goal, GoalState.CANCELLED, f"cancelled by {who}")
+        if closed is None:
             raise GoalEndedError(f"goal {goal_id} ended meanwhile")
         if self._step is not None and self._step[0] == goal_id:
             task = self._step[1]
@@ -393,7 +403,7 @@ class Planner:
             # The runner stops the action (a process group gets a grace period); the next goal waits for that.
             await asyncio.wait([task], timeout=STEP_CANCEL_WAIT_SECONDS)
         self.wake()
-        return ended
+        return closed
 
 
 def _percent(value: float | None) -> str:

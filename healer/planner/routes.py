@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 from pydantic import Field, ValidationError
 
 from healer.config import GoalSpec, plan_problems
-from healer.planner.model import GoalState
+from healer.http import authenticate, invalid_body, path_id, problem, query_limit, require_json
+from healer.planner.model import GoalEndedError, GoalNotFoundError, GoalState
 from healer.planner.planner import Planner, render_target_query
-from healer.planner.records import GoalEndedError, GoalNotFoundError
 from healer.promql import PrometheusUnavailableError, PromQLError
-from healer.receiver import authenticate, invalid_body, problem
 
 PLANNER = web.AppKey("planner", Planner)
 
@@ -22,15 +19,6 @@ class GoalRequest(GoalSpec):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
     labels: dict[str, str] = Field(default_factory=dict)
-
-
-def _goal_id(request: web.Request) -> int:
-    try:
-        return int(request.match_info["id"])
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "goal id must be an integer"}), content_type="application/json"
-        ) from None
 
 
 async def list_goals(request: web.Request) -> web.Response:
@@ -43,20 +31,16 @@ async def list_goals(request: web.Request) -> web.Response:
             state = GoalState(raw_state)
         except ValueError:
             return problem(400, f"state must be one of {', '.join(s.value for s in GoalState)}, not {raw_state!r}")
-    try:
-        limit = max(1, min(int(request.query.get("limit", "100")), 1000))
-    except ValueError:
-        return problem(400, "limit must be an integer")
-    goals = await planner.store.call(planner.records.recent, state, limit)
+    goals = await planner.records.recent(state, query_limit(request))
     return web.json_response({"goals": [goal.to_json() for goal in goals]})
 
 
 async def get_goal(request: web.Request) -> web.Response:
     """One goal with its steps and latest measurement."""
     planner = request.app[PLANNER]
-    goal_id = _goal_id(request)
+    goal_id = path_id(request, "goal")
     try:
-        goal = await planner.store.call(planner.records.get, goal_id)
+        goal = await planner.records.get(goal_id)
     except GoalNotFoundError:
         return problem(404, f"no goal {goal_id}")
     return web.json_response({"goal": goal.to_json()})
@@ -70,8 +54,9 @@ async def create_goal(request: web.Request) -> web.Response:
     planner = request.app[PLANNER]
     if not planner.config.planner.enabled:
         return problem(503, "the planner is disabled (planner.enabled: false); a goal opened now would never run")
-    if request.content_type != "application/json":
-        return problem(415, f"Content-Type must be application/json, not {request.content_type!r}")
+    refused = require_json(request)
+    if refused is not None:
+        return refused
     try:
         spec = GoalRequest.model_validate_json(await request.read())
     except ValidationError as exc:
@@ -92,7 +77,7 @@ async def create_goal(request: web.Request) -> web.Response:
 async def _query_rejected(planner: Planner, spec: GoalRequest) -> str | None:
     """Why Prometheus rejects the target query, or None (also when Prometheus cannot be asked now)."""
     try:
-        await planner.engine.promql.query(render_target_query(spec.target.query, spec.labels))
+        await planner.promql.query(render_target_query(spec.target.query, spec.labels))
     except PromQLError as exc:
         return str(exc)
     except PrometheusUnavailableError:
@@ -106,7 +91,7 @@ async def cancel_goal(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     planner = request.app[PLANNER]
-    goal_id = _goal_id(request)
+    goal_id = path_id(request, "goal")
     who = request.headers.get("X-Healer-Operator", "an operator")
     try:
         goal = await planner.cancel(goal_id, who)

@@ -1,0 +1,227 @@
+"""The escalator: HealingFailed delivered to Alertmanager (and resolved), and the silences of episodes.
+
+HealingFailed is queued in the store with the episode's escalation and posted from here: retried
+through an Alertmanager outage or a restart, re-posted every `resend_interval` while the alert fires,
+and resolved when the alert does. A silence covers an episode while healer works on it and is
+expired when the episode ends, so a failure still pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from healer.alertmanager import AlertmanagerClient, AlertmanagerUnavailableError
+from healer.config import HealerConfig, HealingRule
+from healer.healing.metrics import HealingMetrics
+from healer.healing.model import ActionFilter, Agenda, Episode, Escalation
+from healer.logs import fields
+from healer.promql import PrometheusUnavailableError, PromQLClient
+from healer.storage import HealingRecords, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+# How often silences that Alertmanager could not expire when their episode ended are tried again.
+SILENCE_SWEEP_SECONDS = 30.0
+
+
+class SideTasks:
+    """Tasks that run beside the work loop (posts, expiries, annotations) and are awaited at the stop."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` for the tasks, then cancel those left; what they did not do stays queued."""
+        if not self.tasks:
+            return
+        _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+class Escalator:
+    """Posts HealingFailed for escalated episodes and keeps their alerts' silences."""
+
+    def __init__(
+        self,
+        config: HealerConfig,
+        records: HealingRecords,
+        alertmanager: AlertmanagerClient,
+        promql: PromQLClient,
+        metrics: HealingMetrics,
+        external_url: str,
+        side: SideTasks,
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.records = records
+        self.alertmanager = alertmanager
+        self.promql = promql
+        self.metrics = metrics
+        self.external_url = external_url.rstrip("/")
+        self._side = side
+        self._wake = wake
+        self._clock = clock
+        self._sending: set[int] = set()
+        self._not_firing_seen: set[int] = set()
+        # Leftover silences are expired at start; the sweep takes over from then on.
+        self._next_silence_sweep = clock() + SILENCE_SWEEP_SECONDS
+        self._sweeping = False
+
+    async def count(self, episode: Episode, reason: str) -> None:
+        """Count and log an escalation the store has queued; the work loop sends HealingFailed."""
+        # A resolved notification may have won the race; then the store queued nothing and nobody is paged.
+        if await self.records.get_escalation(episode.id) is None:
+            return
+        self.metrics.escalations.inc()
+        log.warning("escalating", extra=fields(episode=episode.id, alertname=episode.alertname, reason=reason))
+        self._wake()
+
+    def send_due(self, agenda: Agenda) -> None:
+        """Start posting every due HealingFailed that is not being posted already."""
+        for escalation in agenda.escalations:
+            if escalation.episode_id not in self._sending:
+                self._sending.add(escalation.episode_id)
+                self._side.spawn(self._send(escalation))
+
+    def sweep_when_due(self) -> None:
+        """Start a sweep of leftover silences every SILENCE_SWEEP_SECONDS; sweeps never overlap."""
+        if self._clock() >= self._next_silence_sweep and not self._sweeping:
+            self._next_silence_sweep = self._clock() + SILENCE_SWEEP_SECONDS
+            self._sweeping = True
+            self._side.spawn(self._sweep_silences())
+
+    async def _send(self, queued: Escalation) -> None:
+        """Post the HealingFailed of an escalated episode: firing while its alert fires, then resolved once."""
+        episode_id = queued.episode_id
+        try:
+            # The agenda may be older than a send that just finished; the row says what is due now.
+            escalation = await self.records.get_escalation(episode_id)
+            episode = await self.records.get_episode(episode_id)
+            now = self._clock()
+            if escalation is None or episode is None or escalation.next_send is None or escalation.next_send > now:
+                return
+            if escalation.resolved_at is not None and escalation.sent_at is None:
+                await self.records.escalation_withdrawn(episode_id)
+                return
+            await self._post(escalation, episode)
+        except Exception:
+            # Anything unexpected waits like a failed post, so that a bug cannot turn into a flood of posts.
+            log.exception("HealingFailed not sent", extra=fields(episode=episode_id))
+            with contextlib.suppress(Exception):
+                retry = self._clock() + self.config.alertmanager.resend_interval
+                await self.records.escalation_failed(episode_id, retry, "internal error")
+        finally:
+            self._sending.discard(episode_id)
+            self._wake()
+
+    async def _post(self, escalation: Escalation, episode: Episode) -> None:
+        episode_id = episode.id
+        resolved_at = escalation.resolved_at
+        if resolved_at is None and escalation.sent_at is not None:
+            # Alertmanager may never send the resolved notification (send_resolved: false). One empty
+            # answer can be a gap in ALERTS (a Prometheus restart); two in a row, an interval apart, are not.
+            if await self.still_firing(episode) is False:
+                if episode_id in self._not_firing_seen:
+                    await self.records.escalation_stopped_firing(episode_id)
+                    resolved_at = self._clock()
+                self._not_firing_seen.add(episode_id)
+            else:
+                self._not_firing_seen.discard(episode_id)
+        tried = await self.records.list_actions(ActionFilter(episode_id=episode_id, limit=1000))
+        resend = self.config.alertmanager.resend_interval
+        now = self._clock()
+        alert = AlertmanagerClient.healing_failed_alert(
+            episode.labels,
+            episode.annotations,
+            rule=escalation.rule,
+            episode=episode_id,
+            strategies_tried=[action.strategy for action, _ in reversed(tried)],
+            audit_url=f"{self.external_url}/api/v1/actions?episode={episode_id}",
+            reason=escalation.reason,
+            starts_at=datetime.fromtimestamp(escalation.created_at, UTC),
+            ends_at=datetime.fromtimestamp(resolved_at if resolved_at is not None else now + 4 * resend, UTC),
+        )
+        try:
+            await self.alertmanager.post_alerts([alert])
+        except AlertmanagerUnavailableError as exc:
+            self.metrics.escalation_failures.inc()
+            # A first post that Alertmanager refuses will be refused again. A re-send is never given up:
+            # the alert was valid once, and giving up would let the page expire while the alert fires.
+            refused = (
+                escalation.sent_at is None
+                and exc.status is not None
+                and 400 <= exc.status < 500
+                and exc.status not in (408, 429)
+            )
+            log.error(
+                "HealingFailed not delivered", extra=fields(episode=episode_id, reason=str(exc), giving_up=refused)
+            )
+            retry = None if refused else now + min(resend, 2.0 ** min(escalation.failures, 10))
+            await self.records.escalation_failed(episode_id, retry, str(exc))
+            return
+        if resolved_at is not None:
+            self._not_firing_seen.discard(episode_id)
+        await self.records.escalation_sent(episode_id, None if resolved_at is not None else now + resend)
+
+    async def still_firing(self, episode: Episode) -> bool | None:
+        """Whether Prometheus reports the episode's alert firing; None when it cannot tell."""
+        try:
+            return await self.promql.alert_firing(episode.labels)
+        except (PrometheusUnavailableError, ValueError):  # ValueError: a label name PromQL cannot express
+            return None
+
+    # -- silences ------------------------------------------------------------------------------
+
+    async def silence(self, episode: Episode, rule: HealingRule) -> Episode:
+        """Silence the episode's alert for as long as every attempt could take; return the episode as recorded."""
+        longest_step = max((self.config.strategies[name].timeout for name in rule.strategies), default=0.0)
+        duration = (longest_step + rule.verify.within + rule.max_backoff) * rule.max_attempts
+        try:
+            silence_id = await self.alertmanager.create_silence(
+                episode.labels, duration, comment=f"healer is healing episode {episode.id} (rule {rule.name})"
+            )
+        except AlertmanagerUnavailableError as exc:
+            log.error("silence not created", extra=fields(episode=episode.id, reason=str(exc)))
+            return episode
+        await self.records.set_silence(episode.id, silence_id)
+        refreshed = await self.records.get_episode(episode.id)
+        assert refreshed is not None
+        return refreshed
+
+    async def expire_silence(self, episode: Episode) -> None:
+        """End an episode's silence; when Alertmanager cannot take it now, the sweep tries again."""
+        if episode.silence_id is None:
+            return
+        try:
+            await self.alertmanager.expire_silence(episode.silence_id)
+        except AlertmanagerUnavailableError as exc:
+            log.error("silence not expired", extra=fields(episode=episode.id, reason=str(exc)))
+            return
+        await self.records.set_silence(episode.id, None)
+
+    async def expire_leftover_silences(self) -> None:
+        """Expire the silences of ended episodes that Alertmanager could not take before."""
+        for episode in await self.records.episodes_with_silences():
+            await self.expire_silence(episode)
+
+    async def _sweep_silences(self) -> None:
+        try:
+            await self.expire_leftover_silences()
+        except StoreUnavailableError as exc:
+            log.error("silence sweep failed", extra=fields(reason=str(exc)))
+        finally:
+            self._sweeping = False

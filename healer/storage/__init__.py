@@ -1,0 +1,31 @@
+"""Where healer keeps what must survive a restart: one interface per concern, one implementation per backend.
+
+Nothing outside this package knows SQL or a database driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from healer.config import StoreConfig
+from healer.storage.errors import StoreUnavailableError
+from healer.storage.interfaces import GoalRecords, HealingRecords, Inbox, Storage, TrialRecords
+
+
+def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
+    """Open (and create or migrate) the store the config names; raises StoreUnavailableError."""
+    from healer.storage.sqlite import SQLiteStorage
+
+    return SQLiteStorage(config.path, clock)
+
+
+__all__ = [
+    "GoalRecords",
+    "HealingRecords",
+    "Inbox",
+    "Storage",
+    "StoreUnavailableError",
+    "TrialRecords",
+    "open_storage",
+]

@@ -1,0 +1,246 @@
+"""What healer asks of a store, one interface per concern; each backend implements all of them.
+
+Every method is one transaction: a crash leaves all of a decision on disk or none of it. Methods
+take and return domain values, never rows or connections, and raise StoreUnavailableError when the
+store cannot answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from healer.healing.model import (
+    Action,
+    ActionFilter,
+    Agenda,
+    Episode,
+    EpisodeState,
+    Escalation,
+    Event,
+    Finish,
+    HealingCounts,
+    InboxItem,
+    InboxPosition,
+    Opened,
+    OpenRequest,
+    Resolution,
+)
+from healer.healing.payload import WebhookAlert
+from healer.optimizer.model import CandidateRecord, Outcome, Trial
+from healer.planner.model import Goal, GoalState, NewGoal
+
+
+class Inbox(Protocol):
+    """Webhook deliveries, each kept as received until the engine has processed every alert of it."""
+
+    async def accept(self, body: bytes, alerts: int) -> int:
+        """Make one validated delivery durable (batched with concurrent ones); return its id."""
+        ...
+
+    async def unprocessed(self, limit: int = 500) -> list[InboxItem]:
+        """The next alerts the engine has not processed, in order; a delivery may span several calls."""
+        ...
+
+    async def depth(self) -> int:
+        """Alerts accepted and not yet processed."""
+        ...
+
+    @property
+    def discarded_alerts(self) -> int:
+        """Alerts of stored deliveries that the payload format no longer accepts, skipped so far."""
+        ...
+
+    async def purge(self, older_than: float) -> int:
+        """Delete processed deliveries older than a time; return how many."""
+        ...
+
+
+class HealingRecords(Protocol):
+    """Episodes, their steps, cooldowns, escalations and the audit trail."""
+
+    async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
+        """Create the episodes of firing alerts with their first steps, and move the inbox past them.
+
+        An episode that exists already is left alone (Alertmanager re-sends); a first step waits out
+        its rule's cooldown for that alert (`healing.rules.defer_for_cooldown`).
+        """
+        ...
+
+    async def resolve_episode(self, position: InboxPosition, alert: WebhookAlert) -> Resolution:
+        """Record a resolved notification: cancel the episode's open steps, report its running ones."""
+        ...
+
+    async def get_episode(self, episode_id: int) -> Episode | None: ...
+
+    async def set_silence(self, episode_id: int, silence_id: str | None) -> None: ...
+
+    async def end_episode(self, episode_id: int, state: EpisodeState, events: Sequence[Event] = ()) -> None:
+        """End an open episode in a final state."""
+        ...
+
+    async def episodes_with_silences(self) -> list[Episode]:
+        """Episodes that ended while their silence was still recorded."""
+        ...
+
+    async def get_action(self, action_id: int) -> Action | None: ...
+
+    async def agenda(self, now: float) -> Agenda:
+        """Due steps, expired approvals, due escalations, and when to look again, in one read."""
+        ...
+
+    async def claim(self, action_id: int, plan: dict[str, Any] | None) -> bool:
+        """Move a pending step to running; False when another claim or a cancellation won."""
+        ...
+
+    async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
+        """Park a pending step until someone approves it or the deadline passes."""
+        ...
+
+    async def approve(self, action_id: int, approver: str) -> bool:
+        """Return an awaiting step to pending with its approval recorded."""
+        ...
+
+    async def mark_verifying(self, action_id: int, detail: str) -> None:
+        """Record that a step's strategy has run and only its verification is left."""
+        ...
+
+    async def verifying_actions(self) -> list[Action]: ...
+
+    async def running_actions(self) -> list[Action]: ...
+
+    async def finish(self, action_id: int, finish: Finish) -> bool:
+        """Record how a step ended and what follows (`healing.rules.after_step`); False if it had ended."""
+        ...
+
+    async def action_starts_since(self, horizon: float) -> list[float]:
+        """Start times of steps that really ran since `horizon`."""
+        ...
+
+    async def strategy_outcomes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per (rule, strategy): steps that healed, and steps whose outcome says whether they healed."""
+        ...
+
+    async def tried_strategies(self, episode_id: int) -> set[str]: ...
+
+    async def get_escalation(self, episode_id: int) -> Escalation | None: ...
+
+    async def escalation_sent(self, episode_id: int, next_send: float | None) -> None:
+        """Record that Alertmanager took HealingFailed; `next_send` None means it was the resolving post."""
+        ...
+
+    async def escalation_failed(self, episode_id: int, next_send: float | None, reason: str) -> None:
+        """Record a failed post of HealingFailed; with `next_send` None healer gives up on it."""
+        ...
+
+    async def escalation_withdrawn(self, episode_id: int) -> None:
+        """The alert resolved before HealingFailed ever reached Alertmanager: nobody needs paging."""
+        ...
+
+    async def escalation_stopped_firing(self, episode_id: int) -> None:
+        """The escalated alert no longer fires: resolve HealingFailed with the next send, which is now."""
+        ...
+
+    async def list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
+        """Steps newest first, filtered, each with its episode."""
+        ...
+
+    async def events(self, episode_id: int) -> list[dict[str, Any]]:
+        """An episode's audit events in order."""
+        ...
+
+    async def counts(self) -> HealingCounts: ...
+
+    async def purge(self, older_than: float) -> int:
+        """Delete finished episodes, with their steps and events, older than a time; return how many."""
+        ...
+
+
+class GoalRecords(Protocol):
+    """Goals, at most one open per key."""
+
+    async def get(self, goal_id: int) -> Goal:
+        """The goal with that id; raises GoalNotFoundError."""
+        ...
+
+    async def open_goals(self) -> list[Goal]:
+        """Every pending or in-progress goal, by priority, then age."""
+        ...
+
+    async def open_summary(self) -> tuple[dict[GoalState, int], float | None]:
+        """How many goals are pending and in progress, and the progress of the one in progress."""
+        ...
+
+    async def ended_since(self, keys: Sequence[str], since: float) -> set[str]:
+        """Those of `keys` that had a goal end at or after `since`."""
+        ...
+
+    async def recent(self, state: GoalState | None = None, limit: int = 100) -> list[Goal]: ...
+
+    async def create(self, goals: Sequence[NewGoal], now: float) -> list[Goal]:
+        """Open each goal whose key has no open goal yet; return the ones opened."""
+        ...
+
+    async def change(self, goal_id: int, change: Callable[[Goal], Goal]) -> Goal:
+        """Apply a planner rule to a goal and write the result, atomically; the rule's errors roll back."""
+        ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def purge(self, older_than: float) -> int: ...
+
+
+class TrialRecords(Protocol):
+    """Optimisation trials: one per application of a candidate."""
+
+    async def in_flight(self) -> Trial | None: ...
+
+    async def begin(
+        self, candidate: str, component: str, confidence: float, score: float, before: float, now: float
+    ) -> Trial: ...
+
+    async def measuring(self, trial_id: int, measure_at: float, detail: str) -> Trial: ...
+
+    async def rolling_back(
+        self, trial_id: int, verdict: Outcome, detail: str, after: float | None, improvement: float | None
+    ) -> Trial: ...
+
+    async def end(
+        self,
+        trial_id: int,
+        outcome: Outcome,
+        detail: str,
+        now: float,
+        after: float | None = None,
+        improvement: float | None = None,
+    ) -> Trial: ...
+
+    async def discard(self, trial_id: int) -> None: ...
+
+    async def acknowledge(self, candidate: str, now: float) -> bool: ...
+
+    async def history(self, limit: int = 100) -> list[Trial]: ...
+
+    async def records(self) -> dict[str, CandidateRecord]: ...
+
+    async def last_ended(self) -> float | None: ...
+
+    async def purge(self, older_than: float) -> int: ...
+
+
+class Storage(Protocol):
+    """One store: its records per concern, opened and migrated, and closed once."""
+
+    @property
+    def inbox(self) -> Inbox: ...
+
+    @property
+    def healing(self) -> HealingRecords: ...
+
+    @property
+    def goals(self) -> GoalRecords: ...
+
+    @property
+    def trials(self) -> TrialRecords: ...
+
+    async def close(self) -> None: ...

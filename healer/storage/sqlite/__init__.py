@@ -1,0 +1,46 @@
+"""The SQLite backend: one file, one healer, the default store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from healer.storage.sqlite.database import SQLiteDatabase
+from healer.storage.sqlite.goals import SQLiteGoalRecords
+from healer.storage.sqlite.healing import SQLiteHealingRecords
+from healer.storage.sqlite.inbox import SQLiteInbox
+from healer.storage.sqlite.trials import SQLiteTrialRecords
+
+
+class SQLiteStorage:
+    """Every concern's records on one SQLite file, opened and migrated."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+        self.database = SQLiteDatabase(path, clock)
+        self._inbox = SQLiteInbox(self.database)
+        self._healing = SQLiteHealingRecords(self.database)
+        self._goals = SQLiteGoalRecords(self.database)
+        self._trials = SQLiteTrialRecords(self.database)
+
+    @property
+    def inbox(self) -> SQLiteInbox:
+        return self._inbox
+
+    @property
+    def healing(self) -> SQLiteHealingRecords:
+        return self._healing
+
+    @property
+    def goals(self) -> SQLiteGoalRecords:
+        return self._goals
+
+    @property
+    def trials(self) -> SQLiteTrialRecords:
+        return self._trials
+
+    async def close(self) -> None:
+        await self.database.close()
+
+
+__all__ = ["SQLiteStorage"]

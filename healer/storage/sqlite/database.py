@@ -1,0 +1,108 @@
+"""One SQLite file in WAL mode, used from one dedicated thread, with its schema migrated at open.
+
+Every write is one `BEGIN IMMEDIATE` transaction; SQLite's errors leave as StoreUnavailableError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from healer.storage.errors import StoreUnavailableError
+from healer.storage.sqlite.migrations import migrate
+
+T = TypeVar("T")
+
+
+class SQLiteDatabase:
+    """The connection, the thread it is used from, the lock that keeps a second healer out, and the clock."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._lock_file: IO[str] | None = None
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Two healers on one file would each recover the other's running steps and run them twice.
+            self._lock_file = open(f"{path}.lock", "w")  # noqa: SIM115 - held for the store's lifetime
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock_file.close()
+                raise StoreUnavailableError(f"another healer is using the store {path}") from None
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL with WAL survives a killed process; FULL would also survive power loss at a cost per commit.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            migrate(self.db, clock)
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise StoreUnavailableError(f"cannot open the store {path}: {exc}") from exc
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healer-store")
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work(*args)` on the store's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
+    def tx(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction (on the store's thread)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self.db)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+            return result
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction on the store's thread."""
+        return await self.run(self.tx, work)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One read-only query (on the store's thread)."""
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One read-only query on the store's thread."""
+        return await self.run(self.rows, sql, params)
+
+    def event(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        detail: dict[str, Any],
+        episode_id: int | None = None,
+        action_id: int | None = None,
+    ) -> None:
+        """Append one audit event inside the caller's transaction."""
+        db.execute(
+            "INSERT INTO events (ts, episode_id, action_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (self.clock(), episode_id, action_id, kind, json.dumps(detail)),
+        )
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def close(self) -> None:
+        await self.run(self.db.close)
+        self._executor.shutdown(wait=True)
+        self._release_lock()
