@@ -63,24 +63,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
     """Print, for each alert in a payload, the rule, the ladder and the rendered invocations."""
-    from pydantic import ValidationError
-
     from healer.healing.ladder import first_plans
-    from healer.healing.payload import WebhookPayload
+    from healer.healing.payload import InvalidPayloadError, decode_webhook
     from healer.strategies.builtin import default_registry
 
     config = _load_or_report(config_path)
     if config is None:
         return EXIT_CONFIG
     try:
-        payload = WebhookPayload.model_validate_json(payload_path.read_bytes())
+        payload = decode_webhook(payload_path.read_bytes())
     except OSError as exc:
         print(f"{payload_path}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(p) for p in error["loc"]) or "(body)"
-            print(f"{payload_path}: {where}: {error['msg']}", file=sys.stderr)
+    except InvalidPayloadError as exc:
+        for error in exc.errors or [{"field": "(body)", "message": exc.message}]:
+            print(f"{payload_path}: {error['field']}: {error['message']}", file=sys.stderr)
         return EXIT_CONFIG
     registry = default_registry()
     reports = [first_plans(config, registry, alert) for alert in payload.alerts]
