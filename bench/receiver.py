@@ -29,9 +29,11 @@ healer/bare ratios are the figures to compare between runs on a shared, noisy ma
 generator's own CPU use is reported: when it is near 100 % of one core the client, not the
 server, limits the bare server's figures.
 
-Checks printed as PASS/FAIL at the end: for each payload size healer's alerts/s is at least
-0.5 x the bare server's; healer's p99 is below 20 ms at 200 requests/s; healer's inbox table
-holds exactly as many alerts as were answered 200. Then the floor: what parsing, validating and
+Checks printed as PASS/FAIL at the end: healer's alerts/s is at least 0.55 x the bare server's
+with 1 alert per request and 0.4 x with 50 (0.5 x for other sizes); healer's p99 is below 20 ms
+at 200 requests/s; healer's status API counts exactly as many alerts received as were answered
+200. healer is read only through its HTTP API (``/api/v1/status``, ``/metrics``), never its
+SQLite file. Then the floor: what parsing, validating and
 committing one payload cost in this process, and the ceiling on healer/bare that follows. The
 resident memory (RSS) of both servers is printed after each case.
 
@@ -64,7 +66,8 @@ from common import WEBHOOK_PATH, percentile
 
 TOKEN = "bench-receiver-token"
 CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
-RATIO_TARGET = 0.5
+RATIO_TARGETS = {1: 0.55, 50: 0.4}  # issue 9: healer/bare alerts/s per payload size
+RATIO_TARGET = 0.5  # other sizes
 P99_TARGET_MS = 20.0
 
 # --------------------------------------------------------------------------- payloads
@@ -345,23 +348,35 @@ def healer_config(workdir: Path) -> Path:
     return common.write_yaml(workdir / "healer.yml", config)
 
 
-def db_scalar(db_path: Path, sql: str) -> int:
-    """One integer from healer's store, read through a separate read-only connection (WAL allows it)."""
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10) as db:
-        return int(db.execute(sql).fetchone()[0])
+def alerts_received(healer_url: str) -> int:
+    """The alerts healer's store holds, as its status API counts them (the sum over inbox deliveries)."""
+    status, body = common.http_get(f"{healer_url}/api/v1/status", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"GET /api/v1/status: HTTP {status}: {body[:300]!r}")
+    return int(json.loads(body)["healing"]["alerts_received"])
 
 
-def wait_drained(db_path: Path, timeout: float) -> tuple[int, float, int]:
+def inbox_depth(healer_url: str) -> int:
+    """Alerts accepted and not yet processed, from healer's own healer_inbox_depth gauge on /metrics."""
+    status, body = common.http_get(f"{healer_url}/metrics", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"GET /metrics: HTTP {status}: {body[:300]!r}")
+    for line in body.decode().splitlines():
+        if line.startswith("healer_inbox_depth "):
+            return int(float(line.split()[1]))
+    raise RuntimeError("healer's /metrics has no healer_inbox_depth")
+
+
+def wait_drained(healer_url: str, timeout: float) -> tuple[int, float, int]:
     """Wait for healer's engine to process its inbox backlog, at most `timeout` seconds.
 
     Return (unprocessed inbox items when called, seconds waited, unprocessed items left at the end).
     """
-    unprocessed = "SELECT coalesce(sum(alerts - done), 0) FROM inbox WHERE processed_at IS NULL"
-    backlog = left = db_scalar(db_path, unprocessed)
+    backlog = left = inbox_depth(healer_url)
     start = time.monotonic()
     while left and time.monotonic() - start < timeout:
         time.sleep(0.1)
-        left = db_scalar(db_path, unprocessed)
+        left = inbox_depth(healer_url)
     return backlog, time.monotonic() - start, left
 
 
@@ -472,7 +487,7 @@ def measure(
     if server.name == "healer":
         report.alerts_answered_200 += load.alerts_accepted
         result.inbox_backlog_after, result.drain_seconds, result.backlog_left = wait_drained(
-            keeper.workdir / "healer.db", args.drain_timeout
+            server.url, args.drain_timeout
         )
     return result
 
@@ -489,7 +504,7 @@ class Floor:
 
 def measure_floor(alerts: int, payloads: int = 400) -> Floor:
     """Time, in this process, the work healer cannot skip for one payload of `alerts` alerts."""
-    from healer.healing.payload import WebhookPayload  # the installed healer's own model
+    from healer.healing.payload import decode_webhook  # the installed healer's own decoder
 
     bodies = [make_body(99, request, alerts) for request in range(payloads)]
 
@@ -503,7 +518,8 @@ def measure_floor(alerts: int, payloads: int = 400) -> Floor:
             function(body)  # the result is dropped at once, as a server drops it after the request
 
     parse = per_body(lambda: each(json.loads))
-    validate = per_body(lambda: each(WebhookPayload.model_validate_json))
+    validate = per_body(lambda: each(decode_webhook))
+    # A scratch database of the floor's own, not healer's store: healer is read only through its API.
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         db = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -556,7 +572,7 @@ def run(args: argparse.Namespace) -> Report:
                     else:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
                     report.cases.append(measure(keeper, server, alerts, case, args, rate, report))
-            report.store_alerts = db_scalar(workdir / "healer.db", "SELECT coalesce(sum(alerts), 0) FROM inbox")
+            report.store_alerts = alerts_received(healer.url)
             for server in (healer, bare):
                 report.rss_mb[server.name] = common.rss_mb(server.pid)
         finally:
@@ -580,12 +596,13 @@ def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
     for alerts in sizes:
         healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
         ratio = healer.load.alerts_per_second / max(bare.load.alerts_per_second, 1e-9)
+        target = RATIO_TARGETS.get(alerts, RATIO_TARGET)
         result.append(
             {
-                "check": f"healer alerts/s >= {RATIO_TARGET} x bare, {alerts} alert(s)/request",
+                "check": f"healer alerts/s >= {target} x bare, {alerts} alert(s)/request",
                 "value": round(ratio, 3),
-                "limit": RATIO_TARGET,
-                "passed": ratio >= RATIO_TARGET,
+                "limit": target,
+                "passed": ratio >= target,
             }
         )
     healer_rate = find(report, "healer", "open", 1)
@@ -655,7 +672,7 @@ def print_report(report: Report) -> None:
                 f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic"
             )
     print(
-        f"healer store: {report.store_alerts} alerts in the inbox table; {report.alerts_answered_200} alerts"
+        f"healer store: {report.store_alerts} alerts received (/api/v1/status); {report.alerts_answered_200} alerts"
         f" answered 200"
     )
     for floor in report.floors:
