@@ -708,6 +708,14 @@ async def test_installed_plugin_is_registered_and_validated(plugin_on_path: None
     assert "healer.yml: strategies.page.colour: " in message
 
 
+def test_config_finds_plugin_params_without_a_registry(plugin_on_path: None) -> None:
+    """Given no registry, config validates an installed plugin's strategy against the plugin's own parameter model."""
+    config = parse_config({"strategies": {"page": {"type": "myplug", "pager": "ops"}}})
+    assert type(config.strategies["page"]).__name__ == "PageParams"
+    with pytest.raises(ConfigError, match=r"strategies\.page\.pager: Field required"):
+        parse_config({"strategies": {"page": {"type": "myplug"}}})
+
+
 def test_plugin_is_absent_without_installation() -> None:
     """Without the distribution on sys.path the plugin type is unknown."""
     assert "myplug" not in default_registry()
