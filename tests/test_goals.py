@@ -1,9 +1,8 @@
-"""Goals without servers: progress toward a target, priorities, goal config errors, and the goals table."""
+"""Goals without servers: progress toward a target, priorities, goal config errors (goal records: tests/storage)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,10 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from healer.config import ConfigError, parse_config
-from healer.planner.model import GoalPriority, GoalState, GoalType, NewGoal, Target, goal_key, parse_priority
+from healer.planner.model import GoalPriority, Target, parse_priority
 from healer.planner.planner import render_target_query
-from healer.planner.records import GoalEndedError, GoalNotFoundError, GoalRecords
-from healer.store import SQLiteStore
 
 finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False)
 
@@ -106,76 +103,3 @@ def test_goal_template_names_are_unique() -> None:
     config["planner"]["goals"] *= 2
     with pytest.raises(ConfigError, match="goal template name 't' is used twice"):
         parse_config(config)
-
-
-def _new(key_labels: dict[str, str], priority: GoalPriority = GoalPriority.MEDIUM, name: str = "g") -> NewGoal:
-    return NewGoal(
-        key=goal_key(name, key_labels),
-        name=name,
-        source="operator",
-        type=GoalType.PERFORMANCE,
-        priority=priority,
-        description="",
-        labels=key_labels,
-        target=Target("vector(1)", below=0),
-        plan=["fix"],
-        deadline=1000.0,
-        settle=1.0,
-    )
-
-
-@pytest.fixture
-def records(tmp_path: Path) -> GoalRecords:
-    return GoalRecords(SQLiteStore(tmp_path / "healer.db"))
-
-
-def test_one_open_goal_per_key(records: GoalRecords) -> None:
-    """A key with an open goal opens no second one; once it has ended, the key may open again."""
-    first = records.create([_new({"a": "1"}), _new({"a": "1"}), _new({"a": "2"})], now=1.0)
-    assert [g.labels for g in first] == [{"a": "1"}, {"a": "2"}]
-    assert records.create([_new({"a": "1"})], now=2.0) == []
-    records.end(first[0].id, GoalState.CANCELLED, "by test", now=3.0)
-    again = records.create([_new({"a": "1"})], now=4.0)
-    assert len(again) == 1 and again[0].id not in {g.id for g in first}
-    assert records.counts() == {"pending": 2, "in_progress": 0, "completed": 0, "failed": 0, "cancelled": 1}
-
-
-def test_open_goals_come_by_priority_then_age(records: GoalRecords) -> None:
-    """The planner's order: the highest priority first, and the oldest among equals."""
-    records.create([_new({"n": "old-low"}, GoalPriority.LOW)], now=1.0)
-    records.create([_new({"n": "old-high"}, GoalPriority.HIGH)], now=2.0)
-    records.create([_new({"n": "new-high"}, GoalPriority.HIGH)], now=3.0)
-    assert [g.labels["n"] for g in records.open_goals()] == ["old-high", "new-high", "old-low"]
-
-
-def test_steps_and_ends_are_recorded_once(records: GoalRecords) -> None:
-    """A step's start and end are kept in order; an ended goal cannot start, end again or be found when missing."""
-    (goal,) = records.create([_new({})], now=1.0)
-    records.start(goal.id, 10.0, 0.0, now=2.0)
-    with pytest.raises(GoalEndedError):
-        records.start(goal.id, 10.0, 0.0, now=2.5)
-    records.begin_step(goal.id, now=3.0)
-    goal = records.end_step(goal.id, "ok", "exit 0", now=4.0)
-    assert goal.next_step == 1 and not goal.step_running and goal.step_started_at == 4.0
-    assert [(s.strategy, s.result, s.started_at, s.finished_at) for s in goal.steps] == [("fix", "ok", 3.0, 4.0)]
-    records.end(goal.id, GoalState.COMPLETED, "done", now=5.0)
-    with pytest.raises(GoalEndedError, match="completed already"):
-        records.end(goal.id, GoalState.FAILED, "late", now=6.0)
-    with pytest.raises(GoalNotFoundError):
-        records.get(999)
-    assert records.purge(older_than=5.0) == 0 and records.purge(older_than=5.1) == 1
-
-
-def test_ending_a_goal_closes_its_running_step(records: GoalRecords) -> None:
-    """No ended goal keeps a step recorded as running; a first value measured late still anchors progress."""
-    (goal,) = records.create([_new({})], now=1.0)
-    records.start(goal.id, None, None, now=2.0)
-    records.measured(goal.id, 80.0, 0.0, now=2.5)
-    records.measured(goal.id, 40.0, 0.5, now=2.7)
-    assert records.get(goal.id).initial_value == 80.0
-    records.begin_step(goal.id, now=3.0)
-    ended = records.end(goal.id, GoalState.CANCELLED, "by test", now=4.0)
-    assert not ended.step_running
-    assert [(s.result, s.finished_at) for s in ended.steps] == [("interrupted", 4.0)]
-    # The step's own end, arriving afterwards, changes nothing.
-    assert records.end_step(goal.id, "ok", "exit 0", now=5.0).steps == ended.steps
