@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,12 +14,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from healer.storage import Storage
 
 T = TypeVar("T")
 
@@ -273,3 +277,33 @@ def process_alive(pid: int) -> bool:
     # A zombie has exited; only its parent has not collected it yet.
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def healing_status(healer: Server) -> dict[str, Any]:
+    """The `healing` part of GET /api/v1/status: alerts_received, episodes by state, actions by outcome, in_progress."""
+    status, body = http_get(healer.url + "/api/v1/status")
+    assert status == 200, body
+    return dict(json.loads(body)["healing"])
+
+
+def read_stopped_store(config: dict[str, Any], read: Callable[[Storage], Awaitable[T]]) -> T:
+    """The one place a test opens healer's store itself, to prove what is on disk after healer died.
+
+    Everything else reads through healer's HTTP API. This reads through the storage interface
+    (`healer.storage.open_storage` with the config's `store` section, so it follows the configured
+    backend and knows no table), and only with healer stopped: a running healer holds the store's
+    exclusive lock, and while it runs the API shows the same facts. A test that kills healer with
+    SIGKILL right after an answer and then finds the facts here proves they were durable, not merely
+    in the dead process's memory or written by a graceful shutdown.
+    """
+    from healer.config import parse_config
+    from healer.storage import open_storage
+
+    async def main() -> T:
+        storage = open_storage(parse_config(config).store)
+        try:
+            return await read(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(main())

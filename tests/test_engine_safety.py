@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,12 +22,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from healer.storage import Storage
 from tests.servers import (
     Server,
     free_port,
+    healing_status,
     http_get,
     http_json,
     processes_mentioning,
+    read_stopped_store,
     start_alertmanager,
     start_healer,
     wait_for,
@@ -121,19 +125,38 @@ def steps_log(workdir: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def db_rows(workdir: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(workdir / "healer.db") as db:
-        return db.execute(sql, params).fetchall()
+def actions(healer: Server, **filters: str) -> list[dict[str, Any]]:
+    """Every step healer recorded, newest first, each with its episode (GET /api/v1/actions)."""
+    query = urllib.parse.urlencode({"limit": "1000", **filters})
+    found: list[dict[str, Any]] = http_json(f"{healer.url}/api/v1/actions?{query}")["actions"]
+    assert len(found) < 1000, "more steps than one page of the API holds"
+    return found
 
 
-def episodes_open(workdir: Path) -> int:
-    return int(db_rows(workdir, "SELECT count(*) FROM episodes WHERE state = 'open'")[0][0])
+def events(healer: Server, action_id: int) -> list[str]:
+    """The kinds of the audit events of a step's episode, in order (GET /api/v1/actions/{id})."""
+    return [event["kind"] for event in http_json(f"{healer.url}/api/v1/actions/{action_id}")["events"]]
 
 
-def all_ended(workdir: Path, episodes: int) -> bool:
-    """Whether exactly `episodes` episodes exist and none is open, read in one query (one snapshot)."""
-    [(total, still_open)] = db_rows(workdir, "SELECT count(*), coalesce(sum(state = 'open'), 0) FROM episodes")
-    return bool(total == episodes and still_open == 0)
+def metric(healer: Server, sample: str, **labels: str) -> float | None:
+    """One sample of GET /metrics, such as healer_skipped_total with reason="duplicate"; None when absent."""
+    _, body = http_get(healer.url + "/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    return None
+
+
+def episodes(healer: Server) -> dict[str, int]:
+    """Episodes by state, such as {"open": 1, "escalated": 2}."""
+    return dict(healing_status(healer)["episodes"])
+
+
+def all_ended(healer: Server, count: int) -> bool:
+    """Whether exactly `count` episodes exist and none is open, read in one request (one snapshot)."""
+    by_state = episodes(healer)
+    return sum(by_state.values()) == count and by_state.get("open", 0) == 0
 
 
 def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Server]) -> None:
@@ -143,19 +166,20 @@ def test_same_payload_twenty_times_runs_once(tmp_path: Path, servers: list[Serve
     body = payload(alert("a"), alert("b"))
     url = healer.url + "/api/v1/alertmanager"
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        codes = list(pool.map(lambda _: post(url, body, AUTH)[0], range(20)))
-    codes += [post(url, body, AUTH)[0] for _ in range(20)]
-    assert codes == [200] * 40
+        answers = list(pool.map(lambda _: post(url, body, AUTH), range(20)))
+    answers += [post(url, body, AUTH) for _ in range(20)]
+    assert [code for code, _ in answers] == [200] * 40
+    # Every post is kept as its own delivery of two alerts; only the engine folds them.
+    assert len({answer["delivery"] for _, answer in answers}) == 40
     wait_for(
-        lambda: all_ended(tmp_path, 2),
+        lambda: all_ended(healer, 2),
         30,
         what="both episodes ended",
     )
     assert sorted(line for line in steps_log(tmp_path) if line.startswith("start")) == ["start a", "start b"]
-    assert db_rows(tmp_path, "SELECT count(*) FROM actions") == [(2,)]
-    assert db_rows(tmp_path, "SELECT count(*), sum(alerts) FROM inbox") == [(40, 80)]
-    _, metrics = http_get(healer.url + "/metrics")
-    assert b'healer_skipped_total{reason="duplicate"} 78.0' in metrics
+    assert len(actions(healer)) == 2
+    assert healing_status(healer)["alerts_received"] == 80
+    assert metric(healer, "healer_skipped_total", reason="duplicate") == 78
 
 
 def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, servers: list[Server]) -> None:
@@ -180,37 +204,38 @@ def test_sigkill_mid_burst_loses_nothing_and_repeats_nothing(tmp_path: Path, ser
         healer.stop(signal.SIGKILL)
         accepted = [r for f in futures if (r := f.result())]
     assert 150 <= len(accepted) < total
-    running_at_kill = db_rows(tmp_path, "SELECT count(*) FROM actions WHERE state = 'running'")[0][0]
+
+    async def at_kill(storage: Storage) -> tuple[int, set[int]]:
+        counts = await storage.healing.counts()
+        return counts.alerts_received, {action.id for action in await storage.healing.running_actions()}
+
+    # What the store held when healer died, before a restart can change it.
+    stored_alerts, running_at_kill = read_stopped_store(settings, at_kill)
+    assert stored_alerts >= len(accepted)
 
     restarted = start_healer(tmp_path, settings)
     servers.append(restarted)
     wait_for(
         lambda: (
             # The inbox first: once it is empty no episode can appear, so "none open" read after it holds.
-            not db_rows(tmp_path, "SELECT 1 FROM inbox WHERE processed_at IS NULL") and episodes_open(tmp_path) == 0
+            metric(restarted, "healer_inbox_depth") == 0 and healing_status(restarted)["in_progress"] == 0
         ),
         120,
         interval=0.5,
         what="all work done",
     )
 
-    stored = {
-        json.loads(row[0])["labels"]["id"]
-        for row in db_rows(tmp_path, "SELECT value FROM inbox, json_each(inbox.body, '$.alerts')")
-    }
-    assert set(accepted) <= stored
-    episode_ids = {json.loads(row[0])["id"] for row in db_rows(tmp_path, "SELECT labels FROM episodes")}
+    steps = actions(restarted)
+    episode_ids = {step["episode"]["labels"]["id"] for step in steps}
     assert set(accepted) <= episode_ids
 
     outcomes: dict[str, Counter[str]] = {}
-    for labels, outcome, attempt in db_rows(
-        tmp_path, "SELECT e.labels, a.outcome, a.attempt FROM actions a JOIN episodes e ON e.id = a.episode_id"
-    ):
-        outcomes.setdefault(json.loads(labels)["id"], Counter())[outcome] += 1
-        assert attempt <= 2
+    for step in steps:
+        outcomes.setdefault(step["episode"]["labels"]["id"], Counter())[step["outcome"]] += 1
+        assert step["attempt"] <= 2
     starts = Counter(line.split()[1] for line in steps_log(tmp_path) if line.startswith("start"))
-    interrupted = sum(c["interrupted"] for c in outcomes.values())
-    assert interrupted == running_at_kill and interrupted >= 1
+    interrupted = {step["id"] for step in steps if step["outcome"] == "interrupted"}
+    assert interrupted == running_at_kill and len(interrupted) >= 1
     for identifier, counts in outcomes.items():
         # A step recorded as finished ran once; only a step cut off by the kill ran again. A step
         # claimed just before the kill may not have reached its process's first line, hence "<=".
@@ -242,17 +267,16 @@ def test_hostile_labels_never_run(tmp_path: Path, servers: list[Server]) -> None
     alerts = [alert(value.format(marker=marker)) for value in HOSTILE]
     assert post(healer.url + "/api/v1/alertmanager", payload(*alerts), AUTH)[0] == 200
     wait_for(
-        lambda: all_ended(tmp_path, len(HOSTILE)),
+        lambda: all_ended(healer, len(HOSTILE)),
         30,
         what="episodes ended",
     )
     assert not marker.exists()
     assert steps_log(tmp_path) == []
-    reasons = db_rows(tmp_path, "SELECT skip_reason, count(*) FROM actions GROUP BY skip_reason")
+    reasons = Counter(step["skip_reason"] for step in actions(healer))
     # Each episode tries its two attempts, and each is refused.
-    assert reasons == [("unsafe_label", 2 * len(HOSTILE))]
-    _, metrics = http_get(healer.url + "/metrics")
-    assert f'healer_skipped_total{{reason="unsafe_label"}} {2.0 * len(HOSTILE)}'.encode() in metrics
+    assert reasons == {"unsafe_label": 2 * len(HOSTILE)}
+    assert metric(healer, "healer_skipped_total", reason="unsafe_label") == 2 * len(HOSTILE)
 
 
 def test_dry_run_records_without_running(tmp_path: Path, servers: list[Server]) -> None:
@@ -291,8 +315,8 @@ def test_unapproved_step_expires_into_escalation(tmp_path: Path, servers: list[S
     healer = start_healer(tmp_path, settings)
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("ignored")), AUTH)
-    wait_for(lambda: db_rows(tmp_path, "SELECT state FROM episodes") == [("escalated",)], 20, what="escalated")
-    assert db_rows(tmp_path, "SELECT skip_reason FROM actions") == [("approval_expired",)]
+    wait_for(lambda: episodes(healer) == {"escalated": 1}, 20, what="escalated")
+    assert [step["skip_reason"] for step in actions(healer)] == ["approval_expired"]
     assert steps_log(tmp_path) == []
 
 
@@ -302,8 +326,8 @@ def test_budget_opens_circuit_until_closed(tmp_path: Path, servers: list[Server]
     healer = start_healer(tmp_path, settings)
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("c1"), alert("c2"), alert("c3")), AUTH)
-    wait_for(lambda: all_ended(tmp_path, 3), 20)
-    assert db_rows(tmp_path, "SELECT count(*) FROM actions WHERE skip_reason = 'circuit_open'") == [(1,)]
+    wait_for(lambda: all_ended(healer, 3), 20)
+    assert [step["skip_reason"] for step in actions(healer)].count("circuit_open") == 1
     assert len([line for line in steps_log(tmp_path) if line.startswith("start")]) == 2
     _, metrics = http_get(healer.url + "/metrics")
     assert b"healer_circuit_open 1.0" in metrics
@@ -355,8 +379,8 @@ def test_resolved_stops_the_running_step_when_the_rule_says_so(tmp_path: Path, s
     wait_for(lambda: "start long" in steps_log(tmp_path), 20, what="step started")
     resolved = {**firing, "status": "resolved", "endsAt": "2026-11-23T23:20:00Z"}
     post(healer.url + "/api/v1/alertmanager", payload(resolved), AUTH)
-    wait_for(lambda: db_rows(tmp_path, "SELECT state FROM episodes") == [("resolved",)], 20, what="resolved")
-    assert db_rows(tmp_path, "SELECT outcome, skip_reason FROM actions") == [("cancelled", "resolved")]
+    wait_for(lambda: episodes(healer) == {"resolved": 1}, 20, what="resolved")
+    assert [(step["outcome"], step["skip_reason"]) for step in actions(healer)] == [("cancelled", "resolved")]
     time.sleep(0.5)
     assert "end long" not in steps_log(tmp_path)
     assert processes_mentioning(str(tmp_path / "steps.log")) == []
@@ -370,12 +394,11 @@ def test_escalation_survives_alertmanager_outage_and_restart(tmp_path: Path, ser
     healer = start_healer(tmp_path, settings)
     post(healer.url + "/api/v1/alertmanager", payload(alert("paged")), AUTH)
     wait_for(
-        lambda: db_rows(tmp_path, "SELECT failures >= 2 FROM escalations") == [(1,)],
+        lambda: (metric(healer, "healer_escalation_delivery_failures_total") or 0) >= 2,
         20,
         what="HealingFailed posts failing while Alertmanager is down",
     )
-    _, metrics = http_get(healer.url + "/metrics")
-    assert b"healer_escalations_total 1.0" in metrics
+    assert metric(healer, "healer_escalations_total") == 1
     healer.stop(signal.SIGKILL)
 
     alertmanager = start_alertmanager(
@@ -394,9 +417,15 @@ def test_escalation_survives_alertmanager_outage_and_restart(tmp_path: Path, ser
     resolved = {**alert("paged"), "status": "resolved", "endsAt": "2026-11-23T23:20:00Z"}
     post(restarted.url + "/api/v1/alertmanager", payload(resolved), AUTH)
     wait_for(lambda: http_json(url) == [], 20, what="HealingFailed resolved in Alertmanager")
-    assert db_rows(tmp_path, "SELECT next_send FROM escalations") == [(None,)]
-    kinds = [row[0] for row in db_rows(tmp_path, "SELECT kind FROM events ORDER BY id")]
-    assert kinds.count("escalation_delivered") == 1 and kinds[-1] == "escalation_resolved"
+    [step] = actions(restarted)
+
+    def resolving_post_recorded() -> list[str] | None:
+        # Recorded once Alertmanager took the resolving post, with nothing left to send.
+        kinds = events(restarted, step["id"])
+        return kinds if kinds[-1] == "escalation_resolved" else None
+
+    kinds = wait_for(resolving_post_recorded, 10, what="the resolving post recorded")
+    assert kinds.count("escalation_delivered") == 1 and kinds.count("escalation_resolved") == 1
 
 
 def test_sigterm_stops_within_one_shutdown_timeout(tmp_path: Path, servers: list[Server]) -> None:
@@ -422,9 +451,7 @@ def test_sigterm_stops_within_one_shutdown_timeout(tmp_path: Path, servers: list
     assert processes_mentioning(str(tmp_path / "steps.log")) == []
     restarted = start_healer(tmp_path, settings)
     servers.append(restarted)
-    wait_for(
-        lambda: ("interrupted",) in db_rows(tmp_path, "SELECT outcome FROM actions"), 20, what="recorded interrupted"
-    )
+    wait_for(lambda: actions(restarted, outcome="interrupted"), 20, what="recorded interrupted")
 
 
 def test_full_inbox_answers_503_and_loses_nothing(tmp_path: Path, servers: list[Server]) -> None:
@@ -440,7 +467,7 @@ def test_full_inbox_answers_503_and_loses_nothing(tmp_path: Path, servers: list[
     code, answer = post(url, payload(alert("late", alertname="Storm")), AUTH)
     assert code == 503 and "store.max_backlog" in answer["error"] and answer["backlog"] >= 10
     wait_for(lambda: post(url, payload(alert("late", alertname="Storm")), AUTH)[0] == 200, 60, what="accepted again")
-    assert db_rows(tmp_path, "SELECT coalesce(sum(alerts), 0) FROM inbox") == [(5001,)]
+    assert healing_status(healer)["alerts_received"] == 5001
     _, metrics = http_get(healer.url + "/metrics")
     refused = re.search(rb'healer_webhook_requests_total\{code="5xx"\} ([0-9.]+)', metrics)
     assert refused is not None and float(refused.group(1)) >= 1

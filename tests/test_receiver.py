@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import Server, start_healer
+from tests.servers import Server, healing_status, read_stopped_store, start_healer
 
 TOKEN = "s3cret-token"
 
@@ -41,20 +40,23 @@ def post(
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def healer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def receiver_config(workdir: Path) -> dict[str, Any]:
     """A healer with a token and no healing rules, so alerts are stored and recorded as unmatched."""
-    workdir = tmp_path_factory.mktemp("receiver")
     (workdir / "token").write_text(TOKEN + "\n")
-    config = {
+    return {
         "server": {"auth": {"bearer_token_file": str(workdir / "token")}, "max_request_bytes": 65536},
         "prometheus": {"url": "http://127.0.0.1:1"},
         "alertmanager": {"url": "http://127.0.0.1:1"},
         "store": {"path": str(workdir / "healer.db")},
         "exporter": {"host": False},
     }
-    server = start_healer(workdir, config)
-    server.extra["db"] = workdir / "healer.db"
+
+
+@pytest.fixture(scope="module")
+def healer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One healer of receiver_config shared by the module's tests."""
+    workdir = tmp_path_factory.mktemp("receiver")
+    server = start_healer(workdir, receiver_config(workdir))
     yield server
     server.stop(signal.SIGTERM)
 
@@ -63,18 +65,27 @@ def webhook(healer: Server) -> str:
     return healer.url + "/api/v1/alertmanager"
 
 
-def inbox_count(healer: Server) -> int:
-    with sqlite3.connect(healer.extra["db"]) as db:
-        return int(db.execute("SELECT coalesce(sum(alerts), 0) FROM inbox").fetchone()[0])
+def alerts_received(healer: Server) -> int:
+    """Alerts healer has accepted into its inbox, ever (GET /api/v1/status)."""
+    return int(healing_status(healer)["alerts_received"])
 
 
-def test_accepted_alert_is_on_disk_before_2xx(healer: Server, fixtures_dir: Path) -> None:
-    """A valid payload gets 200 only after each of its alerts is in the store's inbox."""
+def test_accepted_alert_is_on_disk_before_2xx(tmp_path: Path, servers: list[Server], fixtures_dir: Path) -> None:
+    """A valid payload gets 200 only after each of its alerts is in the store's inbox.
+
+    healer is killed with SIGKILL as soon as the 200 arrives, so what the store then holds was
+    written before the answer, not by a graceful shutdown.
+    """
+    config = receiver_config(tmp_path)
+    healer = start_healer(tmp_path, config)
+    servers.append(healer)
     body = (fixtures_dir / "alertmanager-0.25-firing-group.json").read_bytes()
-    before = inbox_count(healer)
+    assert alerts_received(healer) == 0
     status, answer = post(webhook(healer), body, AUTH)
+    healer.stop(signal.SIGKILL)
     assert status == 200 and answer["accepted"] == 3
-    assert inbox_count(healer) == before + 3
+    counts = read_stopped_store(config, lambda storage: storage.healing.counts())
+    assert counts.alerts_received == 3
 
 
 @pytest.mark.parametrize(
@@ -93,10 +104,10 @@ def test_authentication_refusals(
 ) -> None:
     """Requests without the right bearer token in the header are refused, and nothing is stored."""
     body = (fixtures_dir / "alertmanager-0.25-firing-one.json").read_bytes()
-    before = inbox_count(healer)
+    before = alerts_received(healer)
     code, answer = post(webhook(healer) + url_suffix, body, headers)
     assert code == status and says in answer["error"]
-    assert inbox_count(healer) == before
+    assert alerts_received(healer) == before
 
 
 def test_non_json_content_type_is_415(healer: Server) -> None:
