@@ -20,6 +20,7 @@ from healer.exporter.probes import ProbeMetrics, Prober
 from healer.exporter.processes import ProcessCollector, ProcessFinder
 from healer.exporter.stats import CollectorStats, StatsCollector
 from healer.healing.engine import Engine
+from healer.healing.episodes import EpisodeSteps
 from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder
 from healer.healing.metrics import HealingMetrics
@@ -126,10 +127,8 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         side,
         wakeup.set,
     )
-    return Engine(
+    episode_steps = EpisodeSteps(
         config,
-        wakeup,
-        storage.inbox,
         storage.healing,
         steps,
         Ladder(config),
@@ -138,7 +137,9 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         services.healing_metrics,
         promql,
         GrafanaAnnotator(config.grafana, services.registry),
+        wakeup.set,
     )
+    return Engine(config, wakeup, storage.inbox, episode_steps, side)
 
 
 def build_planner(services: Services, storage: Storage, engine: Engine) -> Planner:
@@ -171,7 +172,7 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(planner.stop(deadline), optimizer.stop(deadline))
     await engine.stop(config.server.shutdown_timeout)
     await alertmanager.close()
-    await engine.annotator.close()
+    await engine.episode_steps.annotator.close()
     engine.promql.close()
     await app[STORAGE].close()
 

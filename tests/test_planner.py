@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from healer.planner.model import Goal
 from tests.conftest import World
 from tests.servers import (
     Server,
@@ -367,15 +369,18 @@ async def test_a_step_whose_outcome_was_lost_is_not_run_again(
     )
     app = create_app(config)
     records = app[PLANNER].records
-    end_step, refused = records.end_step, []
+    change, refused = records.change, []
 
-    def flaky_end_step(*args: Any) -> Any:
-        if not refused:
-            refused.append(args)
+    async def flaky_change(goal_id: int, rule: Callable[[Goal], Goal]) -> Goal:
+        before = await records.get(goal_id)
+        after = rule(before)
+        # The change that records a running step's end: refused once, as a locked database would.
+        if not refused and before.step_running and not after.step_running and after.next_step > before.next_step:
+            refused.append(goal_id)
             raise StoreUnavailableError("database is locked")
-        return end_step(*args)
+        return await change(goal_id, rule)
 
-    records.end_step = flaky_end_step  # type: ignore[method-assign]
+    records.change = flaky_change  # type: ignore[method-assign]
     client = await aiohttp_client(app)
     response = await client.post("/api/v1/goals", json=operator_goal("once", ["count"]))
     assert response.status == 201, await response.text()

@@ -2,8 +2,8 @@
 
 Every decision goes through the store in one transaction before it has effect, so that after a
 crash the engine resumes from the store: unprocessed inbox items are processed, steps that were
-running are recorded as interrupted and retried within their attempt limit. The rails are the step
-runner's (`steps`), the ladder the ladder's (`ladder`), paging and silences the escalator's.
+running are recorded as interrupted and retried within their attempt limit. A due step is handed to
+`EpisodeSteps`; the rails are the step runner's, paging and silences the escalator's.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
-from healer.annotations import GrafanaAnnotator
-from healer.config import HealerConfig, HealingRule
-from healer.healing.escalator import Escalator, SideTasks
-from healer.healing.ladder import Decision, Ladder, dry_run_for
-from healer.healing.metrics import HealingMetrics
+from healer.config import HealerConfig
+from healer.healing.episodes import EpisodeSteps
+from healer.healing.escalator import SideTasks
+from healer.healing.ladder import Decision
 from healer.healing.model import (
     Action,
     Agenda,
-    Episode,
     EpisodeState,
     Event,
     Finish,
@@ -33,13 +30,10 @@ from healer.healing.model import (
     Outcome,
     SkipReason,
 )
-from healer.healing.rails import IntakePacer, backoff
-from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
+from healer.healing.rails import IntakePacer
 from healer.logs import fields
-from healer.promql import PrometheusUnavailableError, PromQLClient
+from healer.promql import PrometheusUnavailableError
 from healer.storage import Inbox
-from healer.storage.interfaces import HealingRecords
-from healer.strategies.runner import AlertContext, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +45,6 @@ INTAKE_RETRY_SECONDS = 1.0
 SIDE_TASK_GRACE = 1.0
 
 
-def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
-    """What a strategy sees of an episode's alert."""
-    return AlertContext(
-        labels=episode.labels,
-        annotations=episode.annotations,
-        fingerprint=episode.fingerprint,
-        starts_at=episode.starts_at,
-        status=status,
-    )
-
-
 class Engine:
     """Runs healing for the alerts the webhook has committed to the inbox."""
 
@@ -70,34 +53,26 @@ class Engine:
         config: HealerConfig,
         wakeup: asyncio.Event,
         inbox: Inbox,
-        records: HealingRecords,
-        steps: StepRunner,
-        ladder: Ladder,
-        escalator: Escalator,
+        episode_steps: EpisodeSteps,
         side: SideTasks,
-        metrics: HealingMetrics,
-        promql: PromQLClient,
-        annotator: GrafanaAnnotator,
         clock: Callable[[], float] = time.time,
         intake_share: float = INTAKE_SHARE_UNDER_LOAD,
     ) -> None:
         self.config = config
         self.inbox = inbox
-        self.records = records
-        self.steps = steps
-        self.ladder = ladder
-        self.escalator = escalator
+        self.episode_steps = episode_steps
+        self.records = episode_steps.records
+        self.steps = episode_steps.steps
+        self.ladder = episode_steps.ladder
+        self.escalator = episode_steps.escalator
+        self.metrics = episode_steps.metrics
+        self.promql = episode_steps.promql
         self._side = side
-        self.metrics = metrics
-        self.promql = promql
-        self.annotator = annotator
         self._clock = clock
         self._rules = {rule.name: rule for rule in config.healing.rules}
         self._wake = wakeup
         self._intake = IntakePacer(intake_share)
         self._inflight: dict[int, asyncio.Task[None]] = {}
-        self._in_runner: set[int] = set()
-        self._resolved: dict[int, asyncio.Event] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._discarded_counted = 0
         # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
@@ -151,7 +126,7 @@ class Engine:
         for action in await self.records.verifying_actions():
             # The strategy ran before the stop; running it again could repeat a non-idempotent fix.
             self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
-            await self._finish(
+            await self.episode_steps.finish(
                 action,
                 Finish(
                     outcome=Outcome.UNVERIFIED,
@@ -305,9 +280,7 @@ class Engine:
         for action in resolution.cancelled:
             self.metrics.actions.labels(action.strategy, Outcome.CANCELLED).inc()
             self.metrics.skipped.labels(SkipReason.RESOLVED).inc()
-        event = self._resolved.get(episode.id)
-        if event is not None:
-            event.set()
+        self.episode_steps.alert_resolved(episode.id)
         rule = self._rules.get(episode.rule or "")
         for action in resolution.running:
             task = self._inflight.get(action.id)
@@ -315,7 +288,7 @@ class Engine:
                 task is not None
                 and rule is not None
                 and rule.cancel_running_on_resolve
-                and action.id in self._in_runner
+                and self.episode_steps.in_runner(action.id)
             ):
                 task.cancel()
         if episode.state is not EpisodeState.OPEN:
@@ -325,7 +298,7 @@ class Engine:
         for action in expired:
             episode = await self.records.get_episode(action.episode_id)
             assert episode is not None
-            await self._cancel_and_escalate(
+            await self.episode_steps.cancel_and_escalate(
                 action, episode, SkipReason.APPROVAL_EXPIRED, "nobody approved the step in time", "approval expired"
             )
 
@@ -335,7 +308,7 @@ class Engine:
             return 1.0
         for action in agenda.due:
             if action.id not in self._inflight:
-                task = asyncio.create_task(self._execute(action), name=f"action-{action.id}")
+                task = asyncio.create_task(self.episode_steps.execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
                 task.add_done_callback(functools.partial(self._forget, action.id))
         self.escalator.send_due(agenda)
@@ -344,252 +317,8 @@ class Engine:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))
 
-    def _count_skip(self, strategy: str, reason: str, outcome: Outcome = Outcome.CANCELLED) -> None:
-        """Count a step that ended without running: why, and how it ended."""
-        self.metrics.skipped.labels(reason).inc()
-        self.metrics.actions.labels(strategy, outcome).inc()
-
     def _forget(self, action_id: int, _task: asyncio.Task[None]) -> None:
         self._inflight.pop(action_id, None)
-
-    # -- one step ------------------------------------------------------------------------------
-
-    async def _execute(self, action: Action) -> None:
-        try:
-            await self._execute_step(action)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("step failed unexpectedly", extra=fields(action=action.id))
-            # Leave nothing pending or running forever: end the step and hand the episode to people.
-            with contextlib.suppress(Exception):
-                episode = await self.records.get_episode(action.episode_id)
-                if episode is not None:
-                    self.ladder.learn(action, Outcome.FAILED)  # as the store records it, so a restart learns the same
-                    self.metrics.actions.labels(action.strategy, Outcome.FAILED).inc()
-                    await self._end_with_escalation(
-                        action,
-                        episode,
-                        Finish(outcome=Outcome.FAILED, detail=f"internal error: {exc!r}"),
-                        f"internal error: {exc!r}",
-                    )
-
-    async def _execute_step(self, action: Action) -> None:
-        episode = await self.records.get_episode(action.episode_id)
-        assert episode is not None
-        rule = self._rules.get(action.rule)
-        if rule is None or action.strategy not in self.config.strategies:
-            detail = f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"
-            await self._cancel_and_escalate(action, episode, SkipReason.DISABLED, detail, "configuration changed")
-            return
-        try:
-            step = self.steps.plan(action.strategy, alert_context(episode))
-        except StepRefusedError as exc:  # an unsafe label: the next rung may not need it
-            self._count_skip(action.strategy, SkipReason.UNSAFE_LABEL)
-            log.warning("unsafe label", extra=fields(action=action.id, reason=exc.detail))
-            await self._continue_or_escalate(
-                action,
-                rule,
-                episode,
-                Finish(outcome=Outcome.CANCELLED, skip_reason=SkipReason.UNSAFE_LABEL, detail=exc.detail),
-                reason=f"unsafe label: {exc.detail}",
-            )
-            return
-        if dry_run_for(self.config, rule):
-            self._count_skip(action.strategy, SkipReason.DRY_RUN, Outcome.DRY_RUN)
-            await self._finish(
-                action,
-                Finish(
-                    outcome=Outcome.DRY_RUN,
-                    skip_reason=SkipReason.DRY_RUN,
-                    plan=step.plan,
-                    episode_state=EpisodeState.DRY_RUN,
-                    detail="dry run: recorded what would have run",
-                ),
-            )
-            return
-        if step.params.approval == "required" and not action.approved:
-            deadline = self._clock() + self.config.healing.approval_timeout
-            if await self.records.await_approval(action.id, deadline, step.plan):
-                self.metrics.skipped.labels(SkipReason.APPROVAL_PENDING).inc()
-                self.wake()
-            return
-        if await self.escalator.still_firing(episode) is False:
-            self._count_skip(action.strategy, SkipReason.RESOLVED)
-            await self._finish(
-                action,
-                Finish(
-                    outcome=Outcome.CANCELLED,
-                    skip_reason=SkipReason.RESOLVED,
-                    episode_state=EpisodeState.RESOLVED,
-                    plan=step.plan,
-                    detail="Prometheus no longer reports the alert firing",
-                ),
-            )
-            return
-        resolved = self._resolved.setdefault(episode.id, asyncio.Event())
-        silenced = episode
-        started = self._clock()
-
-        async def silence() -> None:
-            nonlocal silenced
-            if rule.silence and episode.silence_id is None:
-                silenced = await self.escalator.silence(episode, rule)
-
-        async def claim() -> bool:
-            nonlocal started
-            if not await self.records.claim(action.id, step.plan):
-                return False
-            started = self._clock()
-            self._in_runner.add(action.id)
-            log.info(
-                "step started",
-                extra=fields(action=action.id, rule=rule.name, strategy=action.strategy, attempt=action.attempt),
-            )
-            return True
-
-        # Slots are held while the strategy runs, not while verification waits on Prometheus.
-        try:
-            result = await self.steps.run(step, claim=claim, before_slot=silence)
-        except StepRefusedError as refused:
-            if refused.reason == SkipReason.CIRCUIT_OPEN:
-                await self._cancel_and_escalate(
-                    action, episode, SkipReason.CIRCUIT_OPEN, refused.detail, "circuit breaker open", step.plan
-                )
-            elif refused.reason != STOPPING:  # stopping: the step stays pending and runs after the restart
-                await self._episode_ended(episode.id)  # cancelled meanwhile: release its silence
-            return
-        except asyncio.CancelledError:
-            # On shutdown the step stays "running" in the store; the next start records it as
-            # interrupted and retries it, exactly as after a crash.
-            if action.id in self._in_runner and not self.steps.stopping:
-                self.metrics.actions.labels(action.strategy, Outcome.CANCELLED).inc()
-                await self._finish(
-                    action,
-                    Finish(
-                        outcome=Outcome.CANCELLED,
-                        skip_reason=SkipReason.RESOLVED,
-                        episode_state=EpisodeState.RESOLVED,
-                        detail="the alert resolved while the step ran; the step was stopped",
-                    ),
-                )
-            raise
-        finally:
-            self._in_runner.discard(action.id)
-        # From here a restart must not run the step again: it ran; only its verification is left.
-        await self.records.mark_verifying(action.id, result.detail)
-        await self._conclude(action, rule, silenced, result, resolved, started)
-
-    async def _conclude(
-        self,
-        action: Action,
-        rule: HealingRule,
-        episode: Episode,
-        result: StepResult,
-        resolved: asyncio.Event,
-        started: float,
-    ) -> None:
-        """Verify a step that ran, then end the episode or schedule the next step of the ladder."""
-        cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
-        if not result.ok:
-            outcome = Outcome.TIMEOUT if result.timed_out else Outcome.FAILED
-            self._record_outcome(action, episode, outcome, result.detail, started)
-            finish = Finish(
-                outcome=outcome,
-                detail=result.detail,
-                exit_code=result.exit_code,
-                output=result.output,
-                cooldown=cooldown,
-            )
-            reason = f"{action.strategy} {outcome}: {result.detail}"
-            await self._continue_or_escalate(action, rule, episode, finish, reason)
-            return
-        try:
-            verdict = Outcome(
-                await self.promql.verify_resolved(
-                    episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
-                )
-            )
-        except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
-            verdict = Outcome.UNVERIFIED
-        self._record_outcome(action, episode, verdict, result.detail, started)
-        base = Finish(
-            outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output, cooldown=cooldown
-        )
-        log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
-        if verdict is Outcome.HEALED:
-            self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
-            await self._finish(action, replace(base, episode_state=EpisodeState.HEALED))
-        elif verdict is Outcome.UNVERIFIED:
-            await self._finish(action, replace(base, episode_state=EpisodeState.UNVERIFIED))
-        else:
-            await self._continue_or_escalate(action, rule, episode, base, reason="the alert still fires")
-
-    def _record_outcome(self, action: Action, episode: Episode, outcome: Outcome, detail: str, started: float) -> None:
-        """Learn from, count and annotate a step's outcome."""
-        self.ladder.learn(action, outcome)
-        self.metrics.actions.labels(action.strategy, outcome).inc()
-        if self.annotator.enabled:
-            # Marks the step on Grafana's graphs, from its start to now, without waiting for Grafana.
-            text = f"healer ran {action.strategy} for {episode.alertname} (rule {action.rule}): {outcome}, {detail}"
-            tags = [f"strategy:{action.strategy}", f"outcome:{outcome}", f"alertname:{episode.alertname}"]
-            self._side.spawn(self.annotator.annotate(text, tags, started))
-
-    async def _finish(self, action: Action, finish: Finish) -> bool:
-        """Record how a step ended; when that closed its episode, end the episode's silence too."""
-        done = await self.records.finish(action.id, finish)
-        await self._episode_ended(action.episode_id)
-        return done
-
-    async def _continue_or_escalate(
-        self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, reason: str
-    ) -> None:
-        tried: set[str] = set()
-        if rule.order == "learned":
-            tried = await self.records.tried_strategies(episode.id)
-        nxt = self.ladder.next_step(action, rule, tried=tried)
-        if nxt is not None:
-            await self._finish(action, replace(finish, next_action=nxt))
-            self.wake()
-            return
-        if action.attempt >= rule.max_attempts:
-            self.metrics.skipped.labels(SkipReason.MAX_ATTEMPTS).inc()
-        await self._end_with_escalation(action, episode, finish, reason)
-
-    async def _cancel_and_escalate(
-        self,
-        action: Action,
-        episode: Episode,
-        skip_reason: SkipReason,
-        detail: str,
-        escalation_reason: str,
-        plan: dict[str, object] | None = None,
-    ) -> None:
-        """End a step that a safety rail stopped, count why, and hand the episode to people."""
-        self._count_skip(action.strategy, skip_reason)
-        finish = Finish(outcome=Outcome.CANCELLED, skip_reason=skip_reason, detail=detail, plan=plan)
-        await self._end_with_escalation(action, episode, finish, escalation_reason)
-
-    async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
-        done = await self._finish(
-            action,
-            replace(
-                finish,
-                episode_state=EpisodeState.ESCALATED,
-                escalation=reason,
-                events=[("escalated", {"reason": reason})],
-            ),
-        )
-        if done:
-            await self.escalator.count(episode, reason)
-
-    async def _episode_ended(self, episode_id: int) -> None:
-        """Drop what an episode held in memory and expire its silence, once it is no longer open."""
-        episode = await self.records.get_episode(episode_id)
-        if episode is None or episode.state is EpisodeState.OPEN:
-            return
-        self._resolved.pop(episode.id, None)
-        await self.escalator.expire_silence(episode)
 
     # -- operator actions ----------------------------------------------------------------------
 

@@ -6,22 +6,11 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("healed", "not_healed", "unverified", "failed", "timeout", "interrupted", "cancelled", "dry_run")
-SKIP_REASONS = (
-    "no_rule",
-    "duplicate",
-    "cooldown",
-    "max_attempts",
-    "circuit_open",
-    "concurrency",
-    "unsafe_label",
-    "dry_run",
-    "approval_pending",
-    "approval_expired",
-    "resolved",
-    "strategy_not_allowed",
-    "disabled",
-)
+from healer.healing.model import Outcome, SkipReason
+
+# Every label value, created up front, comes from the enums of the healing model.
+OUTCOMES = tuple(outcome.value for outcome in Outcome)
+SKIP_REASONS = tuple(reason.value for reason in SkipReason)
 WEBHOOK_CODES = ("2xx", "4xx", "5xx")
 HEAL_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 ACTION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
