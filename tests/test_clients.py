@@ -207,9 +207,7 @@ async def test_query_scalar_and_errors(prom: PromQLClient) -> None:
 @pytest.mark.slow
 async def test_alert_firing_follows_the_fault(prom: PromQLClient, fault: FaultTarget) -> None:
     """alert_firing is True while the fault is on, exact on every label, and False once cleared."""
-    await eventually(lambda: _not(prom.alert_firing(ALERT)))  # cleared by an earlier test
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
+    await raise_fault(prom, fault)
     assert await prom.external_labels() == EXTERNAL
     without_external = {k: v for k, v in ALERT.items() if k not in EXTERNAL}
     assert await prom.alert_firing(without_external)
@@ -226,11 +224,22 @@ async def _not(awaitable: Awaitable[bool]) -> bool:
     return not await awaitable
 
 
+async def raise_fault(prom: PromQLClient, fault: FaultTarget) -> None:
+    """Switch the fault on and wait until TestFault fires because of it.
+
+    An earlier test's alert can still show as firing for a rule evaluation after that test
+    switched the fault off, and then resolve: waiting for it to resolve first makes sure the
+    firing seen next is this fault's, with no resolution still to come.
+    """
+    await eventually(lambda: _not(prom.alert_firing(ALERT)))
+    fault.value = 1
+    await eventually(lambda: prom.alert_firing(ALERT))
+
+
 @pytest.mark.slow
 async def test_alert_firing_escapes_hostile_values(prom: PromQLClient, fault: FaultTarget) -> None:
     """Values with quotes, backslashes, newlines and PromQL syntax are matched literally."""
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
+    await raise_fault(prom, fault)
     for value in [
         '"',
         "\\",
@@ -250,20 +259,16 @@ async def test_alert_firing_escapes_hostile_values(prom: PromQLClient, fault: Fa
 @pytest.mark.slow
 async def test_verify_resolved_healed_when_fault_clears_midway(prom: PromQLClient, fault: FaultTarget) -> None:
     """verify_resolved returns healed only after the fault has been cleared part-way through."""
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.5, setattr, fault, "value", 0)
-    start = time.monotonic()
+    await raise_fault(prom, fault)
+    asyncio.get_running_loop().call_later(0.5, setattr, fault, "value", 0)
     assert await prom.verify_resolved(ALERT, within=10.0, interval=0.1) == "healed"
-    assert 0.5 <= time.monotonic() - start < 5.0
+    assert fault.value == 0, "healed while the fault was still on"
 
 
 @pytest.mark.slow
 async def test_verify_resolved_not_healed(prom: PromQLClient, fault: FaultTarget) -> None:
     """verify_resolved returns not_healed when the alert still fires at the deadline."""
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
+    await raise_fault(prom, fault)
     start = time.monotonic()
     assert await prom.verify_resolved(ALERT, within=0.6, interval=0.1) == "not_healed"
     assert 0.6 <= time.monotonic() - start < 3.0
@@ -272,8 +277,7 @@ async def test_verify_resolved_not_healed(prom: PromQLClient, fault: FaultTarget
 @pytest.mark.slow
 async def test_verify_resolved_event_cuts_the_wait(prom: PromQLClient, fault: FaultTarget) -> None:
     """A set `resolved` event triggers an immediate confirming query instead of the long wait."""
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
+    await raise_fault(prom, fault)
     resolved = asyncio.Event()
     task = asyncio.create_task(prom.verify_resolved(ALERT, within=60.0, interval=30.0, resolved=resolved))
     await asyncio.sleep(0.2)
@@ -288,8 +292,7 @@ async def test_verify_resolved_event_cuts_the_wait(prom: PromQLClient, fault: Fa
 @pytest.mark.slow
 async def test_verify_resolved_event_does_not_override_prometheus(prom: PromQLClient, fault: FaultTarget) -> None:
     """An already-set `resolved` event does not make a still-firing alert count as healed."""
-    fault.value = 1
-    await eventually(lambda: prom.alert_firing(ALERT))
+    await raise_fault(prom, fault)
     resolved = asyncio.Event()
     resolved.set()
     assert await prom.verify_resolved(ALERT, within=0.4, interval=0.1, resolved=resolved) == "not_healed"
