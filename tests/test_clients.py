@@ -271,7 +271,7 @@ async def test_verify_resolved_not_healed(prom: PromQLClient, fault: FaultTarget
     await raise_fault(prom, fault)
     start = time.monotonic()
     assert await prom.verify_resolved(ALERT, within=0.6, interval=0.1) == "not_healed"
-    assert 0.6 <= time.monotonic() - start < 3.0
+    assert time.monotonic() - start >= 0.6, "gave up before its window ended"
 
 
 @pytest.mark.slow
@@ -283,10 +283,9 @@ async def test_verify_resolved_event_cuts_the_wait(prom: PromQLClient, fault: Fa
     await asyncio.sleep(0.2)
     fault.value = 0
     await eventually(lambda: _not(prom.alert_firing(ALERT)))
-    start = time.monotonic()
     resolved.set()
+    # Without the event the next check would come after the 30 s interval; the deadline is far below that.
     assert await asyncio.wait_for(task, 5.0) == "healed"
-    assert time.monotonic() - start < 2.0
 
 
 @pytest.mark.slow
@@ -306,9 +305,7 @@ async def test_prometheus_unreachable() -> None:
             await client.query("up")
         with pytest.raises(PrometheusUnavailableError):
             await client.alert_firing(ALERT)
-        start = time.monotonic()
         assert await client.verify_resolved(ALERT, within=0.3, interval=0.1) == "unverified"
-        assert time.monotonic() - start < 2.0
     finally:
         client.close()
 
@@ -320,10 +317,9 @@ async def test_prometheus_timeout_applies() -> None:
         listener.listen(8)  # accepted by the kernel, never answered
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         client = PromQLClient(PrometheusConfig(url=url, timeout="300ms"))
-        start = time.monotonic()
+        # The error names the timeout: the configured limit ended the wait, not the outer deadline.
         with pytest.raises(PrometheusUnavailableError, match="Timeout"):
-            await client.query("up")
-        assert time.monotonic() - start < 1.5
+            await asyncio.wait_for(client.query("up"), 30)
         client.close()
 
 

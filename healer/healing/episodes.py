@@ -133,17 +133,8 @@ class EpisodeSteps:
             )
             return
         if dry_run_for(self.config, rule):
-            self.count_skip(action.strategy, SkipReason.DRY_RUN, Outcome.DRY_RUN)
-            await self.finish(
-                action,
-                Finish(
-                    outcome=Outcome.DRY_RUN,
-                    skip_reason=SkipReason.DRY_RUN,
-                    plan=step.plan,
-                    episode_state=EpisodeState.DRY_RUN,
-                    detail="dry run: recorded what would have run",
-                ),
-            )
+            detail = "dry run: recorded what would have run"
+            await self._end_unrun(action, SkipReason.DRY_RUN, Outcome.DRY_RUN, EpisodeState.DRY_RUN, detail, step.plan)
             return
         if step.params.approval == "required" and not action.approved:
             deadline = self._clock() + self.config.healing.approval_timeout
@@ -152,16 +143,9 @@ class EpisodeSteps:
                 self._wake()
             return
         if await self.escalator.still_firing(episode) is False:
-            self.count_skip(action.strategy, SkipReason.RESOLVED)
-            await self.finish(
-                action,
-                Finish(
-                    outcome=Outcome.CANCELLED,
-                    skip_reason=SkipReason.RESOLVED,
-                    episode_state=EpisodeState.RESOLVED,
-                    plan=step.plan,
-                    detail="Prometheus no longer reports the alert firing",
-                ),
+            detail = "Prometheus no longer reports the alert firing"
+            await self._end_unrun(
+                action, SkipReason.RESOLVED, Outcome.CANCELLED, EpisodeState.RESOLVED, detail, step.plan
             )
             return
         resolved = self._resolved.setdefault(episode.id, asyncio.Event())
@@ -216,6 +200,20 @@ class EpisodeSteps:
         # From here a restart must not run the step again: it ran; only its verification is left.
         await self.records.mark_verifying(action.id, result.detail)
         await self._conclude(action, rule, silenced, result, resolved, started)
+
+    async def _end_unrun(
+        self,
+        action: Action,
+        reason: SkipReason,
+        outcome: Outcome,
+        episode_state: EpisodeState,
+        detail: str,
+        plan: dict[str, object],
+    ) -> None:
+        """End a step that did not run, and its episode with it, counting why."""
+        self.count_skip(action.strategy, reason, outcome)
+        finish = Finish(outcome=outcome, skip_reason=reason, plan=plan, episode_state=episode_state, detail=detail)
+        await self.finish(action, finish)
 
     async def _conclude(
         self,

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 import msgspec
 
 MAX_ALERTS_PER_PAYLOAD = 10_000
-MAX_LABEL_VALUE_BYTES = 1024 * 1024
 FORMAT_MISMATCH = "payload does not match the Alertmanager webhook format"
 FINGERPRINT_PATTERN = "^[0-9a-f]{1,32}$"
 _HEX_DIGITS = "0123456789abcdef"

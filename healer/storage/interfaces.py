@@ -15,9 +15,7 @@ from healer.healing.model import (
     ActionFilter,
     Agenda,
     Episode,
-    EpisodeState,
     Escalation,
-    Event,
     Finish,
     HealingCounts,
     InboxItem,
@@ -74,10 +72,6 @@ class HealingRecords(Protocol):
     async def get_episode(self, episode_id: int) -> Episode | None: ...
 
     async def set_silence(self, episode_id: int, silence_id: str | None) -> None: ...
-
-    async def end_episode(self, episode_id: int, state: EpisodeState, events: Sequence[Event] = ()) -> None:
-        """End an open episode in a final state."""
-        ...
 
     async def episodes_with_silences(self) -> list[Episode]:
         """Episodes that ended while their silence was still recorded."""

@@ -85,11 +85,6 @@ def render(value: str, params: StrategyParams, alert: AlertContext) -> str:
     return value
 
 
-def is_template(value: str) -> bool:
-    """True when `value` is a whole placeholder rather than a literal."""
-    return PLACEHOLDER.fullmatch(value) is not None
-
-
 def render_url(url: str, params: StrategyParams, alert: AlertContext) -> str:
     """Substitute every placeholder in a URL with its checked, percent-encoded value."""
 

@@ -124,6 +124,12 @@ async def test_events_record_every_decision(storage: Storage, clock: FakeClock, 
     assert ended is not None and ended.state is EpisodeState.HEALED
 
 
+async def end_by_its_step(storage: Storage, episode_id: int, state: EpisodeState) -> None:
+    """End an episode the way the engine does: its pending step finishes and says how the episode ends."""
+    [(step, _)] = await storage.healing.list_actions(ActionFilter(episode_id=episode_id))
+    assert await storage.healing.finish(step.id, Finish(Outcome.CANCELLED, episode_state=state))
+
+
 async def test_purge_removes_only_old_finished_episodes(
     storage: Storage, clock: FakeClock, firing: WebhookAlert
 ) -> None:
@@ -131,7 +137,7 @@ async def test_purge_removes_only_old_finished_episodes(
     episode_id, _ = await open_with_first_step(storage, firing)
     clock.advance(10)
     assert await storage.healing.purge(older_than=clock.now) == 0
-    await storage.healing.end_episode(episode_id, EpisodeState.ESCALATED)
+    await end_by_its_step(storage, episode_id, EpisodeState.ESCALATED)
     assert await storage.healing.purge(older_than=clock.now) == 0
     assert await storage.healing.purge(older_than=clock.advance(1)) == 1
     assert await storage.healing.get_episode(episode_id) is None
@@ -144,7 +150,7 @@ async def test_purge_keeps_an_episode_whose_silence_is_still_recorded(
     """An ended episode whose silence has not been expired yet is kept, so that a restart still expires it."""
     episode_id, _ = await open_with_first_step(storage, firing)
     await storage.healing.set_silence(episode_id, "silence-1")
-    await storage.healing.end_episode(episode_id, EpisodeState.HEALED)
+    await end_by_its_step(storage, episode_id, EpisodeState.HEALED)
     assert await storage.healing.purge(older_than=clock.advance(10)) == 0
     assert [e.silence_id for e in await storage.healing.episodes_with_silences()] == ["silence-1"]
     await storage.healing.set_silence(episode_id, None)

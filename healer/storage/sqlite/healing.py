@@ -198,17 +198,6 @@ class SQLiteHealingRecords:
             lambda db: db.execute("UPDATE episodes SET silence_id = ? WHERE id = ?", (silence_id, episode_id))
         )
 
-    async def end_episode(self, episode_id: int, state: EpisodeState, events: Sequence[Event] = ()) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ? AND state = 'open'",
-                (state.value, self._db.clock(), episode_id),
-            )
-            for kind, detail in events:
-                self._db.event(db, kind, detail, episode_id)
-
-        await self._db.write(work)
-
     async def episodes_with_silences(self) -> list[Episode]:
         rows = await self._db.read("SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'")
         return [_episode(r) for r in rows]
