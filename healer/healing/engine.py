@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # While webhook deliveries keep arriving, processing the inbox gets this share of the time.
 INTAKE_SHARE_UNDER_LOAD = 0.25
+# Alerts the work loop takes from the inbox in one transaction: when quiet, and while deliveries arrive.
+BATCH = 200
+BATCH_UNDER_LOAD = 25
 # After the inbox failed to process, how long before it is tried again.
 INTAKE_RETRY_SECONDS = 1.0
 # At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
@@ -180,9 +183,12 @@ class Engine:
             self._wake.clear()
             more = False
             if not self._intake.wait():
+                # While deliveries keep arriving, a smaller batch holds the store's thread for less
+                # time, so the webhook's commits queue behind it for less.
+                size = BATCH_UNDER_LOAD if self._intake.waiting else BATCH
                 self._intake.start_batch()
                 try:
-                    more = await self._take_inbox_batch()
+                    more = await self._take_inbox_batch(size)
                 except Exception:
                     log.exception("inbox processing failed; retrying in a second")
                     self._intake.end_batch()
@@ -205,7 +211,7 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
-    async def _take_inbox_batch(self, size: int = 200) -> bool:
+    async def _take_inbox_batch(self, size: int) -> bool:
         """Process up to `size` inbox items in order; return whether more may be waiting."""
         items = await self.inbox.unprocessed(size)
         firing: list[InboxItem] = []
