@@ -24,6 +24,7 @@ from healer.healing.episodes import EpisodeSteps
 from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder
 from healer.healing.metrics import HealingMetrics
+from healer.healing.replica import Replica, replica_name
 from healer.healing.routes import ENGINE, add_routes
 from healer.healing.steps import StepRunner
 from healer.http import TOKEN
@@ -93,8 +94,11 @@ async def _scan_processes(services: Services) -> None:
         await asyncio.sleep(interval)
 
 
-async def _purge_old_records(storage: Storage, retention: float) -> None:
+async def _purge_old_records(storage: Storage, replica: Replica, retention: float) -> None:
     while True:
+        if not replica.leader:  # once per cluster
+            await asyncio.sleep(replica.lease)
+            continue
         try:
             horizon = time.time() - retention
             removed = await storage.healing.purge(horizon)
@@ -113,7 +117,10 @@ def build_engine(services: Services, storage: Storage) -> Engine:
     """Create the engine and the parts it is made of (step runner, ladder, escalator) on an open store."""
     config = services.config
     promql = PromQLClient(config.prometheus)
-    steps = StepRunner(config, services.strategies, services.healing_metrics)
+    replica = Replica(
+        replica_name(config), storage.coordination, config.store.lease, storage.shared, services.registry
+    )
+    steps = StepRunner(config, services.strategies, services.healing_metrics, storage.coordination, replica)
     side = SideTasks()
     # The escalator wakes the engine's work loop when a post ends; both share this event.
     wakeup = asyncio.Event()
@@ -161,16 +168,20 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     config = app[SERVICES].config
     alertmanager = engine.escalator.alertmanager
     await alertmanager.start()
+    await engine.replica.start()
     await engine.start()
     await planner.start()
     await optimizer.start()
-    purge = asyncio.create_task(_purge_old_records(app[STORAGE], config.store.retention), name="purge")
+    purge = asyncio.create_task(
+        _purge_old_records(app[STORAGE], engine.replica, config.store.retention), name="purge"
+    )
     yield
     purge.cancel()
     engine.begin_stop(config.server.shutdown_timeout)
     deadline = engine.steps.stop_deadline
     await asyncio.gather(planner.stop(deadline), optimizer.stop(deadline))
     await engine.stop(config.server.shutdown_timeout)
+    await engine.replica.stop()
     await alertmanager.close()
     await engine.episode_steps.annotator.close()
     engine.promql.close()

@@ -76,7 +76,9 @@ async def healing(engine: Engine) -> dict[str, Any]:
         "actions": counts.actions,
         "resolution_rate": (episodes.get(EpisodeState.HEALED, 0) / ended) if ended else None,
         "time_to_heal_seconds": {"p50": _quantile(heal_seconds, 0.5), "p95": _quantile(heal_seconds, 0.95)},
-        "circuit_open": engine.steps.circuit.is_open,
+        "circuit_open": await engine.steps.circuit_open(),
+        "replica": engine.replica.name,
+        "leader": engine.replica.leader,
         "dry_run": engine.config.healing.dry_run,
     }
 

@@ -27,6 +27,7 @@ from healer.types import Duration, PositiveDuration, Regex
 
 GRAFANA_TOKEN_ENV = "HEALER_GRAFANA_TOKEN"  # noqa: S105 - the variable's name, not a secret
 TOKEN_ENV = "HEALER_TOKEN"  # noqa: S105 - the variable's name, not a secret
+STORE_PASSWORD_ENV = "HEALER_STORE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 
 
 class _Named(Protocol):
@@ -107,6 +108,9 @@ class AuthConfig(_Strict):
 
 class ServerConfig(_Strict):
     listen: ListenAddress = "127.0.0.1:9877"
+    # This replica's name in the audit trail, /metrics and the status; HEALER_REPLICA overrides it.
+    # Default: the host name and process id.
+    replica: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     external_url: Url | None = None
     auth: AuthConfig = AuthConfig()
     log_format: Literal["text", "json"] = "text"
@@ -132,11 +136,53 @@ class AlertmanagerConfig(UpstreamConfig):
     resend_interval: PositiveDuration = 60.0
 
 
+def _postgres_url(value: str) -> str:
+    """A PostgreSQL URL without a password: the password comes from password_file or the environment."""
+    if not re.match(r"^postgres(ql)?://[^/?#]+(/[^/?#]*)?([?][^#]*)?$", value):
+        # The value itself is not repeated: a malformed URL may carry a password.
+        raise ValueError("must look like postgresql://USER@HOST:PORT/DATABASE")
+    authority = value.split("://", 1)[1].split("/", 1)[0]
+    if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
+        raise ValueError(
+            "must not contain a password; put it in store.password_file or the environment variable "
+            + STORE_PASSWORD_ENV
+        )
+    if "password=" in value.lower():
+        raise ValueError("must not contain a password parameter; use store.password_file or " + STORE_PASSWORD_ENV)
+    return value
+
+
 class StoreConfig(_Strict):
+    # The SQLite file of a single healer; exclusive with `url`.
     path: Path = Path("healer.db")
+    # PostgreSQL, shared by any number of replicas.
+    url: Annotated[str, AfterValidator(_postgres_url)] | None = None
+    password_file: Path | None = None
     retention: Duration = 30 * 86400.0
     # About 600 MB of webhook bodies; beyond it Alertmanager is told to retry instead of filling the disk.
     max_backlog: int = Field(default=1_000_000, ge=1)
+    # How long a replica's claim on a step, a concurrency slot or the leadership lasts unless renewed;
+    # a replica renews at a quarter of it, so a dead replica's work moves on within about this long.
+    lease: PositiveDuration = 4.0
+    # Connections each replica keeps to PostgreSQL.
+    pool_size: int = Field(default=10, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StoreConfig:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError("set either path (SQLite) or url (PostgreSQL), not both")
+        if self.password_file is not None and self.url is None:
+            raise ValueError("password_file is for a PostgreSQL store: set url too")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """Whether replicas share this store (PostgreSQL) rather than one healer owning it (SQLite)."""
+        return self.url is not None
+
+    def resolve_password(self, environ: dict[str, str] | None = None) -> SecretStr | None:
+        """The database password: HEALER_STORE_PASSWORD first, then password_file."""
+        return _secret(STORE_PASSWORD_ENV, self.password_file, environ)
 
 
 class FilesystemFilter(_Strict):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from healer.healing.escalator import SideTasks
 from healer.healing.ladder import Decision
 from healer.healing.model import (
     Action,
+    ActionState,
     Agenda,
     EpisodeState,
     Event,
@@ -42,6 +44,9 @@ INTAKE_SHARE_UNDER_LOAD = 0.25
 # Alerts the work loop takes from the inbox in one transaction: when quiet, and while deliveries arrive.
 BATCH = 200
 BATCH_UNDER_LOAD = 25
+# With a shared store, how long the work loop sleeps at most: steps that other replicas schedule, and
+# claims that lapse, do not wake it.
+SHARED_POLL_SECONDS = 0.5
 # After the inbox failed to process, how long before it is tried again.
 INTAKE_RETRY_SECONDS = 1.0
 # At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
@@ -70,6 +75,7 @@ class Engine:
         self.escalator = episode_steps.escalator
         self.metrics = episode_steps.metrics
         self.promql = episode_steps.promql
+        self.replica = episode_steps.steps.replica
         self._side = side
         self._clock = clock
         self._rules = {rule.name: rule for rule in config.healing.rules}
@@ -108,8 +114,9 @@ class Engine:
             await asyncio.gather(*running, return_exceptions=True)
         # Steps that ended during the stop may have escalated: post those now rather than at a next
         # start that may never come.
-        with contextlib.suppress(Exception):
-            self.escalator.send_due(await self.records.agenda(self._clock()))
+        if self.replica.leader:
+            with contextlib.suppress(Exception):
+                self.escalator.send_due(await self.records.agenda(self._clock(), self.replica.name))
         # Escalations and silence expiries stay queued in the store if cut short here.
         await self._side.wait(max(SIDE_TASK_GRACE, deadline - time.monotonic()))
 
@@ -126,19 +133,9 @@ class Engine:
             self._wake.set()
 
     async def _recover(self) -> None:
-        for action in await self.records.verifying_actions():
-            # The strategy ran before the stop; running it again could repeat a non-idempotent fix.
-            self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
-            await self.episode_steps.finish(
-                action,
-                Finish(
-                    outcome=Outcome.UNVERIFIED,
-                    detail=f"healer stopped while verifying; the step ran: {action.detail}",
-                    episode_state=EpisodeState.UNVERIFIED,
-                ),
-            )
-        for action in await self.records.running_actions():
-            await self._interrupted(action)
+        # A store that one healer owns was left by this replica's previous process: every claim in it
+        # is stale, however recent. A shared store's claims are stale once their lease has run out.
+        await self._reclaim(self._clock() if self.replica.shared else math.inf)
         if self.ladder.learns:
             self.ladder.tally.load(await self.records.strategy_outcomes())
         self.backlog = await self.inbox.depth()
@@ -147,12 +144,32 @@ class Engine:
             # The first PromQL call pays for imports and a connection (about 40 ms); pay it now, not in
             # the first heal. Without rules healer never queries, and skips the imports' 4 MB.
             self._side.spawn(self._warm_promql())
-        horizon = self._clock() - self.config.healing.budget.window
-        self.steps.circuit.restore(await self.records.action_starts_since(horizon))
-        await self.escalator.expire_leftover_silences()
+        await self.steps.circuit_open()  # the gauge shows the shared breaker from the first scrape
+        if self.replica.leader:
+            await self.escalator.expire_leftover_silences()
 
-    async def _interrupted(self, action: Action) -> None:
-        """Record a step that was running when healer stopped, and retry it within its attempt limit."""
+    async def _reclaim(self, abandoned_before: float) -> None:
+        """Settle the steps whose replica stopped renewing its claim before `abandoned_before`.
+
+        A step that ran and was being verified ends unverified: running it again could repeat a
+        non-idempotent fix. A step that was running is recorded interrupted and retried within its
+        attempt limit. Several replicas may look at once; the store lets one of them settle each step.
+        """
+        for action in await self.records.abandoned(abandoned_before):
+            if action.state is ActionState.VERIFYING:
+                finish = Finish(
+                    outcome=Outcome.UNVERIFIED,
+                    detail=f"healer stopped while verifying; the step ran: {action.detail}",
+                    episode_state=EpisodeState.UNVERIFIED,
+                )
+                if await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
+                    self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
+                    await self.episode_steps.episode_ended(action.episode_id)
+            else:
+                await self._interrupted(action, abandoned_before)
+
+    async def _interrupted(self, action: Action, abandoned_before: float) -> None:
+        """Record a step that was running when its replica stopped, and retry it within its attempt limit."""
         rule = self._rules.get(action.rule)
         episode = await self.records.get_episode(action.episode_id)
         assert episode is not None
@@ -160,17 +177,21 @@ class Engine:
         reason = "attempts exhausted after interruption"
         finish = Finish(
             outcome=Outcome.INTERRUPTED,
-            detail="healer stopped while the step was running",
+            detail=f"healer ({action.replica}) stopped while the step was running",
             next_action=nxt,
             episode_state=None if nxt else EpisodeState.ESCALATED,
             escalation=None if nxt else reason,
             events=[] if nxt else [("escalated", {"reason": reason})],
         )
-        await self.records.finish(action.id, finish)
+        if not await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
+            return  # another replica settled it, or its replica renewed its claim after all
         self.metrics.actions.labels(action.strategy, Outcome.INTERRUPTED).inc()
-        log.warning("step interrupted by restart", extra=fields(action=action.id, strategy=action.strategy))
+        log.warning(
+            "step interrupted", extra=fields(action=action.id, strategy=action.strategy, replica=action.replica)
+        )
         if nxt is None:
             await self.escalator.count(episode, reason)
+        self.wake()
 
     async def _warm_promql(self) -> None:
         with contextlib.suppress(PrometheusUnavailableError, ValueError):
@@ -197,9 +218,15 @@ class Engine:
                     self._intake.end_batch()
             try:
                 # Due steps and escalations go out whatever the inbox is doing, a failing inbox included.
-                agenda = await self.records.agenda(self._clock())
-                await self._expire_approvals(agenda.expired_approvals)
+                if self.replica.shared:
+                    await self._reclaim(self._clock())
+                agenda = await self.records.agenda(self._clock(), self.replica.name)
+                if self.replica.leader:
+                    await self._expire_approvals(agenda.expired_approvals)
                 delay = self._dispatch_due(agenda)
+                if self.replica.shared:
+                    # Other replicas schedule steps and let claims lapse without waking this loop.
+                    delay = min(delay, SHARED_POLL_SECONDS)
             except Exception:
                 log.exception("healing loop failed; retrying")
                 delay = 1.0
@@ -317,8 +344,9 @@ class Engine:
                 task = asyncio.create_task(self.episode_steps.execute(action), name=f"action-{action.id}")
                 self._inflight[action.id] = task
                 task.add_done_callback(functools.partial(self._forget, action.id))
-        self.escalator.send_due(agenda)
-        self.escalator.sweep_when_due()
+        if self.replica.leader:
+            self.escalator.send_due(agenda)
+            self.escalator.sweep_when_due()
         if agenda.next_wake is None:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))
@@ -335,7 +363,7 @@ class Engine:
             self.wake()
         return approved
 
-    def close_circuit(self) -> None:
-        """Close the circuit breaker and reset the action budget."""
-        self.steps.close_circuit()
+    async def close_circuit(self) -> None:
+        """Close the circuit breaker and reset the action budget, for every replica."""
+        await self.steps.close_circuit()
         self.wake()

@@ -91,7 +91,13 @@ class EpisodeSteps:
         self.metrics.actions.labels(strategy, outcome).inc()
 
     async def execute(self, action: Action) -> None:
-        """Take a due step as far as it goes; nothing it meets is left pending or running forever."""
+        """Take a due step as far as it goes; nothing it meets is left pending or running forever.
+
+        The step is first reserved for this replica, so that of several replicas one runs it.
+        """
+        replica = self.steps.replica
+        if not await self.records.take(action.id, replica.name, self._clock(), replica.until()):
+            return
         try:
             await self._execute_step(action)
         except asyncio.CancelledError:
@@ -159,7 +165,7 @@ class EpisodeSteps:
 
         async def claim() -> bool:
             nonlocal started
-            if not await self.records.claim(action.id, step.plan):
+            if not await self.records.claim(action.id, step.plan, self.steps.replica.name):
                 return False
             started = self._clock()
             self._in_runner.add(action.id)
@@ -177,8 +183,10 @@ class EpisodeSteps:
                 await self.cancel_and_escalate(
                     action, episode, SkipReason.CIRCUIT_OPEN, refused.detail, "circuit breaker open", step.plan
                 )
-            elif refused.reason != STOPPING:  # stopping: the step stays pending and runs after the restart
-                await self._episode_ended(episode.id)  # cancelled meanwhile: release its silence
+            elif refused.reason == STOPPING:  # the step stays pending and runs after the restart, anywhere
+                await self.records.give_back(action.id, self.steps.replica.name)
+            else:
+                await self.episode_ended(episode.id)  # cancelled meanwhile: release its silence
             return
         except asyncio.CancelledError:
             # On shutdown the step stays "running" in the store; the next start records it as
@@ -198,7 +206,11 @@ class EpisodeSteps:
         finally:
             self._in_runner.discard(action.id)
         # From here a restart must not run the step again: it ran; only its verification is left.
-        await self.records.mark_verifying(action.id, result.detail)
+        if not await self.records.mark_verifying(action.id, result.detail, self.steps.replica.name):
+            # Fencing: this replica's claim ran out while the strategy ran and another replica has
+            # settled the step; its outcome is not this replica's to record.
+            log.warning("step finished after its claim was lost", extra=fields(action=action.id))
+            return
         await self._conclude(action, rule, silenced, result, resolved, started)
 
     async def _end_unrun(
@@ -272,8 +284,8 @@ class EpisodeSteps:
 
     async def finish(self, action: Action, finish: Finish) -> bool:
         """Record how a step ended; when that closed its episode, end the episode's silence too."""
-        done = await self.records.finish(action.id, finish)
-        await self._episode_ended(action.episode_id)
+        done = await self.records.finish(action.id, finish, self.steps.replica.name)
+        await self.episode_ended(action.episode_id)
         return done
 
     async def _continue_or_escalate(
@@ -318,7 +330,7 @@ class EpisodeSteps:
         if done:
             await self.escalator.count(episode, reason)
 
-    async def _episode_ended(self, episode_id: int) -> None:
+    async def episode_ended(self, episode_id: int) -> None:
         """Drop what an episode held in memory and expire its silence, once it is no longer open."""
         episode = await self.records.get_episode(episode_id)
         if episode is None or episode.state is EpisodeState.OPEN:

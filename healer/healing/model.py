@@ -173,6 +173,9 @@ class Action:
     detail: str | None
     exit_code: int | None
     output: str | None
+    # The replica that took the step (to run it, or that ran it), and until when its claim holds.
+    replica: str | None = None
+    lease_until: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

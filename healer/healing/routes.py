@@ -132,7 +132,7 @@ async def close_circuit(request: web.Request) -> web.Response:
     refused = authenticate(request)
     if refused is not None:
         return refused
-    request.app[ENGINE].close_circuit()
+    await request.app[ENGINE].close_circuit()
     log.info("circuit closed by operator")
     return web.json_response({"circuit_open": False})
 

@@ -8,6 +8,7 @@ breaker opens when it is spent), and run within the global and per-strategy conc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,13 +19,17 @@ from typing import Any
 from healer.config import HealerConfig
 from healer.healing.metrics import HealingMetrics
 from healer.healing.model import SkipReason
-from healer.healing.rails import CircuitBreaker
+from healer.healing.replica import Replica
+from healer.storage import Coordination
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, StrategyRunner, UnsafeLabelError
 
 # The reason of a StepRefusedError for a step that did not run because healer is stopping: not a
 # skip, since the step may run after the restart.
 STOPPING = "stopping"
+# How often a step waiting for a concurrency slot looks again when no slot of this replica frees up;
+# a slot freed here wakes it at once.
+SLOT_POLL_SECONDS = 0.1
 # The reason for a step whose claim was lost (cancelled or taken meanwhile): nothing ran.
 NOT_CLAIMED = "not_claimed"
 
@@ -50,26 +55,28 @@ class PlannedStep:
 
 
 class StepRunner:
-    """Runs strategies under the action budget, concurrency limits and the stop, for every caller."""
+    """Runs strategies under the action budget, concurrency limits and the stop, for every caller.
+
+    The budget, its circuit breaker and the slots live in the store, so that they hold across replicas.
+    """
 
     def __init__(
         self,
         config: HealerConfig,
         registry: StrategyRegistry,
         metrics: HealingMetrics,
+        coordination: Coordination,
+        replica: Replica,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._registry = registry
         self.metrics = metrics
-        healing = config.healing
-        self.circuit = CircuitBreaker(
-            healing.budget.actions, healing.budget.window, healing.circuit_reset, metrics.circuit_open, clock
-        )
-        self._global_slots = asyncio.Semaphore(healing.max_concurrent)
-        self._strategy_slots = {
-            name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
-        }
+        self._coordination = coordination
+        self.replica = replica
+        self._clock = clock
+        # Set whenever this replica frees a slot, so that a step waiting here looks again at once.
+        self._slot_freed = asyncio.Event()
         self._stopping = False
         self._stop_deadline: float | None = None
 
@@ -116,15 +123,18 @@ class StepRunner:
         """
         if self._stopping:
             raise StepRefusedError(STOPPING, "healer is stopping")
-        if not self.circuit.acquire():
+        budget = self.config.healing.budget
+        charged = await self._coordination.charge_budget(
+            self._clock(), budget.actions, budget.window, self.config.healing.circuit_reset
+        )
+        self.metrics.circuit_open.set(0 if charged else 1)
+        if not charged:
             raise StepRefusedError(
                 SkipReason.CIRCUIT_OPEN, "the action budget is spent; the circuit breaker is open"
             )
         if before_slot is not None:
             await before_slot()
-        async with self._slots(step.strategy, step.params):
-            if self._stopping:  # the stop began while this step waited for a slot
-                raise StepRefusedError(STOPPING, "healer is stopping")
+        async with self._slot(step.strategy, step.params):
             if claim is not None and not await claim():
                 raise StepRefusedError(NOT_CLAIMED, "the step was cancelled or taken meanwhile")
             return await self._execute(step)
@@ -148,13 +158,35 @@ class StepRunner:
             raise
 
     @asynccontextmanager
-    async def _slots(self, strategy: str, params: StrategyParams) -> AsyncIterator[None]:
-        """Hold a global and a per-strategy slot; a step that has to wait for one is counted as `concurrency`."""
-        slots = self._strategy_slots.setdefault(strategy, asyncio.Semaphore(params.max_concurrent))
-        if self._global_slots.locked() or slots.locked():
-            self.metrics.skipped.labels(SkipReason.CONCURRENCY).inc()
-        async with self._global_slots, slots:
+    async def _slot(self, strategy: str, params: StrategyParams) -> AsyncIterator[None]:
+        """Hold a slot within the global and the strategy's limit; a step that has to wait for one is
+        counted once as `concurrency`. Raises StepRefusedError when the stop begins meanwhile."""
+        slot = None
+        waited = False
+        while slot is None:
+            if self._stopping:
+                raise StepRefusedError(STOPPING, "healer is stopping")
+            slot = await self._coordination.take_slot(
+                self.replica.name,
+                strategy,
+                self._clock(),
+                self.replica.until(),
+                self.config.healing.max_concurrent,
+                params.max_concurrent,
+            )
+            if slot is None:
+                if not waited:
+                    self.metrics.skipped.labels(SkipReason.CONCURRENCY).inc()
+                    waited = True
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), SLOT_POLL_SECONDS)
+        try:
             yield
+        finally:
+            # Shielded: a step cancelled while it ran must still give its slot back.
+            await asyncio.shield(self._coordination.release_slot(slot))
+            self._slot_freed.set()
 
     async def _execute(self, step: PlannedStep) -> StepResult:
         started = time.monotonic()
@@ -169,6 +201,13 @@ class StepRunner:
 
     # -- operator actions ----------------------------------------------------------------------
 
-    def close_circuit(self) -> None:
+    async def circuit_open(self) -> bool:
+        """Whether the action budget's circuit breaker is open now (for every replica)."""
+        is_open: bool = await self._coordination.circuit_open(self._clock())
+        self.metrics.circuit_open.set(int(is_open))
+        return is_open
+
+    async def close_circuit(self) -> None:
         """Close the circuit breaker and reset the action budget."""
-        self.circuit.close()
+        await self._coordination.close_circuit()
+        self.metrics.circuit_open.set(0)

@@ -145,8 +145,8 @@ class Optimizer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Settle what a previous run left in flight, then start the cycle."""
-        trial = await self.records.in_flight()
+        """Settle what a previous run left in flight (on the leader), then start the cycle."""
+        trial = await self.records.in_flight() if self.steps.replica.leader else None
         if trial is not None:
             self.metrics.in_flight.set(1)
             if trial.candidate not in self._candidates:
@@ -211,7 +211,9 @@ class Optimizer:
     # -- one cycle -----------------------------------------------------------------------------
 
     async def cycle(self) -> None:
-        """Go on with the trial in flight, or else start the best ready candidate."""
+        """Go on with the trial in flight, or else start the best ready candidate (on the leader)."""
+        if not self.steps.replica.leader:
+            return
         trial = await self.records.in_flight()
         self.metrics.in_flight.set(0 if trial is None else 1)
         if self.steps.stopping or self._busy:

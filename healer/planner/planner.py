@@ -151,8 +151,16 @@ class Planner:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Record steps a previous run left running as interrupted, then start the cycle."""
-        for goal in await self.records.open_goals():
+        """Record steps a previous run left running as interrupted, then start the cycle.
+
+        Only the leader works goals; a replica that becomes leader later finds such a step still
+        recorded as running and closes it as failed (it may have run).
+        """
+        if not self.steps.replica.leader:
+            goals: list[Goal] = []
+        else:
+            goals = await self.records.open_goals()
+        for goal in goals:
             if goal.step_running:
                 interrupted = functools.partial(
                     step_ended, result="interrupted", detail="healer stopped while the step ran", now=self._clock()
@@ -179,7 +187,9 @@ class Planner:
     # -- one cycle -----------------------------------------------------------------------------
 
     async def cycle(self) -> None:
-        """Run the trigger queries, then advance the goal in progress or start the next one."""
+        """Run the trigger queries, then advance the goal in progress or start the next one (on the leader)."""
+        if not self.steps.replica.leader:
+            return
         goals = await self.records.open_goals()
         by_source: dict[str, list[Goal]] = {}
         for goal in goals:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from healer.config import StoreConfig
 from healer.storage.errors import StoreUnavailableError
-from healer.storage.interfaces import GoalRecords, HealingRecords, Inbox, Storage, TrialRecords
+from healer.storage.interfaces import Coordination, GoalRecords, HealingRecords, Inbox, Storage, TrialRecords
 
 
 def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
@@ -21,6 +21,7 @@ def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) ->
 
 
 __all__ = [
+    "Coordination",
     "GoalRecords",
     "HealingRecords",
     "Inbox",

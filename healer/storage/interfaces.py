@@ -79,12 +79,22 @@ class HealingRecords(Protocol):
 
     async def get_action(self, action_id: int) -> Action | None: ...
 
-    async def agenda(self, now: float) -> Agenda:
-        """Due steps, expired approvals, due escalations, and when to look again, in one read."""
+    async def agenda(self, now: float, replica: str) -> Agenda:
+        """Due steps (not taken by another replica whose claim holds), expired approvals, due escalations,
+        and when to look again, in one read."""
         ...
 
-    async def claim(self, action_id: int, plan: dict[str, Any] | None) -> bool:
-        """Move a pending step to running; False when another claim or a cancellation won."""
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
+        """Reserve a pending step for one replica until `until`; False when another replica holds it."""
+        ...
+
+    async def give_back(self, action_id: int, replica: str) -> None:
+        """Return a step this replica took and did not run (it is stopping), for any replica to take."""
+        ...
+
+    async def claim(self, action_id: int, plan: dict[str, Any] | None, replica: str) -> bool:
+        """Move a pending step to running for this replica (which took it, or nobody did); False when a
+        cancellation or another replica won."""
         ...
 
     async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
@@ -95,20 +105,27 @@ class HealingRecords(Protocol):
         """Return an awaiting step to pending with its approval recorded."""
         ...
 
-    async def mark_verifying(self, action_id: int, detail: str) -> None:
-        """Record that a step's strategy has run and only its verification is left."""
+    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+        """Record that a step's strategy has run and only its verification is left; False when the
+        replica's claim was lost (fencing)."""
         ...
 
-    async def verifying_actions(self) -> list[Action]: ...
+    async def abandoned(self, now: float) -> list[Action]:
+        """Running or verifying steps whose replica's claim ended before `now` (it stopped renewing)."""
+        ...
 
     async def running_actions(self) -> list[Action]: ...
 
-    async def finish(self, action_id: int, finish: Finish) -> bool:
-        """Record how a step ended and what follows (`healing.rules.after_step`); False if it had ended."""
-        ...
+    async def finish(
+        self, action_id: int, finish: Finish, replica: str | None = None, abandoned_before: float | None = None
+    ) -> bool:
+        """Record how a step ended and what follows (`healing.rules.after_step`); False if it had ended.
 
-    async def action_starts_since(self, horizon: float) -> list[float]:
-        """Start times of steps that really ran since `horizon`."""
+        With `replica`, a running or verifying step is finished only by the replica whose claim on it
+        still holds (fencing): a replica that lost its claim never finishes the step as its own. With
+        `abandoned_before`, it is finished only if its claim ran out before then (another replica
+        settles it).
+        """
         ...
 
     async def strategy_outcomes(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -222,8 +239,52 @@ class TrialRecords(Protocol):
     async def purge(self, older_than: float) -> int: ...
 
 
+class Coordination(Protocol):
+    """What replicas share beyond the records: the action budget and its circuit breaker, concurrency
+    slots, the renewal of claims, and the leader. With one healer per store it is just as true."""
+
+    async def charge_budget(self, now: float, limit: int, window: float, reset: float) -> bool:
+        """Take one action from the budget of `limit` per `window`; False, with the circuit breaker open
+        for `reset` seconds, when it is spent or the breaker is open already."""
+        ...
+
+    async def circuit_open(self, now: float) -> bool:
+        """Whether the circuit breaker is open (it closes by itself `reset` after it opened)."""
+        ...
+
+    async def close_circuit(self) -> None:
+        """Close the circuit breaker and forget the spent budget, as an operator's reset does."""
+        ...
+
+    async def take_slot(
+        self, replica: str, strategy: str, now: float, until: float, limit: int, strategy_limit: int
+    ) -> int | None:
+        """A concurrency slot for one strategy run, or None when `limit` steps in all or `strategy_limit`
+        of this strategy run already (slots whose claim ended do not count)."""
+        ...
+
+    async def release_slot(self, slot: int) -> None: ...
+
+    async def renew(self, replica: str, until: float) -> None:
+        """Extend the replica's claims (its taken, running and verifying steps, its slots) to `until`."""
+        ...
+
+    async def lead(self, replica: str, now: float, until: float) -> bool:
+        """Become or stay the leader until `until`, unless another replica's leadership still holds."""
+        ...
+
+    async def resign(self, replica: str) -> None:
+        """Give up the leadership (at a clean stop), so that another replica takes it at once."""
+        ...
+
+
 class Storage(Protocol):
     """One store: its records per concern, opened and migrated, and closed once."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether several replicas share this store; when not, one healer owns it (SQLite's lock file)."""
+        ...
 
     @property
     def inbox(self) -> Inbox: ...
@@ -236,5 +297,8 @@ class Storage(Protocol):
 
     @property
     def trials(self) -> TrialRecords: ...
+
+    @property
+    def coordination(self) -> Coordination: ...
 
     async def close(self) -> None: ...

@@ -10,6 +10,8 @@ from healer.storage import Storage
 from healer.storage.sqlite import SQLiteStorage
 
 BACKENDS = ["sqlite"]
+# The replica the contract tests act as.
+REPLICA = "replica-a"
 RULE = "web"
 
 
@@ -78,13 +80,13 @@ async def open_with_first_step(storage: Storage, alert: WebhookAlert, not_before
 
 
 async def due(storage: Storage, now: float) -> list[Action]:
-    return (await storage.healing.agenda(now)).due
+    return (await storage.healing.agenda(now, REPLICA)).due
 
 
 async def claim_only_step(storage: Storage, now: float) -> Action:
     """Claim the one step due at `now`; return it as it was before the claim."""
     [action] = await due(storage, now)
-    assert await storage.healing.claim(action.id, None)
+    assert await storage.healing.claim(action.id, None, REPLICA)
     return action
 
 

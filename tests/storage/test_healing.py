@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import msgspec
 
@@ -10,6 +11,7 @@ from healer.healing.model import ActionFilter, ActionState, EpisodeState, Event,
 from healer.healing.payload import WebhookAlert
 from healer.storage import Storage
 from tests.storage.support import (
+    REPLICA,
     RULE,
     Backend,
     FakeClock,
@@ -46,8 +48,8 @@ async def test_claim_is_exclusive(storage: Storage, clock: FakeClock, firing: We
     """A pending step can be claimed once; the second claim fails."""
     await open_with_first_step(storage, firing)
     [action] = await due(storage, clock.now)
-    assert await storage.healing.claim(action.id, {"argv": ["true"]}) is True
-    assert await storage.healing.claim(action.id, None) is False
+    assert await storage.healing.claim(action.id, {"argv": ["true"]}, REPLICA) is True
+    assert await storage.healing.claim(action.id, None, REPLICA) is False
     [running] = await storage.healing.running_actions()
     assert running.plan == {"argv": ["true"]} and running.started_at == clock.now
 
@@ -57,7 +59,7 @@ async def test_not_before_delays_a_step(storage: Storage, firing: WebhookAlert) 
     await open_with_first_step(storage, firing, not_before=2000.0)
     assert await due(storage, 1999.0) == []
     assert len(await due(storage, 2000.0)) == 1
-    assert (await storage.healing.agenda(1999.0)).next_wake == 2000.0
+    assert (await storage.healing.agenda(1999.0, REPLICA)).next_wake == 2000.0
 
 
 async def test_resolved_cancels_pending_steps(storage: Storage, firing: WebhookAlert, resolved: WebhookAlert) -> None:
@@ -177,9 +179,10 @@ async def test_a_step_that_ran_is_never_running_again(storage: Storage, clock: F
     """After its strategy ran, a step is `verifying`: not among the running steps a restart would rerun."""
     await open_with_first_step(storage, firing)
     action = await claim_only_step(storage, clock.now)
-    await storage.healing.mark_verifying(action.id, "exit 0")
+    assert await storage.healing.mark_verifying(action.id, "exit 0", REPLICA)
     assert await storage.healing.running_actions() == []
-    assert [a.id for a in await storage.healing.verifying_actions()] == [action.id]
+    [(verifying, state)] = [(a.id, a.state) for a in await storage.healing.abandoned(math.inf)]
+    assert verifying == action.id and state is ActionState.VERIFYING
 
 
 async def test_a_step_waits_for_approval_until_its_deadline(
@@ -191,9 +194,9 @@ async def test_a_step_waits_for_approval_until_its_deadline(
     deadline = clock.now + 900
     assert await storage.healing.await_approval(action.id, deadline, {"argv": ["true"]}) is True
     assert await storage.healing.await_approval(action.id, deadline, None) is False
-    agenda = await storage.healing.agenda(clock.now)
+    agenda = await storage.healing.agenda(clock.now, REPLICA)
     assert agenda.due == [] and agenda.expired_approvals == [] and agenda.next_wake == deadline
-    assert [a.id for a in (await storage.healing.agenda(deadline)).expired_approvals] == [action.id]
+    assert [a.id for a in (await storage.healing.agenda(deadline, REPLICA)).expired_approvals] == [action.id]
     approved_at = clock.advance(60)
     assert await storage.healing.approve(action.id, "alice") is True
     assert await storage.healing.approve(action.id, "bob") is False
@@ -209,10 +212,10 @@ async def test_escalation_is_queued_with_the_episode_ending(
     episode_id = await escalate(storage, firing, clock.now)
     episode = await storage.healing.get_episode(episode_id)
     assert episode is not None and episode.state is EpisodeState.ESCALATED
-    [queued] = (await storage.healing.agenda(clock.now)).escalations
+    [queued] = (await storage.healing.agenda(clock.now, REPLICA)).escalations
     assert (queued.episode_id, queued.rule, queued.reason) == (episode_id, RULE, "the alert still fires")
     await storage.healing.escalation_sent(episode_id, next_send=clock.now + 60)
-    agenda = await storage.healing.agenda(clock.now)
+    agenda = await storage.healing.agenda(clock.now, REPLICA)
     escalation = await storage.healing.get_escalation(episode_id)
     assert agenda.escalations == [] and escalation is not None and agenda.next_wake == escalation.next_send
 
@@ -229,7 +232,8 @@ async def test_failed_post_stays_queued_until_alertmanager_takes_it(
     escalation = await again.healing.get_escalation(episode_id)
     assert escalation is not None and escalation.failures == 1 and escalation.sent_at is None
     assert escalation.next_send == clock.now + 2
-    assert [e.episode_id for e in (await again.healing.agenda(escalation.next_send)).escalations] == [episode_id]
+    agenda = await again.healing.agenda(escalation.next_send, REPLICA)
+    assert [e.episode_id for e in agenda.escalations] == [episode_id]
 
 
 async def test_resolved_alert_makes_its_healing_failed_due_to_resolve(
@@ -239,7 +243,7 @@ async def test_resolved_alert_makes_its_healing_failed_due_to_resolve(
     episode_id = await escalate(storage, firing, clock.now)
     await storage.healing.escalation_sent(episode_id, next_send=clock.now + 60)
     await resolve(storage, resolved)
-    [queued] = (await storage.healing.agenda(clock.now)).escalations
+    [queued] = (await storage.healing.agenda(clock.now, REPLICA)).escalations
     assert queued.episode_id == episode_id and queued.resolved_at is not None
     await storage.healing.escalation_sent(episode_id, next_send=None)
     escalation = await storage.healing.get_escalation(episode_id)
@@ -254,7 +258,7 @@ async def test_escalation_refused_by_alertmanager_ends_with_an_event(
     """Giving up on a HealingFailed that Alertmanager refuses leaves nothing due and says why in the audit."""
     episode_id = await escalate(storage, firing, clock.now)
     await storage.healing.escalation_failed(episode_id, next_send=None, reason="400 Bad Request: invalid label")
-    assert (await storage.healing.agenda(1e12)).escalations == []
+    assert (await storage.healing.agenda(1e12, REPLICA)).escalations == []
     [event] = [e for e in await storage.healing.events(episode_id) if e["kind"] == "escalation_refused"]
     assert "invalid label" in event["reason"]
 
@@ -293,5 +297,5 @@ async def test_resolution_during_a_firing_post_is_sent_next(
     episode_id = await escalate(storage, firing, clock.now)
     await resolve(storage, resolved)  # arrives while the firing post is in flight
     await storage.healing.escalation_sent(episode_id, next_send=clock.now + 60)  # that post completes
-    [queued] = (await storage.healing.agenda(clock.now)).escalations
+    [queued] = (await storage.healing.agenda(clock.now, REPLICA)).escalations
     assert queued.episode_id == episode_id and queued.resolved_at is not None

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from healer.storage.sqlite.coordination import SQLiteCoordination
 from healer.storage.sqlite.database import SQLiteDatabase
 from healer.storage.sqlite.goals import SQLiteGoalRecords
 from healer.storage.sqlite.healing import SQLiteHealingRecords
@@ -22,6 +23,11 @@ class SQLiteStorage:
         self._healing = SQLiteHealingRecords(self.database)
         self._goals = SQLiteGoalRecords(self.database)
         self._trials = SQLiteTrialRecords(self.database)
+        self._coordination = SQLiteCoordination(self.database)
+
+    @property
+    def shared(self) -> bool:
+        return False  # the lock file keeps a second healer out
 
     @property
     def inbox(self) -> SQLiteInbox:
@@ -38,6 +44,10 @@ class SQLiteStorage:
     @property
     def trials(self) -> SQLiteTrialRecords:
         return self._trials
+
+    @property
+    def coordination(self) -> SQLiteCoordination:
+        return self._coordination
 
     async def close(self) -> None:
         await self.database.close()

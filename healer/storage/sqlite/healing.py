@@ -71,6 +71,8 @@ def _action(row: sqlite3.Row) -> Action:
         row["detail"],
         row["exit_code"],
         row["output"],
+        row["replica"],
+        row["lease_until"],
     )
 
 
@@ -228,17 +230,18 @@ class SQLiteHealingRecords:
     async def get_action(self, action_id: int) -> Action | None:
         return await self._db.run(lambda: self._get_action(self._db.db, action_id))
 
-    async def agenda(self, now: float) -> Agenda:
-        return await self._db.run(self._agenda, now)
+    async def agenda(self, now: float, replica: str) -> Agenda:
+        return await self._db.run(self._agenda, now, replica)
 
-    def _agenda(self, now: float) -> Agenda:
+    def _agenda(self, now: float, replica: str) -> Agenda:
         rows = self._db.rows
         due = [
             _action(r)
             for r in rows(
                 "SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id WHERE a.state = 'pending'"
-                " AND a.not_before <= ? AND e.state = 'open' ORDER BY a.not_before, a.id",
-                (now,),
+                " AND a.not_before <= ? AND e.state = 'open'"
+                " AND (a.replica IS NULL OR a.replica = ? OR a.lease_until < ?) ORDER BY a.not_before, a.id",
+                (now, replica, now),
             )
         ]
         expired = [
@@ -257,16 +260,42 @@ class SQLiteHealingRecords:
         wakes = [float(t) for t in (later, next_send) if t is not None]
         return Agenda(due, expired, escalations, min(wakes, default=None))
 
-    async def mark_verifying(self, action_id: int, detail: str) -> None:
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
+        return await self._db.write(
+            lambda db: db.execute(
+                "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
+                " AND (replica IS NULL OR replica = ? OR lease_until < ?)",
+                (replica, until, action_id, replica, now),
+            ).rowcount
+            == 1
+        )
+
+    async def give_back(self, action_id: int, replica: str) -> None:
         await self._db.write(
             lambda db: db.execute(
-                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state = 'running'",
-                (detail, action_id),
+                "UPDATE actions SET replica = NULL, lease_until = NULL WHERE id = ? AND replica = ?"
+                " AND state = 'pending'",
+                (action_id, replica),
             )
         )
 
-    async def verifying_actions(self) -> list[Action]:
-        return [_action(r) for r in await self._db.read("SELECT * FROM actions WHERE state = 'verifying'")]
+    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+        return await self._db.write(
+            lambda db: db.execute(
+                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state = 'running'"
+                " AND replica = ?",
+                (detail, action_id, replica),
+            ).rowcount
+            == 1
+        )
+
+    async def abandoned(self, now: float) -> list[Action]:
+        rows = await self._db.read(
+            "SELECT * FROM actions WHERE state IN ('running', 'verifying') AND coalesce(lease_until, 0) < ?"
+            " ORDER BY id",
+            (now,),
+        )
+        return [_action(r) for r in rows]
 
     async def running_actions(self) -> list[Action]:
         return [_action(r) for r in await self._db.read("SELECT * FROM actions WHERE state = 'running'")]
@@ -279,11 +308,15 @@ class SQLiteHealingRecords:
         params: Sequence[Any],
         from_state: ActionState,
         event: Event,
+        replica: str | None = None,
     ) -> bool:
-        """Move a step out of `from_state` with an audit event; False when it was not in that state."""
+        """Move a step out of `from_state` with an audit event; False when it was not in that state
+        (or, with `replica`, not held by that replica)."""
+        # A step that nobody took may be claimed straight away; one another replica took may not.
+        held = " AND (replica IS NULL OR replica = ?)" if replica is not None else ""
         cursor = db.execute(
-            f"UPDATE actions SET {assignments} WHERE id = ? AND state = ?",  # noqa: S608 - assignments are ours
-            (*params, action_id, from_state.value),
+            f"UPDATE actions SET {assignments} WHERE id = ? AND state = ?{held}",  # noqa: S608 - ours
+            (*params, action_id, from_state.value, *([replica] if replica is not None else [])),
         )
         if cursor.rowcount != 1:
             return False
@@ -291,16 +324,17 @@ class SQLiteHealingRecords:
         self._db.event(db, event[0], event[1], row["episode_id"], action_id)
         return True
 
-    async def claim(self, action_id: int, plan: dict[str, Any] | None) -> bool:
+    async def claim(self, action_id: int, plan: dict[str, Any] | None, replica: str) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             strategy = db.execute("SELECT strategy FROM actions WHERE id = ?", (action_id,)).fetchone()
             return self._move(
                 db,
                 action_id,
-                "state = 'running', started_at = ?, plan = ?",
-                (self._db.clock(), _plan_json(plan)),
+                "state = 'running', started_at = ?, plan = ?, replica = ?",
+                (self._db.clock(), _plan_json(plan), replica),
                 ActionState.PENDING,
-                ("started", {"strategy": strategy[0] if strategy else None}),
+                ("started", {"strategy": strategy[0] if strategy else None, "replica": replica}),
+                replica,
             )
 
         return await self._db.write(work)
@@ -329,14 +363,28 @@ class SQLiteHealingRecords:
             )
         )
 
-    async def finish(self, action_id: int, finish: Finish) -> bool:
-        return await self._db.write(lambda db: self._finish(db, action_id, finish))
+    async def finish(
+        self, action_id: int, finish: Finish, replica: str | None = None, abandoned_before: float | None = None
+    ) -> bool:
+        return await self._db.write(lambda db: self._finish(db, action_id, finish, replica, abandoned_before))
 
-    def _finish(self, db: sqlite3.Connection, action_id: int, finish: Finish) -> bool:
+    def _finish(
+        self,
+        db: sqlite3.Connection,
+        action_id: int,
+        finish: Finish,
+        replica: str | None,
+        abandoned_before: float | None,
+    ) -> bool:
         now = self._db.clock()
         action = self._get_action(db, action_id)
         if action is None or action.state is ActionState.DONE:
             return False
+        running = action.state in (ActionState.RUNNING, ActionState.VERIFYING)
+        if replica is not None and running and action.replica != replica:
+            return False  # another replica holds it now: this one lost its claim
+        if abandoned_before is not None and (action.lease_until or 0.0) >= abandoned_before:
+            return False  # its replica renewed the claim: it is not abandoned
         db.execute(
             "UPDATE actions SET state = 'done', outcome = ?, skip_reason = ?, detail = ?, exit_code = ?,"
             " output = ?, finished_at = ?, started_at = coalesce(started_at, ?),"
@@ -386,12 +434,6 @@ class SQLiteHealingRecords:
                 (action.episode_id, action.rule, finish.escalation, now, now),
             )
         return True
-
-    async def action_starts_since(self, horizon: float) -> list[float]:
-        rows = await self._db.read(
-            "SELECT started_at FROM actions WHERE started_at >= ? AND coalesce(outcome, '') != 'dry_run'", (horizon,)
-        )
-        return [float(r[0]) for r in rows]
 
     async def strategy_outcomes(self) -> dict[tuple[str, str], tuple[int, int]]:
         marks = ", ".join("?" * len(LEARNING_OUTCOMES))

@@ -156,7 +156,36 @@ CREATE INDEX IF NOT EXISTS optimizations_candidate ON optimizations(candidate, i
 """
 
 
+REPLICAS_SCHEMA = """
+ALTER TABLE actions ADD COLUMN replica TEXT;
+ALTER TABLE actions ADD COLUMN lease_until REAL;
+-- The action budget's circuit breaker, one row: open while open_until is in the future.
+CREATE TABLE IF NOT EXISTS circuit (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    open_until REAL NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO circuit (id, open_until) VALUES (1, 0);
+-- One row per action charged to the budget, kept for the budget's window.
+CREATE TABLE IF NOT EXISTS budget (started_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS budget_started ON budget(started_at);
+-- A strategy run in progress, held while its replica renews it.
+CREATE TABLE IF NOT EXISTS slots (
+    id INTEGER PRIMARY KEY,
+    replica TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leader (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    replica TEXT NOT NULL,
+    until REAL NOT NULL
+);
+"""
+
+
 def _execute_script(script: str) -> Callable[[sqlite3.Connection], None]:
+    """The statements of a script, split at semicolons (so no comment in a script may contain one)."""
+
     def apply(db: sqlite3.Connection) -> None:
         # executescript would COMMIT the migration's transaction; statements one by one stay inside it.
         for statement in script.split(";"):
@@ -198,6 +227,9 @@ MIGRATIONS = (
     Migration(2, "healing: inbox, episodes, actions, cooldowns, events, escalations", _execute_script(HEALING_SCHEMA)),
     Migration(3, "goals", _execute_script(GOALS_SCHEMA)),
     Migration(4, "optimisation trials", _execute_script(TRIALS_SCHEMA)),
+    Migration(
+        5, "replicas: who holds a step, the shared budget, slots and the leader", _execute_script(REPLICAS_SCHEMA)
+    ),
 )
 
 
