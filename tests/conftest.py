@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import PostgresServer, start_postgres
 from tests.servers import REPO, Server, free_port, http_get, start_prometheus, wait_for
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
@@ -63,3 +64,40 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     prometheus.stop(signal.SIGTERM)
     app.kill()
     app.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One real PostgreSQL cluster per test session (per xdist worker), deleted at the end."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.destroy()
+
+
+@dataclass
+class PostgresDatabase:
+    """A fresh database in the session's cluster: healer's `store` section for it, and the server."""
+
+    name: str
+    url: str
+    password_file: Path
+    server: PostgresServer
+
+    @property
+    def password(self) -> str:
+        return self.server.password
+
+    def store(self) -> dict[str, str]:
+        """The `store:` config section that points healer at this database."""
+        return {"url": self.url, "password_file": str(self.password_file)}
+
+
+@pytest.fixture
+def postgres_db(postgres: PostgresServer) -> Iterator[PostgresDatabase]:
+    """An empty database of its own for each test, dropped afterwards (the server restarted if a test stopped it)."""
+    url = postgres.create_database()
+    name = url.rsplit("/", 1)[1]
+    yield PostgresDatabase(name, url, postgres.password_file, postgres)
+    if not postgres.running:
+        postgres.start()
+    postgres.drop_database(name)

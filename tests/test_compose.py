@@ -1,5 +1,7 @@
 """docker-compose.yml, the Dockerfile and the systemd unit: their structure, and every config they mount validates.
 
+The profile `ha` (PostgreSQL and a second replica) is checked with the variables of examples/docker/ha.env.
+
 No Docker engine is needed: nothing is built or started. What a container would load is checked with the
 tools that load it (promtool, amtool, healer check-config), on the same files at the same relative paths.
 """
@@ -30,6 +32,10 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 UNIT_FILE = REPO / "examples" / "healer.service"
 SERVICES = {"prometheus", "alertmanager", "grafana", "healer", "app"}
+# The services of the profile `ha`, and the file of variables that switches the others to their HA configs.
+HA_SERVICES = {"postgres", "healer-2"}
+HEALER_REPLICAS = ("healer", "healer-2")
+HA_ENV = REPO / "examples" / "docker" / "ha.env"
 # The config file each service loads, as its container sees it.
 PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
 ALERTMANAGER_CONFIG = "/etc/alertmanager/alertmanager.yml"
@@ -44,14 +50,17 @@ VALIDATED_MOUNTS = {
     ("grafana", GRAFANA_PROVISIONING): "test_grafana_provisioning_parses_and_names_the_mounted_dashboards",
     ("grafana", "/etc/grafana/dashboards"): "test_grafana_provisioning_parses_and_names_the_mounted_dashboards",
     ("healer", HEALER_CONFIG): "test_healer_config_passes_check_config",
+    ("healer-2", HEALER_CONFIG): "test_ha_healer_config_passes_check_config",
 }
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
 
 
-def _interpolate(value: str) -> str:
-    """Resolve compose `${VAR:-default}` to its default, so that the checks do not depend on the environment."""
+def _interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Resolve compose `${VAR:-default}` from `env`, else to its default: the checks do not read the environment."""
 
     def default(match: re.Match[str]) -> str:
+        if env and match.group("name") in env:
+            return env[match.group("name")]
         if match.group("default") is None:
             raise AssertionError(f"{match.group(0)} has no default: `docker compose up` would need it set")
         return match.group("default")
@@ -71,17 +80,28 @@ def _service(name: str) -> dict[str, Any]:
     return service
 
 
-def _mounts(service: dict[str, Any]) -> list[dict[str, str]]:
+def _ha_env() -> dict[str, str]:
+    """The variables of examples/docker/ha.env (KEY=VALUE lines; # starts a comment)."""
+    variables = {}
+    for line in HA_ENV.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f"ha.env: {line!r}"
+            variables[key] = value
+    return variables
+
+
+def _mounts(service: dict[str, Any], env: dict[str, str] | None = None) -> list[dict[str, str]]:
     """The service's volumes as {type, source, target}, short and long syntax alike."""
     mounts = []
     for entry in service.get("volumes", []):
         if isinstance(entry, str):
-            parts = _interpolate(entry).split(":")
+            parts = _interpolate(entry, env).split(":")
             assert len(parts) in (2, 3), f"cannot read volume {entry!r}"
             source, target = parts[0], parts[1]
             kind = "bind" if source.startswith((".", "/", "~")) else "volume"
         else:
-            kind, source, target = entry["type"], _interpolate(entry["source"]), entry["target"]
+            kind, source, target = entry["type"], _interpolate(entry["source"], env), entry["target"]
         mounts.append({"type": kind, "source": source, "target": target})
     return mounts
 
@@ -94,8 +114,8 @@ def _host_path(source: str) -> Path:
     return path
 
 
-def _bind_source(service: str, target: str) -> Path:
-    for mount in _mounts(_service(service)):
+def _bind_source(service: str, target: str, env: dict[str, str] | None = None) -> Path:
+    for mount in _mounts(_service(service), env):
         if mount["type"] == "bind" and mount["target"] == target:
             return _host_path(mount["source"])
     raise AssertionError(f"{service} does not bind-mount anything at {target}")
@@ -178,9 +198,12 @@ def _unit() -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def test_compose_file_defines_the_five_services() -> None:
-    """docker-compose.yml parses as YAML and defines prometheus, alertmanager, grafana, healer and app."""
-    assert set(_compose()["services"]) == SERVICES
+def test_compose_file_defines_the_services() -> None:
+    """docker-compose.yml defines prometheus, alertmanager, grafana, healer, app; postgres and healer-2 in `ha`."""
+    services = _compose()["services"]
+    assert {name for name, service in services.items() if "profiles" not in service} == SERVICES
+    assert {name for name, service in services.items() if service.get("profiles") == ["ha"]} == HA_SERVICES
+    assert set(services) == SERVICES | HA_SERVICES
 
 
 def test_every_service_has_a_healthcheck() -> None:
@@ -191,19 +214,23 @@ def test_every_service_has_a_healthcheck() -> None:
         assert not check.get("disable"), f"{name} disables its healthcheck"
         test = check["test"]
         assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, f"{name}: {test}"
-        assert re.search(r"https?://(127\.0\.0\.1|localhost):\d+/", " ".join(test)), f"{name} probes another host"
+        if name == "postgres":
+            assert test[1] == "pg_isready" and test[test.index("-h") + 1] == "127.0.0.1", test
+        else:
+            assert re.search(r"https?://(127\.0\.0\.1|localhost):\d+/", " ".join(test)), f"{name} probes another host"
         for key in ("interval", "timeout"):
             assert parse_duration(check[key]) > 0, f"{name}.healthcheck.{key}"
 
 
 def test_python_healthchecks_compile() -> None:
-    """The `python -c` healthchecks (healer, app) are valid Python that requests the ready endpoint."""
-    for name in ("healer", "app"):
+    """The `python -c` healthchecks (healer, healer-2, app) are valid Python that requests the ready endpoint."""
+    for name in (*HEALER_REPLICAS, "app"):
         test = _service(name)["healthcheck"]["test"]
         assert test[1:3] == ["python", "-c"], f"{name}: {test}"
         compile(test[3], f"{name}.healthcheck", "exec")
         assert "urllib.request.urlopen" in test[3]
-    assert "/-/ready" in _service("healer")["healthcheck"]["test"][3]
+    for name in HEALER_REPLICAS:
+        assert "/-/ready" in _service(name)["healthcheck"]["test"][3]
 
 
 def test_named_volumes_are_declared_and_hold_each_services_data() -> None:
@@ -216,6 +243,8 @@ def test_named_volumes_are_declared_and_hold_each_services_data() -> None:
         "grafana": "/var/lib/grafana",
         "healer": "/var/lib/healer",
         "app": "/data",
+        "postgres": "/var/lib/postgresql/data",
+        "healer-2": "/data",  # the app's data, for free-disk; its own state is in PostgreSQL
     }
     for name, service in compose["services"].items():
         named = {m["target"]: m["source"] for m in _mounts(service) if m["type"] == "volume"}
@@ -513,3 +542,103 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "healer.service" in line]
     assert result.returncode == 0 and not complaints, "\n".join(complaints) or result.stderr
+
+
+def _ha_healer_config() -> Path:
+    path = _bind_source("healer", HEALER_CONFIG, _ha_env())
+    assert path == _bind_source("healer-2", HEALER_CONFIG), "the two replicas load different configs"
+    return path
+
+
+def test_ha_env_switches_healer_and_alertmanager_to_their_ha_configs() -> None:
+    """ha.env sets exactly the variables of healer's and Alertmanager's config mounts, to the HA files that exist."""
+    env = _ha_env()
+    assert set(env) == {"HEALER_CONFIG_FILE", "ALERTMANAGER_CONFIG_FILE"}
+    assert _bind_source("healer", HEALER_CONFIG, env) == REPO / "examples" / "docker" / "healer-ha.yml"
+    docker = REPO / "examples" / "docker"
+    assert _bind_source("alertmanager", ALERTMANAGER_CONFIG, env) == docker / "alertmanager-ha.yml"
+    # Without it, the default stack is unchanged.
+    assert _bind_source("healer", HEALER_CONFIG) == REPO / "examples" / "docker" / "healer.yml"
+    assert _bind_source("alertmanager", ALERTMANAGER_CONFIG) == REPO / "examples" / "docker" / "alertmanager.yml"
+    compose_text = COMPOSE_FILE.read_text()
+    assert f"--env-file {HA_ENV.relative_to(REPO)} --profile ha up" in compose_text
+    assert f"--env-file {HA_ENV.relative_to(REPO)} --profile ha up" in HA_ENV.read_text()
+
+
+def test_ha_healer_config_passes_check_config() -> None:
+    """`python -m healer check-config` accepts the HA config both replicas load."""
+    from healer.config.model import StoreConfig
+
+    if "url" not in StoreConfig.model_fields:
+        pytest.skip("the PostgreSQL store (store.url) is not in healer's config model yet")
+    result = subprocess.run(
+        [sys.executable, "-m", "healer", "check-config", str(_ha_healer_config())],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ha_healer_config_differs_from_the_single_one_only_in_its_store() -> None:
+    """healer-ha.yml is healer.yml with the store on the postgres service's database, its password a shared secret."""
+    ha = yaml.safe_load(_ha_healer_config().read_text())
+    single = yaml.safe_load(_bind_source("healer", HEALER_CONFIG).read_text())
+    assert {key: value for key, value in ha.items() if key != "store"} == {
+        key: value for key, value in single.items() if key != "store"
+    }
+    store = ha["store"]
+    assert "path" not in store
+    assert {key: value for key, value in store.items() if key not in ("url", "password_file")} == {
+        key: value for key, value in single["store"].items() if key != "path"
+    }
+    url = urllib.parse.urlsplit(store["url"])
+    postgres = _service("postgres")
+    assert url.scheme == "postgresql" and url.hostname == "postgres" and url.port == 5432 and url.password is None
+    assert url.username == postgres["environment"]["POSTGRES_USER"]
+    assert url.path == "/" + postgres["environment"]["POSTGRES_DB"]
+    password_file = store["password_file"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == password_file
+    for name in (*HEALER_REPLICAS, "postgres"):
+        assert password_file in _secret_paths(name), f"{name} is not given {password_file}"
+    secret = _secret_files()[PurePosixPath(password_file).name]
+    assert len(secret.read_text().strip().splitlines()) == 1
+
+
+def test_ha_services_run_like_the_first_replica() -> None:
+    """healer-2 is healer's image, hardening and secrets under its own name; postgres is healthy before it starts."""
+    first, second = _service("healer"), _service("healer-2")
+    for key in ("build", "image", "healthcheck", "stop_signal", "stop_grace_period", "init", "read_only", "tmpfs"):
+        assert second.get(key) == first.get(key), key
+    for key in ("cap_drop", "security_opt", "restart"):
+        assert second[key] == first[key], key
+    assert set(second["secrets"]) == set(first["secrets"])
+    assert {first["environment"]["HEALER_REPLICA"], second["environment"]["HEALER_REPLICA"]} == set(HEALER_REPLICAS)
+    assert second["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # A dependency on a service of an inactive profile would break plain `docker compose up` on older Compose.
+    assert "postgres" not in first.get("depends_on", {})
+    published = {port.rsplit(":", 2)[0] + ":" + port.rsplit(":", 2)[1] for port in (*first["ports"], *second["ports"])}
+    assert len(published) == 2 and all(port.startswith("127.0.0.1:") for port in published), published
+    postgres = _service("postgres")
+    assert re.fullmatch(r"postgres:\d+(\.\d+)?", postgres["image"]), postgres["image"]
+    assert "ports" not in postgres, "PostgreSQL is for the replicas only"
+
+
+def test_ha_alertmanager_config_posts_to_every_replica() -> None:
+    """The HA Alertmanager config passes amtool and is the single one with one healer webhook per replica."""
+    path = _bind_source("alertmanager", ALERTMANAGER_CONFIG, _ha_env())
+    result = subprocess.run([AMTOOL, "check-config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ha = yaml.safe_load(path.read_text())
+    single = yaml.safe_load(_bind_source("alertmanager", ALERTMANAGER_CONFIG).read_text())
+    assert {key: value for key, value in ha.items() if key != "receivers"} == {
+        key: value for key, value in single.items() if key != "receivers"
+    }
+    assert [r for r in ha["receivers"] if r["name"] != "healer"] == [
+        r for r in single["receivers"] if r["name"] != "healer"
+    ]
+    (template,) = next(r for r in single["receivers"] if r["name"] == "healer")["webhook_configs"]
+    hooks = next(r for r in ha["receivers"] if r["name"] == "healer")["webhook_configs"]
+    assert [_host_of(hook["url"]) for hook in hooks] == list(HEALER_REPLICAS)
+    for hook, replica in zip(hooks, HEALER_REPLICAS, strict=True):
+        assert hook == {**template, "url": template["url"].replace("//healer:", f"//{replica}:")}
