@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from healer.config import StoreConfig
 from healer.healing.model import Action, EpisodeState, Finish, InboxPosition, NewAction, OpenRequest, Outcome
 from healer.healing.payload import WebhookAlert, WebhookPayload, encode_webhook
 from healer.storage import Storage
+from healer.storage.postgres import PostgresStorage
 from healer.storage.sqlite import SQLiteStorage
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 # The replica the contract tests act as.
 REPLICA = "replica-a"
 RULE = "web"
@@ -30,17 +32,23 @@ class FakeClock:
 
 
 class Backend:
-    """Opens stores of one backend on one place (so that a test can reopen it) and closes what a test left open."""
+    """Opens stores of one backend on one place (so that a test can reopen it) and closes what a test left open.
 
-    def __init__(self, name: str, tmp_path: Path, clock: FakeClock) -> None:
+    The place is a file for SQLite and, for PostgreSQL, the test's own database that `store` names.
+    """
+
+    def __init__(self, name: str, tmp_path: Path, clock: FakeClock, store: StoreConfig | None = None) -> None:
         self.name = name
         self.path = tmp_path / "healer.db"
         self.clock = clock
+        self.store = store
         self._open: list[Storage] = []
 
     async def open(self) -> Storage:
         if self.name == "sqlite":
             storage: Storage = SQLiteStorage(self.path, clock=self.clock)
+        elif self.name == "postgresql" and self.store is not None:
+            storage = await PostgresStorage.open(self.store, self.clock)
         else:
             raise ValueError(f"no such storage backend: {self.name}")
         self._open.append(storage)

@@ -1,0 +1,634 @@
+"""Healing's records in PostgreSQL: episodes, steps, cooldowns, escalations and the audit trail, shared by replicas.
+
+Transactions that touch several of these rows lock them in one order (episode, then its steps, then
+the inbox), so that replicas wait for each other instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import sql
+
+from healer.healing.model import (
+    LEARNING_OUTCOMES,
+    Action,
+    ActionFilter,
+    ActionState,
+    Agenda,
+    Episode,
+    EpisodeState,
+    Escalation,
+    Event,
+    Finish,
+    HealingCounts,
+    InboxPosition,
+    NewAction,
+    Opened,
+    OpenRequest,
+    Outcome,
+    Resolution,
+)
+from healer.healing.payload import WebhookAlert
+from healer.healing.rules import after_resolved, after_step, defer_for_cooldown
+from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
+from healer.storage.postgres.inbox import advance
+
+
+def _episode(row: Row) -> Episode:
+    return Episode(
+        row["id"],
+        row["fingerprint"],
+        row["starts_at"],
+        row["starts_at_epoch"],
+        row["alertname"],
+        json.loads(row["labels"]),
+        json.loads(row["annotations"]),
+        row["rule"],
+        EpisodeState(row["state"]),
+        row["created_at"],
+        row["ended_at"],
+        row["resolved_at"],
+        row["silence_id"],
+    )
+
+
+def _action(row: Row) -> Action:
+    return Action(
+        row["id"],
+        row["episode_id"],
+        row["attempt"],
+        row["step"],
+        row["rule"],
+        row["strategy"],
+        ActionState(row["state"]),
+        Outcome(row["outcome"]) if row["outcome"] else None,
+        row["skip_reason"],
+        row["not_before"],
+        row["approval_deadline"],
+        bool(row["approved"]),
+        row["created_at"],
+        row["started_at"],
+        row["finished_at"],
+        json.loads(row["plan"]) if row["plan"] else None,
+        row["detail"],
+        row["exit_code"],
+        row["output"],
+        row["replica"],
+        row["lease_until"],
+    )
+
+
+def _escalation(row: Row) -> Escalation:
+    return Escalation(**row)
+
+
+def _episode_key(request: OpenRequest) -> tuple[str, str]:
+    return request.alert.fingerprint, request.alert.starts_at
+
+
+def _plan_json(plan: dict[str, Any] | None) -> str | None:
+    return json.dumps(plan) if plan is not None else None
+
+
+class PostgresHealingRecords:
+    """The healing tables of one PostgreSQL database."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self._db = database
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
+        async def work(tx: Transaction) -> list[Opened]:
+            now = self._db.clock()
+            # Replicas given the same alerts in another order would lock each other's new episodes
+            # crosswise; in key order they queue instead. The sort is stable, so of two requests for
+            # one episode the first still opens it.
+            order = sorted(range(len(requests)), key=lambda i: _episode_key(requests[i]))
+            opened: dict[int, Opened] = {}
+            for i in order:
+                opened[i] = await self._open_episode(tx, requests[i], now)
+            await advance(tx, [request.position for request in requests], now)
+            return [opened[i] for i in range(len(requests))]
+
+        return await self._db.write(work)
+
+    async def _open_episode(self, tx: Transaction, request: OpenRequest, now: float) -> Opened:
+        alert = request.alert
+        starts_at = alert.starts_at
+        ended_at = None if request.state is EpisodeState.OPEN else now
+        # A replica opening the same episode at the same moment waits here for the other's commit,
+        # then does nothing: each episode, and so its first step, is created once.
+        episode_id = await tx.value(
+            "INSERT INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels, annotations, rule,"
+            " state, created_at, ended_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (fingerprint, starts_at) DO NOTHING RETURNING id",
+            (
+                alert.fingerprint,
+                starts_at,
+                alert.starts_at_epoch,
+                alert.alertname,
+                json.dumps(alert.labels),
+                json.dumps(alert.annotations),
+                request.rule,
+                request.state.value,
+                now,
+                ended_at,
+            ),
+        )
+        if episode_id is None:
+            row = await tx.row(
+                "SELECT * FROM episodes WHERE fingerprint = %s AND starts_at = %s", (alert.fingerprint, starts_at)
+            )
+            assert row is not None  # the conflicting row is committed once the insert gives way
+            return Opened(_episode(row), False, None)
+        # Everything is known; reading the row back would only parse the JSON just written.
+        episode = Episode(
+            int(episode_id), alert.fingerprint, starts_at, alert.starts_at_epoch, alert.alertname,
+            dict(alert.labels), dict(alert.annotations), request.rule, request.state, now, ended_at, None, None,
+        )  # fmt: skip
+        for kind, detail in request.events:
+            await tx.event(kind, detail, episode.id)
+        deferred_until = None
+        if request.first is not None:
+            cooldown = await tx.value(
+                "SELECT until FROM cooldowns WHERE rule = %s AND fingerprint = %s",
+                (request.first.rule, alert.fingerprint),
+            )
+            deferral = defer_for_cooldown(request.first, float(cooldown) if cooldown is not None else None)
+            deferred_until = deferral.deferred_until
+            if deferred_until is not None:
+                await tx.event("deferred", {"reason": "cooldown", "until": deferred_until}, episode.id)
+            await self._insert_action(tx, episode.id, deferral.first, now)
+        return Opened(episode, True, deferred_until)
+
+    async def resolve_episode(self, position: InboxPosition, alert: WebhookAlert) -> Resolution:
+        async def work(tx: Transaction) -> Resolution:
+            now = self._db.clock()
+            # The episode's row lock orders this against a step of it finishing on another replica,
+            # so that one of the two sees the other's effect (the alert resolved, or the step ended).
+            row = await tx.row(
+                "SELECT * FROM episodes WHERE fingerprint = %s AND starts_at = %s FOR UPDATE",
+                (alert.fingerprint, alert.starts_at),
+            )
+            if row is None:
+                await advance(tx, [position], now)
+                return Resolution(None, [], [])
+            episode_id = row["id"]
+            if row["resolved_at"] is None:
+                await tx.execute("UPDATE episodes SET resolved_at = %s WHERE id = %s", (now, episode_id))
+                await tx.event("resolved", {"fingerprint": alert.fingerprint}, episode_id)
+            await self._resolve_escalation(tx, episode_id, now)
+            cancelled = [
+                _action(r)
+                for r in await tx.rows(
+                    "UPDATE actions SET state = 'done', outcome = 'cancelled', skip_reason = 'resolved',"
+                    " finished_at = %s, detail = 'alert resolved before the step ran' WHERE id IN (SELECT id"
+                    " FROM actions WHERE episode_id = %s AND state IN ('pending', 'awaiting_approval')"
+                    " ORDER BY id FOR UPDATE) RETURNING *",
+                    (now, episode_id),
+                )
+            ]
+            cancelled.sort(key=lambda action: action.id)
+            for action in cancelled:
+                await tx.event("cancelled", {"reason": "resolved"}, episode_id, action.id)
+            running = [
+                _action(r)
+                for r in await tx.rows(
+                    "SELECT * FROM actions WHERE episode_id = %s AND state IN ('running', 'verifying') ORDER BY id",
+                    (episode_id,),
+                )
+            ]
+            end_as = after_resolved(EpisodeState(row["state"]), bool(running))
+            if end_as is not None:
+                await tx.execute(
+                    "UPDATE episodes SET state = %s, ended_at = %s WHERE id = %s", (end_as.value, now, episode_id)
+                )
+            refreshed = await tx.row("SELECT * FROM episodes WHERE id = %s", (episode_id,))
+            assert refreshed is not None
+            # The inbox last, as in every transaction that touches it (see the module's docstring).
+            await advance(tx, [position], now)
+            return Resolution(_episode(refreshed), cancelled, running)
+
+        return await self._db.write(work)
+
+    async def get_episode(self, episode_id: int) -> Episode | None:
+        rows = await self._db.read("SELECT * FROM episodes WHERE id = %s", (episode_id,))
+        return _episode(rows[0]) if rows else None
+
+    async def set_silence(self, episode_id: int, silence_id: str | None) -> None:
+        await self._db.write(
+            lambda tx: tx.execute("UPDATE episodes SET silence_id = %s WHERE id = %s", (silence_id, episode_id))
+        )
+
+    async def episodes_with_silences(self) -> list[Episode]:
+        rows = await self._db.read("SELECT * FROM episodes WHERE silence_id IS NOT NULL AND state != 'open'")
+        return [_episode(r) for r in rows]
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    async def _insert_action(self, tx: Transaction, episode_id: int, spec: NewAction, now: float) -> int:
+        action_id = int(
+            await tx.value(
+                "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
+                " VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s) RETURNING id",
+                (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
+            )
+        )
+        await tx.event(
+            "scheduled",
+            {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
+            episode_id,
+            action_id,
+        )
+        return action_id
+
+    async def get_action(self, action_id: int) -> Action | None:
+        rows = await self._db.read("SELECT * FROM actions WHERE id = %s", (action_id,))
+        return _action(rows[0]) if rows else None
+
+    async def agenda(self, now: float, replica: str) -> Agenda:
+        async def work(tx: Transaction) -> Agenda:
+            due = [
+                _action(r)
+                for r in await tx.rows(
+                    "SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id WHERE a.state = 'pending'"
+                    " AND a.not_before <= %s AND e.state = 'open'"
+                    " AND (a.replica IS NULL OR a.replica = %s OR a.lease_until < %s) ORDER BY a.not_before, a.id",
+                    (now, replica, now),
+                )
+            ]
+            expired = [
+                _action(r)
+                for r in await tx.rows(
+                    "SELECT * FROM actions WHERE state = 'awaiting_approval' AND approval_deadline <= %s ORDER BY id",
+                    (now,),
+                )
+            ]
+            later = await tx.value(
+                "SELECT min(CASE WHEN state = 'pending' THEN not_before ELSE approval_deadline END) FROM actions"
+                " WHERE (state = 'pending' AND not_before > %s)"
+                " OR (state = 'awaiting_approval' AND approval_deadline > %s)",
+                (now, now),
+            )
+            escalations = [
+                _escalation(r)
+                for r in await tx.rows(
+                    "SELECT * FROM escalations WHERE next_send <= %s ORDER BY next_send, episode_id", (now,)
+                )
+            ]
+            next_send = await tx.value("SELECT min(next_send) FROM escalations WHERE next_send > %s", (now,))
+            wakes = [float(t) for t in (later, next_send) if t is not None]
+            return Agenda(due, expired, escalations, min(wakes, default=None))
+
+        return await self._db.transaction(work)
+
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
+        # One conditional UPDATE: of replicas taking the same step at once, the row lock lets one
+        # through and the others re-check the condition against its result, and fail.
+        return (
+            await self._db.write(
+                lambda tx: tx.execute(
+                    "UPDATE actions SET replica = %s, lease_until = %s WHERE id = %s AND state = 'pending'"
+                    " AND (replica IS NULL OR replica = %s OR lease_until < %s)",
+                    (replica, until, action_id, replica, now),
+                )
+            )
+            == 1
+        )
+
+    async def give_back(self, action_id: int, replica: str) -> None:
+        await self._db.write(
+            lambda tx: tx.execute(
+                "UPDATE actions SET replica = NULL, lease_until = NULL WHERE id = %s AND replica = %s"
+                " AND state = 'pending'",
+                (action_id, replica),
+            )
+        )
+
+    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+        # A replica whose claim has lapsed may already be replaced; it must not move the step on.
+        return (
+            await self._db.write(
+                lambda tx: tx.execute(
+                    "UPDATE actions SET state = 'verifying', detail = %s WHERE id = %s AND state = 'running'"
+                    " AND replica = %s AND (lease_until IS NULL OR lease_until >= %s)",
+                    (detail, action_id, replica, self._db.clock()),
+                )
+            )
+            == 1
+        )
+
+    async def abandoned(self, now: float) -> list[Action]:
+        rows = await self._db.read(
+            "SELECT * FROM actions WHERE state IN ('running', 'verifying') AND coalesce(lease_until, 0) < %s"
+            " ORDER BY id",
+            (now,),
+        )
+        return [_action(r) for r in rows]
+
+    async def running_actions(self) -> list[Action]:
+        return [_action(r) for r in await self._db.read("SELECT * FROM actions WHERE state = 'running' ORDER BY id")]
+
+    async def _move(
+        self,
+        tx: Transaction,
+        action_id: int,
+        assignments: sql.Composable,
+        params: Sequence[Any],
+        from_state: ActionState,
+        event: Event,
+        replica: str | None = None,
+    ) -> bool:
+        """Move a step out of `from_state` with an audit event; False when it was not in that state
+        (or, with `replica`, not held by that replica)."""
+        # A step that nobody took may be claimed straight away; one another replica took may not.
+        held = sql.SQL(" AND (replica IS NULL OR replica = %s)") if replica is not None else sql.SQL("")
+        episode_id = await tx.value(
+            sql.SQL("UPDATE actions SET {} WHERE id = %s AND state = %s{} RETURNING episode_id").format(
+                assignments, held
+            ),
+            (*params, action_id, from_state.value, *([replica] if replica is not None else [])),
+        )
+        if episode_id is None:
+            return False
+        await tx.event(event[0], event[1], episode_id, action_id)
+        return True
+
+    async def claim(self, action_id: int, plan: dict[str, Any] | None, replica: str) -> bool:
+        async def work(tx: Transaction) -> bool:
+            strategy = await tx.value("SELECT strategy FROM actions WHERE id = %s", (action_id,))
+            return await self._move(
+                tx,
+                action_id,
+                sql.SQL("state = 'running', started_at = %s, plan = %s, replica = %s"),
+                (self._db.clock(), _plan_json(plan), replica),
+                ActionState.PENDING,
+                ("started", {"strategy": strategy, "replica": replica}),
+                replica,
+            )
+
+        return await self._db.write(work)
+
+    async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
+        return await self._db.write(
+            lambda tx: self._move(
+                tx,
+                action_id,
+                sql.SQL("state = 'awaiting_approval', approval_deadline = %s, plan = %s"),
+                (deadline, _plan_json(plan)),
+                ActionState.PENDING,
+                ("awaiting_approval", {"deadline": deadline}),
+            )
+        )
+
+    async def approve(self, action_id: int, approver: str) -> bool:
+        return await self._db.write(
+            lambda tx: self._move(
+                tx,
+                action_id,
+                sql.SQL("state = 'pending', approved = TRUE, not_before = %s"),
+                (self._db.clock(),),
+                ActionState.AWAITING_APPROVAL,
+                ("approved", {"by": approver}),
+            )
+        )
+
+    async def finish(
+        self, action_id: int, finish: Finish, replica: str | None = None, abandoned_before: float | None = None
+    ) -> bool:
+        return await self._db.write(lambda tx: self._finish(tx, action_id, finish, replica, abandoned_before))
+
+    async def _finish(
+        self,
+        tx: Transaction,
+        action_id: int,
+        finish: Finish,
+        replica: str | None,
+        abandoned_before: float | None,
+    ) -> bool:
+        now = self._db.clock()
+        # A step's episode never changes, so it is read unlocked; then the episode is locked before the
+        # step, in the order every transaction here keeps (see the module's docstring).
+        episode_id = await tx.value("SELECT episode_id FROM actions WHERE id = %s", (action_id,))
+        if episode_id is None:
+            return False
+        episode = await tx.row("SELECT state, resolved_at FROM episodes WHERE id = %s FOR UPDATE", (episode_id,))
+        row = await tx.row("SELECT * FROM actions WHERE id = %s FOR UPDATE", (action_id,))
+        if episode is None or row is None:
+            return False
+        action = _action(row)
+        if action.state is ActionState.DONE:
+            return False
+        running = action.state in (ActionState.RUNNING, ActionState.VERIFYING)
+        if replica is not None and running and action.replica != replica:
+            return False  # another replica holds it now: this one lost its claim
+        if replica is not None and running and action.lease_until is not None and action.lease_until < now:
+            return False  # its claim lapsed: another replica may be settling it, even if none has yet
+        if abandoned_before is not None and (action.lease_until or 0.0) >= abandoned_before:
+            return False  # its replica renewed the claim: it is not abandoned
+        await tx.execute(
+            "UPDATE actions SET state = 'done', outcome = %s, skip_reason = %s, detail = %s, exit_code = %s,"
+            " output = %s, finished_at = %s, started_at = coalesce(started_at, %s),"
+            " plan = coalesce(%s, plan) WHERE id = %s",
+            (
+                finish.outcome.value,
+                finish.skip_reason,
+                finish.detail,
+                finish.exit_code,
+                finish.output,
+                now,
+                finish.started_at,
+                _plan_json(finish.plan),
+                action_id,
+            ),
+        )
+        await tx.event(
+            "finished",
+            {"outcome": finish.outcome.value, "skip_reason": finish.skip_reason, "detail": finish.detail},
+            episode_id,
+            action_id,
+        )
+        for kind, detail in finish.events:
+            await tx.event(kind, detail, episode_id, action_id)
+        if finish.cooldown is not None:
+            until, streak = finish.cooldown
+            await tx.execute(
+                "INSERT INTO cooldowns (rule, fingerprint, until, streak) SELECT %s, fingerprint, %s, %s"
+                " FROM episodes WHERE id = %s ON CONFLICT (rule, fingerprint) DO UPDATE SET"
+                " until = excluded.until, streak = excluded.streak",
+                (action.rule, until, streak, episode_id),
+            )
+        then = after_step(EpisodeState(episode["state"]), episode["resolved_at"] is not None, finish)
+        if then.schedule is not None:
+            await self._insert_action(tx, episode_id, then.schedule, now)
+        if then.end_as is not None:
+            await tx.execute(
+                "UPDATE episodes SET state = %s, ended_at = %s WHERE id = %s AND state = 'open'",
+                (then.end_as.value, now, episode_id),
+            )
+        if then.queue_escalation:
+            await tx.execute(
+                "INSERT INTO escalations (episode_id, rule, reason, created_at, next_send)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (episode_id) DO NOTHING",
+                (episode_id, action.rule, finish.escalation, now, now),
+            )
+        return True
+
+    async def strategy_outcomes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        rows = await self._db.read(
+            "SELECT rule, strategy, count(*) FILTER (WHERE outcome = 'healed') AS healed,"
+            " count(*) FILTER (WHERE outcome = ANY(%s)) AS judged FROM actions GROUP BY rule, strategy",
+            ([o.value for o in LEARNING_OUTCOMES],),
+        )
+        return {(row["rule"], row["strategy"]): (int(row["healed"]), int(row["judged"])) for row in rows}
+
+    async def tried_strategies(self, episode_id: int) -> set[str]:
+        rows = await self._db.read("SELECT DISTINCT strategy FROM actions WHERE episode_id = %s", (episode_id,))
+        return {row["strategy"] for row in rows}
+
+    # -- escalations ---------------------------------------------------------------------------
+
+    async def get_escalation(self, episode_id: int) -> Escalation | None:
+        rows = await self._db.read("SELECT * FROM escalations WHERE episode_id = %s", (episode_id,))
+        return _escalation(rows[0]) if rows else None
+
+    async def escalation_sent(self, episode_id: int, next_send: float | None) -> None:
+        async def work(tx: Transaction) -> None:
+            # The row lock keeps "was this the first delivery?" true for one replica only.
+            first = await tx.row("SELECT sent_at FROM escalations WHERE episode_id = %s FOR UPDATE", (episode_id,))
+            # A resolution recorded while a firing post was in flight makes the next post due at once.
+            await tx.execute(
+                "UPDATE escalations SET sent_at = %(now)s, failures = 0, next_send = CASE"
+                " WHEN %(next)s::double precision IS NOT NULL AND resolved_at IS NOT NULL THEN %(now)s"
+                " ELSE %(next)s::double precision END WHERE episode_id = %(episode)s",
+                {"now": self._db.clock(), "next": next_send, "episode": episode_id},
+            )
+            # Re-sends keep HealingFailed firing; only the first delivery and the resolution are news.
+            if first is not None and first["sent_at"] is None:
+                await tx.event("escalation_delivered", {}, episode_id)
+            if next_send is None:
+                await tx.event("escalation_resolved", {}, episode_id)
+
+        await self._db.write(work)
+
+    async def escalation_failed(self, episode_id: int, next_send: float | None, reason: str) -> None:
+        async def work(tx: Transaction) -> None:
+            await tx.execute(
+                "UPDATE escalations SET failures = failures + 1, next_send = %s WHERE episode_id = %s",
+                (next_send, episode_id),
+            )
+            if next_send is None:
+                await tx.event("escalation_refused", {"reason": reason[:2000]}, episode_id)
+
+        await self._db.write(work)
+
+    async def escalation_withdrawn(self, episode_id: int) -> None:
+        async def work(tx: Transaction) -> None:
+            await tx.execute("UPDATE escalations SET next_send = NULL WHERE episode_id = %s", (episode_id,))
+            await tx.event("escalation_withdrawn", {"reason": "the alert resolved before it was delivered"}, episode_id)
+
+        await self._db.write(work)
+
+    async def escalation_stopped_firing(self, episode_id: int) -> None:
+        await self._db.write(lambda tx: self._resolve_escalation(tx, episode_id, self._db.clock()))
+
+    @staticmethod
+    async def _resolve_escalation(tx: Transaction, episode_id: int, now: float) -> None:
+        await tx.execute(
+            "UPDATE escalations SET resolved_at = %s, next_send = %s WHERE episode_id = %s AND resolved_at IS NULL"
+            " AND next_send IS NOT NULL",
+            (now, now, episode_id),
+        )
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
+        clauses: list[sql.Composable] = []
+        params: list[object] = []
+        for column, value in (
+            ("e.alertname", query.alertname),
+            ("e.fingerprint", query.fingerprint),
+            ("a.episode_id", query.episode_id),
+            ("a.rule", query.rule),
+            ("a.strategy", query.strategy),
+            ("a.outcome", query.outcome),
+        ):
+            if value is not None:
+                clauses.append(sql.SQL("{} = %s").format(sql.Identifier(*column.split("."))))
+                params.append(value)
+        if query.since is not None:
+            clauses.append(sql.SQL("a.created_at >= %s"))
+            params.append(query.since)
+        if query.until is not None:
+            clauses.append(sql.SQL("a.created_at <= %s"))
+            params.append(query.until)
+        where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("")
+
+        async def work(tx: Transaction) -> list[tuple[Action, Episode]]:
+            rows = await tx.rows(
+                sql.SQL(
+                    "SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id {} ORDER BY a.id DESC LIMIT %s"
+                ).format(where),
+                (*params, query.limit),
+            )
+            ids = sorted({row["episode_id"] for row in rows})
+            episodes = {
+                row["id"]: _episode(row) for row in await tx.rows("SELECT * FROM episodes WHERE id = ANY(%s)", (ids,))
+            }
+            return [(_action(row), episodes[row["episode_id"]]) for row in rows]
+
+        return await self._db.transaction(work)
+
+    async def events(self, episode_id: int) -> list[dict[str, Any]]:
+        rows = await self._db.read(
+            "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = %s ORDER BY id", (episode_id,)
+        )
+        return [
+            {"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows
+        ]
+
+    async def counts(self) -> HealingCounts:
+        async def work(tx: Transaction) -> HealingCounts:
+            received = int(await tx.value("SELECT coalesce(sum(alerts), 0) FROM inbox"))
+            episodes = {
+                r["state"]: int(r["n"])
+                for r in await tx.rows("SELECT state, count(*) AS n FROM episodes GROUP BY state")
+            }
+            outcomes = {
+                r["outcome"]: int(r["n"])
+                for r in await tx.rows(
+                    "SELECT outcome, count(*) AS n FROM actions WHERE outcome IS NOT NULL GROUP BY outcome"
+                )
+            }
+            heal_times = [
+                float(r["seconds"])
+                for r in await tx.rows(
+                    "SELECT a.finished_at - e.starts_at_epoch AS seconds FROM actions a"
+                    " JOIN episodes e ON e.id = a.episode_id WHERE a.outcome = 'healed' ORDER BY 1"
+                )
+            ]
+            return HealingCounts(received, episodes, outcomes, heal_times)
+
+        return await self._db.transaction(work)
+
+    async def purge(self, older_than: float) -> int:
+        async def work(tx: Transaction) -> int:
+            # An episode whose silence could not be expired yet, or whose HealingFailed still has to be
+            # sent or resolved, is kept, so neither is forgotten.
+            ended = sql.SQL(
+                "state != 'open' AND silence_id IS NULL AND coalesce(ended_at, created_at) < %s"
+                " AND id NOT IN (SELECT episode_id FROM escalations WHERE next_send IS NOT NULL)"
+            )
+            old = sql.SQL("SELECT id FROM episodes WHERE {}").format(ended)
+            for table in ("events", "escalations", "actions"):
+                await tx.execute(
+                    sql.SQL("DELETE FROM {} WHERE episode_id IN ({})").format(sql.Identifier(table), old),
+                    (older_than,),
+                )
+            return await tx.execute(sql.SQL("DELETE FROM episodes WHERE {}").format(ended), (older_than,))
+
+        return await self._db.write(work)
