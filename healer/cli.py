@@ -140,6 +140,9 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
 
     # `_created` series double the series count and nothing in healer's rules reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    # The address actually served (--listen may override the config) also names the replica by default.
+    server = config.server.model_copy(update={"listen": f"{host}:{port}"})
+    config = config.model_copy(update={"server": server})
     app = create_app(config)
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()

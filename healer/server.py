@@ -25,7 +25,7 @@ from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder
 from healer.healing.metrics import HealingMetrics
 from healer.healing.replica import Replica, replica_name
-from healer.healing.routes import ENGINE, add_routes
+from healer.healing.routes import ENGINE, LADDER, add_routes
 from healer.healing.steps import StepRunner
 from healer.http import TOKEN
 from healer.logs import fields
@@ -240,6 +240,7 @@ def create_app(
     app[SERVICES] = build_services(config, registry, strategies)
     app[STORAGE] = open_storage(config.store)
     app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
+    app[LADDER] = app[ENGINE].ladder
     app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])
     app[OPTIMIZER] = build_optimizer(app[SERVICES], app[STORAGE], app[ENGINE])
     token = config.server.auth.resolve_token()

@@ -252,13 +252,12 @@ class EpisodeSteps:
             await self._continue_or_escalate(action, rule, episode, finish, reason)
             return
         try:
-            verdict = Outcome(
-                await self.promql.verify_resolved(
-                    episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
-                )
+            answer = await self.promql.verify_resolved(
+                episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
             )
         except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
-            verdict = Outcome.UNVERIFIED
+            answer = "unverified"
+        verdict = Outcome(answer)
         self._record_outcome(action, episode, verdict, result.detail, started)
         base = Finish(
             outcome=verdict, detail=result.detail, exit_code=result.exit_code, output=result.output, cooldown=cooldown

@@ -75,7 +75,8 @@ class Replica:
         return self._clock() + self.lease
 
     async def start(self) -> None:
-        """Try to lead at once, then keep claims renewed until stopped."""
+        """Forget what an earlier process of this replica held, try to lead, then keep claims renewed."""
+        await self._coordination.forget(self.name)
         await self._renew()
         self._task = asyncio.create_task(self._run(), name="replica-renewal")
 

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from healer.healing.engine import Engine
+from healer.healing.ladder import Ladder
 from healer.healing.model import Action, ActionFilter, Episode
 from healer.healing.payload import InvalidPayloadError, decode_webhook
 from healer.http import authenticate, path_id, problem, query_limit, query_number, require_json
@@ -17,6 +18,8 @@ from healer.storage import StoreUnavailableError
 log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", Engine)
+# The ladders and what they learned, for the optimisation API (which shows learned ladders).
+LADDER = web.AppKey("ladder", Ladder)
 
 
 async def alertmanager_webhook(request: web.Request) -> web.Response:
@@ -109,7 +112,8 @@ async def get_action(request: web.Request) -> web.Response:
     if action is None:
         return problem(404, f"no action {action_id}")
     episode = await engine.records.get_episode(action.episode_id)
-    assert episode is not None
+    if episode is None:  # purged between the two reads
+        return problem(404, f"no action {action_id}")
     events = await engine.records.events(action.episode_id)
     return web.json_response({**_action_json(action, episode), "events": events})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from healer.healing.routes import ENGINE
+from healer.healing.routes import LADDER
 from healer.http import authenticate, problem, query_limit
 from healer.optimizer.optimizer import Optimizer
 
@@ -24,7 +24,7 @@ async def list_optimizations(request: web.Request) -> web.Response:
             "candidates": [view.to_json() for view in candidates],
             "in_flight": in_flight.to_json() if in_flight is not None else None,
             "trials": [trial.to_json() for trial in trials],
-            "ladders": request.app[ENGINE].ladder.learned(),
+            "ladders": request.app[LADDER].learned(),
         }
     )
 

@@ -265,6 +265,11 @@ class Coordination(Protocol):
 
     async def release_slot(self, slot: int) -> None: ...
 
+    async def forget(self, replica: str) -> None:
+        """Drop the slots and give back the steps an earlier process of this replica held: a replica that
+        starts holds nothing yet, and renewing what its dead predecessor held would keep it forever."""
+        ...
+
     async def renew(self, replica: str, until: float) -> None:
         """Extend the replica's claims (its taken, running and verifying steps, its slots) to `until`."""
         ...

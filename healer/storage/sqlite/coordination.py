@@ -70,6 +70,16 @@ class SQLiteCoordination:
     async def release_slot(self, slot: int) -> None:
         await self._db.write(lambda db: db.execute("DELETE FROM slots WHERE id = ?", (slot,)))
 
+    async def forget(self, replica: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM slots WHERE replica = ?", (replica,))
+            db.execute(
+                "UPDATE actions SET replica = NULL, lease_until = NULL WHERE replica = ? AND state = 'pending'",
+                (replica,),
+            )
+
+        await self._db.write(work)
+
     async def renew(self, replica: str, until: float) -> None:
         def work(db: sqlite3.Connection) -> None:
             db.execute(

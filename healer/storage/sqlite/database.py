@@ -45,7 +45,7 @@ class SQLiteDatabase:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             migrate(self.db, clock)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._release_lock()
             raise StoreUnavailableError(f"cannot open the store {path}: {exc}") from exc
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healer-store")
@@ -65,7 +65,7 @@ class SQLiteDatabase:
                 raise
             self.db.execute("COMMIT")
             return result
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -76,7 +76,7 @@ class SQLiteDatabase:
         """One read-only query (on the store's thread)."""
         try:
             return self.db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:

@@ -182,6 +182,10 @@ class SQLiteGoalRecords:
         def work(db: sqlite3.Connection) -> Goal:
             before = self._get(db, goal_id)
             after = change(before)
+            fixed = [name for name in Goal.__dataclass_fields__ if name not in _MUTABLE and name != "id"]
+            moved = [name for name in fixed if getattr(after, name) != getattr(before, name)]
+            if moved:
+                raise ValueError(f"a goal's {', '.join(moved)} cannot change once it is open")
             if after != before:
                 assignments = ", ".join(f"{name} = ?" for name in _MUTABLE)
                 db.execute(

@@ -228,7 +228,8 @@ class SQLiteHealingRecords:
         return _action(row) if row else None
 
     async def get_action(self, action_id: int) -> Action | None:
-        return await self._db.run(lambda: self._get_action(self._db.db, action_id))
+        rows = await self._db.read("SELECT * FROM actions WHERE id = ?", (action_id,))
+        return _action(rows[0]) if rows else None
 
     async def agenda(self, now: float, replica: str) -> Agenda:
         return await self._db.run(self._agenda, now, replica)

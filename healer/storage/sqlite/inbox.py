@@ -102,7 +102,7 @@ class SQLiteInbox:
                         break
             finally:
                 cursor.close()
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
         return items
 

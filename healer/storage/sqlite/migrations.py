@@ -183,14 +183,28 @@ CREATE TABLE IF NOT EXISTS leader (
 """
 
 
+def _statements(script: str) -> list[str]:
+    """A script's statements, each complete by SQLite's own reading (a semicolon in a comment or a
+    string does not end one)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current)
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement: {current.strip()[:80]}")
+    return statements
+
+
 def _execute_script(script: str) -> Callable[[sqlite3.Connection], None]:
-    """The statements of a script, split at semicolons (so no comment in a script may contain one)."""
+    statements = _statements(script)
 
     def apply(db: sqlite3.Connection) -> None:
         # executescript would COMMIT the migration's transaction; statements one by one stay inside it.
-        for statement in script.split(";"):
-            if statement.strip():
-                db.execute(statement)
+        for statement in statements:
+            db.execute(statement)
 
     return apply
 
