@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,20 +25,27 @@ from healer.storage import Coordination
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, StrategyRunner, UnsafeLabelError
 
-# The reason of a StepRefusedError for a step that did not run because healer is stopping: not a
-# skip, since the step may run after the restart.
-STOPPING = "stopping"
+
+class Halt(enum.StrEnum):
+    """Why a step did not run that is not a skip: it may still run (after the restart, or elsewhere)."""
+
+    # healer is stopping; the step runs after the restart.
+    STOPPING = "stopping"
+    # A cancellation or another replica won the step's claim; nothing ran here.
+    NOT_CLAIMED = "not_claimed"
+
+
+STOPPING = Halt.STOPPING
+NOT_CLAIMED = Halt.NOT_CLAIMED
 # How often a step waiting for a concurrency slot looks again when no slot of this replica frees up;
 # a slot freed here wakes it at once.
 SLOT_POLL_SECONDS = 0.1
-# The reason for a step whose claim was lost (cancelled or taken meanwhile): nothing ran.
-NOT_CLAIMED = "not_claimed"
 
 
 class StepRefusedError(Exception):
-    """The rails did not let a step run; `reason` is a `healer_skipped_total` reason, STOPPING or NOT_CLAIMED."""
+    """The rails did not let a step run; `reason` is a `healer_skipped_total` reason or a Halt."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: SkipReason | Halt, detail: str) -> None:
         self.reason = reason
         self.detail = detail
         super().__init__(detail)

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from healer.config import HealerConfig, OptimizationCandidate
 from healer.cycles import Cycle
 from healer.healing.learning import learned_confidence
+from healer.healing.model import SkipReason
 from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
 from healer.optimizer.model import ENDED, Outcome, Trial, improvement, score
@@ -49,7 +50,7 @@ STATES = (
     "ready",
 )
 # Refusals that pass by themselves: a rollback refused for one of them is tried again next cycle.
-PASSING_REFUSALS = (STOPPING, "circuit_open", "dry_run")
+PASSING_REFUSALS = (STOPPING, SkipReason.CIRCUIT_OPEN, SkipReason.DRY_RUN)
 
 
 class OptimizerMetrics:
