@@ -86,6 +86,18 @@ class PostgresCoordination:
     async def release_slot(self, slot: int) -> None:
         await self._db.write(lambda tx: tx.execute("DELETE FROM slots WHERE id = %s", (slot,)))
 
+    async def forget(self, replica: str) -> None:
+        async def work(tx: Transaction) -> None:
+            await tx.execute("DELETE FROM slots WHERE replica = %s", (replica,))
+            # Running and verifying steps stay: they ran, so they are settled once their claim lapses.
+            await tx.execute(
+                "UPDATE actions SET replica = NULL, lease_until = NULL WHERE id IN (SELECT id FROM actions"
+                " WHERE replica = %s AND state = 'pending' ORDER BY id FOR UPDATE)",
+                (replica,),
+            )
+
+        await self._db.write(work)
+
     async def renew(self, replica: str, until: float) -> None:
         async def work(tx: Transaction) -> None:
             # Rows locked in id order, as a resolved alert's cancellation locks them, so neither deadlocks.
