@@ -207,8 +207,19 @@ def mutated(draw: st.DrawFn) -> bytes:
     return json.dumps(payload).encode()
 
 
+def strict_json(body: bytes) -> bool:
+    """Whether the body is JSON by RFC 8259: pydantic's parser also takes NaN and Infinity, which are not."""
+    try:
+        json.loads(body, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    except ValueError:
+        return False
+    return True
+
+
 def assert_same(body: bytes) -> None:
     status, expected, fields = oracle(body)
+    if status == 422 and not strict_json(body):
+        status = 400  # NaN or Infinity: not JSON, so not a webhook body of the wrong shape either
     try:
         decoded = decode_webhook(body)
     except InvalidPayloadError as exc:

@@ -31,12 +31,14 @@ RENEWALS_PER_LEASE = 4
 
 
 def replica_name(config: HealerConfig, environ: dict[str, str] | None = None) -> str:
-    """HEALER_REPLICA, else server.replica, else host:port (stable across restarts of one replica)."""
+    """HEALER_REPLICA, else server.replica, else host:port (stable across restarts of one replica), or
+    with port 0 (a port picked at start) host-pid."""
     env = os.environ if environ is None else environ
     named = env.get(REPLICA_ENV, "").strip() or config.server.replica
     if named:
         return named
-    return f"{socket.gethostname()}:{config.server.listen.rsplit(':', 1)[1]}"
+    port = config.server.listen.rsplit(":", 1)[1]
+    return f"{socket.gethostname()}:{port}" if port != "0" else f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Replica:
