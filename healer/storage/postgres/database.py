@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from healer.storage.errors import StoreUnavailableError
 
@@ -87,9 +87,14 @@ class Transaction:
         self, kind: str, detail: dict[str, Any], episode_id: int | None = None, action_id: int | None = None
     ) -> None:
         """Append one audit event inside this transaction."""
-        await self.execute(
+        await self.events([(kind, detail, episode_id, action_id)])
+
+    async def events(self, events: Sequence[tuple[str, dict[str, Any], int | None, int | None]]) -> None:
+        """Append audit events (kind, detail, episode, step) in order, in one round trip."""
+        now = self._db.clock()
+        await self.executemany(
             "INSERT INTO events (ts, episode_id, action_id, kind, detail) VALUES (%s, %s, %s, %s, %s)",
-            (self._db.clock(), episode_id, action_id, kind, json.dumps(detail)),
+            [(now, episode_id, action_id, kind, json.dumps(detail)) for kind, detail, episode_id, action_id in events],
         )
 
 
@@ -100,6 +105,12 @@ class PostgresDatabase:
         self.pool = pool
         self.clock = clock
         self.scrub = scrub
+
+    def unavailable(self, exc: psycopg.Error) -> StoreUnavailableError:
+        """The error to raise for a driver's error: its one-line reason, without the password."""
+        if isinstance(exc, PoolTimeout):
+            return StoreUnavailableError(f"PostgreSQL gave no connection within {self.pool.timeout:g} s")
+        return StoreUnavailableError(self.scrub(exc))
 
     @classmethod
     async def open(
@@ -151,7 +162,7 @@ class PostgresDatabase:
                 return await work(Transaction(conn, self))
         except psycopg.Error as exc:
             # `from None`: the driver's exception may hold the connection's parameters.
-            raise StoreUnavailableError(self.scrub(exc)) from None
+            raise self.unavailable(exc) from None
 
     write = transaction
 
@@ -161,7 +172,7 @@ class PostgresDatabase:
             async with self.pool.connection() as conn:
                 return await Transaction(conn, self).rows(query, params)
         except psycopg.Error as exc:
-            raise StoreUnavailableError(self.scrub(exc)) from None
+            raise self.unavailable(exc) from None
 
     async def close(self) -> None:
         await self.pool.close()

@@ -89,6 +89,11 @@ def _episode_key(request: OpenRequest) -> tuple[str, str]:
     return request.alert.fingerprint, request.alert.starts_at
 
 
+def _scheduled(spec: NewAction) -> tuple[str, dict[str, Any]]:
+    """The audit event of a step scheduled."""
+    return "scheduled", {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before}
+
+
 def _plan_json(plan: dict[str, Any] | None) -> str | None:
     return json.dumps(plan) if plan is not None else None
 
@@ -102,68 +107,122 @@ class PostgresHealingRecords:
     # -- episodes ------------------------------------------------------------------------------
 
     async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
-        async def work(tx: Transaction) -> list[Opened]:
-            now = self._db.clock()
-            # Replicas given the same alerts in another order would lock each other's new episodes
-            # crosswise; in key order they queue instead. The sort is stable, so of two requests for
-            # one episode the first still opens it.
-            order = sorted(range(len(requests)), key=lambda i: _episode_key(requests[i]))
-            opened: dict[int, Opened] = {}
-            for i in order:
-                opened[i] = await self._open_episode(tx, requests[i], now)
-            await advance(tx, [request.position for request in requests], now)
-            return [opened[i] for i in range(len(requests))]
+        return await self._db.write(lambda tx: self._open_episodes(tx, requests))
 
-        return await self._db.write(work)
-
-    async def _open_episode(self, tx: Transaction, request: OpenRequest, now: float) -> Opened:
-        alert = request.alert
-        starts_at = alert.starts_at
-        ended_at = None if request.state is EpisodeState.OPEN else now
+    async def _open_episodes(self, tx: Transaction, requests: Sequence[OpenRequest]) -> list[Opened]:
+        # A statement per kind of row for the whole batch, not per alert: a round trip to the server
+        # costs more than SQLite's whole insert.
+        now = self._db.clock()
+        # Replicas given the same alerts in another order would lock each other's new episodes
+        # crosswise; in key order they queue instead. The sort is stable, so of two requests for one
+        # episode the first still opens it.
+        order = sorted(range(len(requests)), key=lambda i: _episode_key(requests[i]))
+        batch = [requests[i] for i in order]
         # A replica opening the same episode at the same moment waits here for the other's commit,
         # then does nothing: each episode, and so its first step, is created once.
-        episode_id = await tx.value(
+        inserted = await tx.rows(
             "INSERT INTO episodes (fingerprint, starts_at, starts_at_epoch, alertname, labels, annotations, rule,"
-            " state, created_at, ended_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (fingerprint, starts_at) DO NOTHING RETURNING id",
+            " state, created_at, ended_at) SELECT f, s, e, n, l, a, r, st, %s, ended FROM unnest(%s::text[],"
+            " %s::text[], %s::float8[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::float8[])"
+            " WITH ORDINALITY AS u(f, s, e, n, l, a, r, st, ended, i) ORDER BY i"
+            " ON CONFLICT (fingerprint, starts_at) DO NOTHING RETURNING id, fingerprint, starts_at",
             (
-                alert.fingerprint,
-                starts_at,
-                alert.starts_at_epoch,
-                alert.alertname,
-                json.dumps(alert.labels),
-                json.dumps(alert.annotations),
-                request.rule,
-                request.state.value,
                 now,
-                ended_at,
+                [r.alert.fingerprint for r in batch],
+                [r.alert.starts_at for r in batch],
+                [r.alert.starts_at_epoch for r in batch],
+                [r.alert.alertname for r in batch],
+                [json.dumps(r.alert.labels) for r in batch],
+                [json.dumps(r.alert.annotations) for r in batch],
+                [r.rule for r in batch],
+                [r.state.value for r in batch],
+                [None if r.state is EpisodeState.OPEN else now for r in batch],
             ),
         )
-        if episode_id is None:
-            row = await tx.row(
-                "SELECT * FROM episodes WHERE fingerprint = %s AND starts_at = %s", (alert.fingerprint, starts_at)
-            )
-            assert row is not None  # the conflicting row is committed once the insert gives way
-            return Opened(_episode(row), False, None)
-        # Everything is known; reading the row back would only parse the JSON just written.
-        episode = Episode(
-            int(episode_id), alert.fingerprint, starts_at, alert.starts_at_epoch, alert.alertname,
-            dict(alert.labels), dict(alert.annotations), request.rule, request.state, now, ended_at, None, None,
-        )  # fmt: skip
-        for kind, detail in request.events:
-            await tx.event(kind, detail, episode.id)
-        deferred_until = None
-        if request.first is not None:
-            cooldown = await tx.value(
-                "SELECT until FROM cooldowns WHERE rule = %s AND fingerprint = %s",
-                (request.first.rule, alert.fingerprint),
-            )
-            deferral = defer_for_cooldown(request.first, float(cooldown) if cooldown is not None else None)
-            deferred_until = deferral.deferred_until
-            if deferred_until is not None:
-                await tx.event("deferred", {"reason": "cooldown", "until": deferred_until}, episode.id)
-            await self._insert_action(tx, episode.id, deferral.first, now)
-        return Opened(episode, True, deferred_until)
+        new_ids = {(row["fingerprint"], row["starts_at"]): int(row["id"]) for row in inserted}
+        created: dict[int, int] = {}  # request index -> the id of the episode it opened
+        for i in order:
+            key = _episode_key(requests[i])
+            if key in new_ids:
+                created[i] = new_ids.pop(key)
+        found = await self._existing_episodes(tx, [requests[i] for i in range(len(requests)) if i not in created])
+        cooldowns = await self._cooldowns(tx, [requests[i] for i in created])
+        deferrals = {
+            i: defer_for_cooldown(first, cooldowns.get((first.rule, requests[i].alert.fingerprint)))
+            for i in created
+            if (first := requests[i].first) is not None
+        }
+        steps = await self._insert_first_steps(tx, {created[i]: d.first for i, d in deferrals.items()}, now)
+        events: list[tuple[str, dict[str, Any], int, int | None]] = []
+        opened: list[Opened] = []
+        for i, request in enumerate(requests):
+            if i not in created:
+                opened.append(Opened(found[_episode_key(request)], False, None))
+                continue
+            alert, episode_id = request.alert, created[i]
+            events += [(kind, detail, episode_id, None) for kind, detail in request.events]
+            deferred_until = None
+            if (deferral := deferrals.get(i)) is not None:
+                deferred_until = deferral.deferred_until
+                if deferred_until is not None:
+                    events.append(("deferred", {"reason": "cooldown", "until": deferred_until}, episode_id, None))
+                events.append((*_scheduled(deferral.first), episode_id, steps[episode_id]))
+            # Everything is known; reading the row back would only parse the JSON just written.
+            episode = Episode(
+                episode_id, alert.fingerprint, alert.starts_at, alert.starts_at_epoch, alert.alertname,
+                dict(alert.labels), dict(alert.annotations), request.rule, request.state, now,
+                None if request.state is EpisodeState.OPEN else now, None, None,
+            )  # fmt: skip
+            opened.append(Opened(episode, True, deferred_until))
+        await tx.events(events)
+        await advance(tx, [request.position for request in requests], now)
+        return opened
+
+    @staticmethod
+    async def _existing_episodes(tx: Transaction, requests: Sequence[OpenRequest]) -> dict[tuple[str, str], Episode]:
+        if not requests:
+            return {}
+        rows = await tx.rows(
+            "SELECT * FROM episodes WHERE (fingerprint, starts_at) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([r.alert.fingerprint for r in requests], [r.alert.starts_at for r in requests]),
+        )
+        return {(row["fingerprint"], row["starts_at"]): _episode(row) for row in rows}
+
+    @staticmethod
+    async def _cooldowns(tx: Transaction, requests: Sequence[OpenRequest]) -> dict[tuple[str, str], float]:
+        """The cooldowns that the first steps' rules left on these alerts, by (rule, fingerprint)."""
+        keys = [(r.first.rule, r.alert.fingerprint) for r in requests if r.first is not None]
+        if not keys:
+            return {}
+        rows = await tx.rows(
+            "SELECT rule, fingerprint, until FROM cooldowns"
+            " WHERE (rule, fingerprint) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([rule for rule, _ in keys], [fingerprint for _, fingerprint in keys]),
+        )
+        return {(row["rule"], row["fingerprint"]): float(row["until"]) for row in rows}
+
+    @staticmethod
+    async def _insert_first_steps(tx: Transaction, steps: dict[int, NewAction], now: float) -> dict[int, int]:
+        """Insert one pending step per episode; return each episode's step id."""
+        if not steps:
+            return {}
+        specs = list(steps.items())
+        rows = await tx.rows(
+            "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
+            " SELECT ep, at, st, r, s, 'pending', nb, %s FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[],"
+            " %s::text[], %s::float8[]) WITH ORDINALITY AS u(ep, at, st, r, s, nb, i) ORDER BY i"
+            " RETURNING id, episode_id",
+            (
+                now,
+                [episode_id for episode_id, _ in specs],
+                [spec.attempt for _, spec in specs],
+                [spec.step for _, spec in specs],
+                [spec.rule for _, spec in specs],
+                [spec.strategy for _, spec in specs],
+                [spec.not_before for _, spec in specs],
+            ),
+        )
+        return {int(row["episode_id"]): int(row["id"]) for row in rows}
 
     async def resolve_episode(self, position: InboxPosition, alert: WebhookAlert) -> Resolution:
         async def work(tx: Transaction) -> Resolution:
@@ -238,12 +297,7 @@ class PostgresHealingRecords:
                 (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
             )
         )
-        await tx.event(
-            "scheduled",
-            {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
-            episode_id,
-            action_id,
-        )
+        await tx.event(*_scheduled(spec), episode_id, action_id)
         return action_id
 
     async def get_action(self, action_id: int) -> Action | None:
