@@ -178,6 +178,10 @@ class PostgresGoalRecords:
                 raise GoalNotFoundError(goal_id)
             before = _goal(row)
             after = change(before)
+            fixed = [name for name in Goal.__dataclass_fields__ if name not in _MUTABLE and name != "id"]
+            moved = [name for name in fixed if getattr(after, name) != getattr(before, name)]
+            if moved:
+                raise ValueError(f"a goal's {', '.join(moved)} cannot change once it is open")
             if after != before:
                 await tx.execute(_UPDATE, (*_mutable_values(after), goal_id))
             return after
