@@ -13,8 +13,15 @@ from healer.storage.errors import StoreUnavailableError
 from healer.storage.interfaces import Coordination, GoalRecords, HealingRecords, Inbox, Storage, TrialRecords
 
 
-def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
-    """Open (and create or migrate) the store the config names; raises StoreUnavailableError."""
+async def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
+    """Open (and create or migrate) the store the config names: PostgreSQL for `url`, else the SQLite file.
+
+    Asynchronous because a PostgreSQL pool opens on the event loop; raises StoreUnavailableError.
+    """
+    if config.url is not None:
+        from healer.storage.postgres import PostgresStorage
+
+        return await PostgresStorage.open(config, clock)
     from healer.storage.sqlite import SQLiteStorage
 
     return SQLiteStorage(config.path, clock)
