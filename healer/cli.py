@@ -137,13 +137,14 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
 
     from healer.healing.routes import ENGINE
     from healer.server import create_app
+    from healer.storage import open_storage
 
     # `_created` series double the series count and nothing in healer's rules reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     # The address actually served (--listen may override the config) also names the replica by default.
     server = config.server.model_copy(update={"listen": f"{host}:{port}"})
     config = config.model_copy(update={"server": server})
-    app = create_app(config)
+    app = create_app(config, storage=await open_storage(config.store))
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

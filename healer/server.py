@@ -35,7 +35,7 @@ from healer.planner.planner import Planner, PlannerMetrics
 from healer.planner.routes import PLANNER, add_goal_routes
 from healer.promql import PromQLClient
 from healer.status import status_handler
-from healer.storage import Storage, StoreUnavailableError, open_storage
+from healer.storage import Storage, StoreUnavailableError, open_local_storage
 from healer.strategies.base import StrategyRegistry
 from healer.strategies.builtin import default_registry
 from healer.upstreams import UpstreamMonitor
@@ -234,11 +234,13 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     strategies: StrategyRegistry | None = None,
+    storage: Storage | None = None,
 ) -> web.Application:
-    """Build the healer web application for a validated config."""
+    """Build the healer web application for a validated config, on `storage` when given (a PostgreSQL
+    store is opened asynchronously, with `await open_storage(config.store)`), else on its SQLite file."""
     app = web.Application(client_max_size=config.server.max_request_bytes)
     app[SERVICES] = build_services(config, registry, strategies)
-    app[STORAGE] = open_storage(config.store)
+    app[STORAGE] = storage if storage is not None else open_local_storage(config.store)
     app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
     app[LADDER] = app[ENGINE].ladder
     app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])

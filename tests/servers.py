@@ -300,7 +300,7 @@ def read_stopped_store(config: dict[str, Any], read: Callable[[Storage], Awaitab
     from healer.storage import open_storage
 
     async def main() -> T:
-        storage = open_storage(parse_config(config).store)
+        storage = await open_storage(parse_config(config).store)
         try:
             return await read(storage)
         finally:

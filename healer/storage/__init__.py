@@ -27,6 +27,15 @@ async def open_storage(config: StoreConfig, clock: Callable[[], float] = time.ti
     return SQLiteStorage(config.path, clock)
 
 
+def open_local_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
+    """Open the SQLite store of a single healer without an event loop; raises StoreUnavailableError."""
+    if config.url is not None:
+        raise StoreUnavailableError("a PostgreSQL store opens asynchronously: use `await open_storage(...)`")
+    from healer.storage.sqlite import SQLiteStorage
+
+    return SQLiteStorage(config.path, clock)
+
+
 __all__ = [
     "Coordination",
     "GoalRecords",
@@ -35,5 +44,6 @@ __all__ = [
     "Storage",
     "StoreUnavailableError",
     "TrialRecords",
+    "open_local_storage",
     "open_storage",
 ]
