@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from healer.storage.schema import SCHEMA_VERSIONS
+
 # The advisory lock key that serialises migrations (any fixed number healer alone uses).
 MIGRATION_LOCK = 0x6865616C6572  # "healer"
 
@@ -205,14 +207,19 @@ class Migration:
     apply: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 
 
-MIGRATIONS = (
-    Migration(1, "inbox: one row per delivery instead of one per alert", _nothing),
-    Migration(2, "healing: inbox, episodes, actions, cooldowns, events, escalations", _execute_script(HEALING_SCHEMA)),
-    Migration(3, "goals", _execute_script(GOALS_SCHEMA)),
-    Migration(4, "optimisation trials", _execute_script(TRIALS_SCHEMA)),
-    Migration(
-        5, "replicas: who holds a step, the shared budget, slots and the leader", _execute_script(REPLICAS_SCHEMA)
-    ),
+MIGRATIONS = tuple(
+    Migration(version, description, apply)
+    for (version, description), apply in zip(
+        SCHEMA_VERSIONS,
+        (
+            _nothing,
+            _execute_script(HEALING_SCHEMA),
+            _execute_script(GOALS_SCHEMA),
+            _execute_script(TRIALS_SCHEMA),
+            _execute_script(REPLICAS_SCHEMA),
+        ),
+        strict=True,
+    )
 )
 
 _VERSIONS_TABLE = (

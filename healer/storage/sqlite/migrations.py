@@ -11,6 +11,8 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from healer.storage.schema import SCHEMA_VERSIONS
+
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
 # A new id is the largest + 1, and purge always keeps the newest row, so an id is never used twice.
 # (AUTOINCREMENT would too, at the price of one more page written per commit.)
@@ -235,15 +237,20 @@ class Migration:
     apply: Callable[[sqlite3.Connection], None]
 
 
-MIGRATIONS = (
+MIGRATIONS = tuple(
+    Migration(version, description, apply)
+    for (version, description), apply in zip(
+        SCHEMA_VERSIONS,
+        (
     # Before the inbox's tables are created, so that an early per-alert inbox is converted first.
-    Migration(1, "inbox: one row per delivery instead of one per alert", _inbox_per_delivery),
-    Migration(2, "healing: inbox, episodes, actions, cooldowns, events, escalations", _execute_script(HEALING_SCHEMA)),
-    Migration(3, "goals", _execute_script(GOALS_SCHEMA)),
-    Migration(4, "optimisation trials", _execute_script(TRIALS_SCHEMA)),
-    Migration(
-        5, "replicas: who holds a step, the shared budget, slots and the leader", _execute_script(REPLICAS_SCHEMA)
-    ),
+            _inbox_per_delivery,
+            _execute_script(HEALING_SCHEMA),
+            _execute_script(GOALS_SCHEMA),
+            _execute_script(TRIALS_SCHEMA),
+            _execute_script(REPLICAS_SCHEMA),
+        ),
+        strict=True,
+    )
 )
 
 
