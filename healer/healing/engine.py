@@ -253,7 +253,11 @@ class Engine:
         await self._open_all(firing)
         discarded = self.inbox.discarded_alerts - self._discarded_counted
         self._discarded_counted += discarded
-        self.backlog -= len(items) + discarded
+        if self.replica.shared:
+            # Other replicas accept and process deliveries too: only the store knows the backlog.
+            self.backlog = await self.inbox.depth()
+        else:
+            self.backlog -= len(items) + discarded
         self.metrics.inbox_depth.set(self.backlog)
         return len(items) == size
 
