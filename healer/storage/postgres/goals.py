@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 
 from psycopg import sql
@@ -10,82 +9,17 @@ from psycopg import sql
 from healer.planner.model import (
     Goal,
     GoalNotFoundError,
-    GoalPriority,
     GoalState,
-    GoalStep,
-    GoalType,
     NewGoal,
-    Target,
 )
-from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
+from healer.storage.postgres.database import PostgresDatabase, Transaction
+from healer.storage.rows import GOAL_MUTABLE, changed_goal, goal_mutable_values, new_goal_values
+from healer.storage.rows import goal as _goal
 
 _OPEN = sql.SQL("('pending', 'in_progress')")
-# What a planner rule may change; the rest of a goal is fixed when it opens.
-_MUTABLE = (
-    "state",
-    "started_at",
-    "ended_at",
-    "initial_value",
-    "last_value",
-    "progress",
-    "measured_at",
-    "next_step",
-    "step_started_at",
-    "step_running",
-    "detail",
-    "steps",
-)
 _UPDATE = sql.SQL("UPDATE goals SET {} WHERE id = %s").format(
-    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(name)) for name in _MUTABLE)
+    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(name)) for name in GOAL_MUTABLE)
 )
-
-
-def _goal(row: Row) -> Goal:
-    return Goal(
-        id=row["id"],
-        key=row["key"],
-        name=row["name"],
-        source=row["source"],
-        type=GoalType(row["type"]),
-        priority=GoalPriority(row["priority"]),
-        description=row["description"],
-        labels=json.loads(row["labels"]),
-        target=Target(row["target_query"], row["target_below"], row["target_above"]),
-        plan=json.loads(row["plan"]),
-        state=GoalState(row["state"]),
-        created_at=row["created_at"],
-        deadline=row["deadline"],
-        settle=row["settle"],
-        trigger_value=row["trigger_value"],
-        started_at=row["started_at"],
-        ended_at=row["ended_at"],
-        initial_value=row["initial_value"],
-        last_value=row["last_value"],
-        progress=row["progress"],
-        measured_at=row["measured_at"],
-        next_step=row["next_step"],
-        step_started_at=row["step_started_at"],
-        step_running=bool(row["step_running"]),
-        detail=row["detail"],
-        steps=[GoalStep(**step) for step in json.loads(row["steps"])],
-    )
-
-
-def _mutable_values(goal: Goal) -> tuple[object, ...]:
-    return (
-        goal.state.value,
-        goal.started_at,
-        goal.ended_at,
-        goal.initial_value,
-        goal.last_value,
-        goal.progress,
-        goal.measured_at,
-        goal.next_step,
-        goal.step_started_at,
-        goal.step_running,
-        goal.detail,
-        json.dumps([step.__dict__ for step in goal.steps]),
-    )
 
 
 class PostgresGoalRecords:
@@ -146,23 +80,7 @@ class PostgresGoalRecords:
                     " target_below, target_above, plan, state, created_at, deadline, settle, trigger_value)"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s, %s)"
                     " ON CONFLICT DO NOTHING RETURNING *",
-                    (
-                        goal.key,
-                        goal.name,
-                        goal.source,
-                        goal.type.value,
-                        int(goal.priority),
-                        goal.description,
-                        json.dumps(goal.labels, sort_keys=True),
-                        goal.target.query,
-                        goal.target.below,
-                        goal.target.above,
-                        json.dumps(goal.plan),
-                        now,
-                        goal.deadline,
-                        goal.settle,
-                        goal.trigger_value,
-                    ),
+                    new_goal_values(goal, now),
                 )
                 if row is not None:
                     opened.append(_goal(row))
@@ -177,13 +95,9 @@ class PostgresGoalRecords:
             if row is None:
                 raise GoalNotFoundError(goal_id)
             before = _goal(row)
-            after = change(before)
-            fixed = [name for name in Goal.__dataclass_fields__ if name not in _MUTABLE and name != "id"]
-            moved = [name for name in fixed if getattr(after, name) != getattr(before, name)]
-            if moved:
-                raise ValueError(f"a goal's {', '.join(moved)} cannot change once it is open")
+            after = changed_goal(before, change)
             if after != before:
-                await tx.execute(_UPDATE, (*_mutable_values(after), goal_id))
+                await tx.execute(_UPDATE, (*goal_mutable_values(after), goal_id))
             return after
 
         return await self._db.write(work)

@@ -28,74 +28,29 @@ from healer.healing.model import (
     NewAction,
     Opened,
     OpenRequest,
-    Outcome,
     Resolution,
 )
 from healer.healing.payload import WebhookAlert
 from healer.healing.rules import after_resolved, after_step, defer_for_cooldown
-from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
+from healer.storage.postgres.database import PostgresDatabase, Transaction
 from healer.storage.postgres.inbox import advance
-
-
-def _episode(row: Row) -> Episode:
-    return Episode(
-        row["id"],
-        row["fingerprint"],
-        row["starts_at"],
-        row["starts_at_epoch"],
-        row["alertname"],
-        json.loads(row["labels"]),
-        json.loads(row["annotations"]),
-        row["rule"],
-        EpisodeState(row["state"]),
-        row["created_at"],
-        row["ended_at"],
-        row["resolved_at"],
-        row["silence_id"],
-    )
-
-
-def _action(row: Row) -> Action:
-    return Action(
-        row["id"],
-        row["episode_id"],
-        row["attempt"],
-        row["step"],
-        row["rule"],
-        row["strategy"],
-        ActionState(row["state"]),
-        Outcome(row["outcome"]) if row["outcome"] else None,
-        row["skip_reason"],
-        row["not_before"],
-        row["approval_deadline"],
-        bool(row["approved"]),
-        row["created_at"],
-        row["started_at"],
-        row["finished_at"],
-        json.loads(row["plan"]) if row["plan"] else None,
-        row["detail"],
-        row["exit_code"],
-        row["output"],
-        row["replica"],
-        row["lease_until"],
-    )
-
-
-def _escalation(row: Row) -> Escalation:
-    return Escalation(**row)
+from healer.storage.rows import action as _action
+from healer.storage.rows import (
+    action_filter_terms,
+    finish_refused,
+    finish_values,
+    finished,
+    new_episode,
+    plan_json,
+    scheduled,
+)
+from healer.storage.rows import episode as _episode
+from healer.storage.rows import escalation as _escalation
+from healer.storage.rows import event as _event
 
 
 def _episode_key(request: OpenRequest) -> tuple[str, str]:
     return request.alert.fingerprint, request.alert.starts_at
-
-
-def _scheduled(spec: NewAction) -> tuple[str, dict[str, Any]]:
-    """The audit event of a step scheduled."""
-    return "scheduled", {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before}
-
-
-def _plan_json(plan: dict[str, Any] | None) -> str | None:
-    return json.dumps(plan) if plan is not None else None
 
 
 class PostgresHealingRecords:
@@ -159,21 +114,15 @@ class PostgresHealingRecords:
             if i not in created:
                 opened.append(Opened(found[_episode_key(request)], False, None))
                 continue
-            alert, episode_id = request.alert, created[i]
+            episode_id = created[i]
             events += [(kind, detail, episode_id, None) for kind, detail in request.events]
             deferred_until = None
             if (deferral := deferrals.get(i)) is not None:
                 deferred_until = deferral.deferred_until
                 if deferred_until is not None:
                     events.append(("deferred", {"reason": "cooldown", "until": deferred_until}, episode_id, None))
-                events.append((*_scheduled(deferral.first), episode_id, steps[episode_id]))
-            # Everything is known; reading the row back would only parse the JSON just written.
-            episode = Episode(
-                episode_id, alert.fingerprint, alert.starts_at, alert.starts_at_epoch, alert.alertname,
-                dict(alert.labels), dict(alert.annotations), request.rule, request.state, now,
-                None if request.state is EpisodeState.OPEN else now, None, None,
-            )  # fmt: skip
-            opened.append(Opened(episode, True, deferred_until))
+                events.append((*scheduled(deferral.first), episode_id, steps[episode_id]))
+            opened.append(Opened(new_episode(episode_id, request, now), True, deferred_until))
         await tx.events(events)
         await advance(tx, [request.position for request in requests], now)
         return opened
@@ -297,7 +246,7 @@ class PostgresHealingRecords:
                 (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
             )
         )
-        await tx.event(*_scheduled(spec), episode_id, action_id)
+        await tx.event(*scheduled(spec), episode_id, action_id)
         return action_id
 
     async def get_action(self, action_id: int) -> Action | None:
@@ -419,7 +368,7 @@ class PostgresHealingRecords:
                 tx,
                 action_id,
                 sql.SQL("state = 'running', started_at = %s, plan = %s, replica = %s"),
-                (self._db.clock(), _plan_json(plan), replica),
+                (self._db.clock(), plan_json(plan), replica),
                 ActionState.PENDING,
                 ("started", {"strategy": strategy, "replica": replica}),
                 replica,
@@ -433,7 +382,7 @@ class PostgresHealingRecords:
                 tx,
                 action_id,
                 sql.SQL("state = 'awaiting_approval', approval_deadline = %s, plan = %s"),
-                (deadline, _plan_json(plan)),
+                (deadline, plan_json(plan)),
                 ActionState.PENDING,
                 ("awaiting_approval", {"deadline": deadline}),
             )
@@ -475,37 +424,15 @@ class PostgresHealingRecords:
         if episode is None or row is None:
             return False
         action = _action(row)
-        if action.state is ActionState.DONE:
+        if finish_refused(action, replica, abandoned_before, lapsed_before=now):
             return False
-        running = action.state in (ActionState.RUNNING, ActionState.VERIFYING)
-        if replica is not None and running and action.replica != replica:
-            return False  # another replica holds it now: this one lost its claim
-        if replica is not None and running and action.lease_until is not None and action.lease_until < now:
-            return False  # its claim lapsed: another replica may be settling it, even if none has yet
-        if abandoned_before is not None and (action.lease_until or 0.0) >= abandoned_before:
-            return False  # its replica renewed the claim: it is not abandoned
         await tx.execute(
             "UPDATE actions SET state = 'done', outcome = %s, skip_reason = %s, detail = %s, exit_code = %s,"
             " output = %s, finished_at = %s, started_at = coalesce(started_at, %s),"
             " plan = coalesce(%s, plan) WHERE id = %s",
-            (
-                finish.outcome.value,
-                finish.skip_reason,
-                finish.detail,
-                finish.exit_code,
-                finish.output,
-                now,
-                finish.started_at,
-                _plan_json(finish.plan),
-                action_id,
-            ),
+            finish_values(finish, now, action_id),
         )
-        await tx.event(
-            "finished",
-            {"outcome": finish.outcome.value, "skip_reason": finish.skip_reason, "detail": finish.detail},
-            episode_id,
-            action_id,
-        )
+        await tx.event(*finished(finish), episode_id, action_id)
         for kind, detail in finish.events:
             await tx.event(kind, detail, episode_id, action_id)
         if finish.cooldown is not None:
@@ -601,25 +528,13 @@ class PostgresHealingRecords:
     # -- audit ---------------------------------------------------------------------------------
 
     async def list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
-        clauses: list[sql.Composable] = []
-        params: list[object] = []
-        for column, value in (
-            ("e.alertname", query.alertname),
-            ("e.fingerprint", query.fingerprint),
-            ("a.episode_id", query.episode_id),
-            ("a.rule", query.rule),
-            ("a.strategy", query.strategy),
-            ("a.outcome", query.outcome),
-        ):
-            if value is not None:
-                clauses.append(sql.SQL("{} = %s").format(sql.Identifier(*column.split("."))))
-                params.append(value)
-        if query.since is not None:
-            clauses.append(sql.SQL("a.created_at >= %s"))
-            params.append(query.since)
-        if query.until is not None:
-            clauses.append(sql.SQL("a.created_at <= %s"))
-            params.append(query.until)
+        terms = action_filter_terms(query)
+        # The operators are the few of action_filter_terms; the columns are quoted as identifiers.
+        clauses = [
+            sql.SQL("{} {} %s").format(sql.Identifier(*column.split(".")), sql.SQL(operator))
+            for column, operator, _ in terms
+        ]
+        params = [value for _, _, value in terms]
         where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("")
 
         async def work(tx: Transaction) -> list[tuple[Action, Episode]]:
@@ -641,9 +556,7 @@ class PostgresHealingRecords:
         rows = await self._db.read(
             "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = %s ORDER BY id", (episode_id,)
         )
-        return [
-            {"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     async def counts(self) -> HealingCounts:
         async def work(tx: Transaction) -> HealingCounts:

@@ -7,12 +7,11 @@ a transaction-scoped advisory lock, and re-reads the version once it holds the l
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from healer.storage.schema import SCHEMA_VERSIONS
+from healer.storage import migration
 
 # The advisory lock key that serialises migrations (any fixed number healer alone uses).
 MIGRATION_LOCK = 0x6865616C6572  # "healer"
@@ -198,27 +197,15 @@ async def _nothing(conn: psycopg.AsyncConnection[Any]) -> None:
     """PostgreSQL stores never had SQLite's early inbox of one row per alert; the version is kept for parity."""
 
 
-@dataclass(frozen=True)
-class Migration:
-    """One numbered step of the schema."""
+Migration = migration.Migration[Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]]
 
-    version: int
-    description: str
-    apply: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
-
-
-MIGRATIONS = tuple(
-    Migration(version, description, apply)
-    for (version, description), apply in zip(
-        SCHEMA_VERSIONS,
-        (
-            _nothing,
-            _execute_script(HEALING_SCHEMA),
-            _execute_script(GOALS_SCHEMA),
-            _execute_script(TRIALS_SCHEMA),
-            _execute_script(REPLICAS_SCHEMA),
-        ),
-        strict=True,
+MIGRATIONS: tuple[Migration, ...] = migration.numbered(
+    (
+        _nothing,
+        _execute_script(HEALING_SCHEMA),
+        _execute_script(GOALS_SCHEMA),
+        _execute_script(TRIALS_SCHEMA),
+        _execute_script(REPLICAS_SCHEMA),
     )
 )
 
@@ -245,20 +232,18 @@ async def migrate(conn: psycopg.AsyncConnection[Any], clock: Callable[[], float]
     `conn` autocommits between migrations; returns the version reached.
     """
     version = await schema_version(conn)
-    for migration in MIGRATIONS:
-        if migration.version <= version:
-            continue
+    for step in migration.pending(MIGRATIONS, version):
         async with conn.transaction():
             # Another replica may be migrating: wait for it, then see what it has done meanwhile.
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await conn.execute(_VERSIONS_TABLE)
             version = await schema_version(conn)
-            if migration.version <= version:
+            if step.version <= version:
                 continue
-            await migration.apply(conn)
+            await step.apply(conn)
             await conn.execute(
                 "INSERT INTO schema_versions (version, description, applied_at) VALUES (%s, %s, %s)",
-                (migration.version, migration.description, clock()),
+                (step.version, step.description, clock()),
             )
-            version = migration.version
+            version = step.version
     return version

@@ -5,29 +5,11 @@ from __future__ import annotations
 from psycopg import sql
 
 from healer.optimizer.model import ENDED, IN_FLIGHT, CandidateRecord, Outcome, Trial
-from healer.storage.postgres.database import PostgresDatabase, Query, Row, Transaction
+from healer.storage.postgres.database import PostgresDatabase, Query, Transaction
+from healer.storage.rows import candidate_record
+from healer.storage.rows import trial as _trial
 
 _IN_FLIGHT = [o.value for o in IN_FLIGHT]
-
-
-def _trial(row: Row) -> Trial:
-    return Trial(
-        id=row["id"],
-        candidate=row["candidate"],
-        component=row["component"],
-        outcome=Outcome(row["outcome"]),
-        confidence=row["confidence"],
-        score=row["score"],
-        before=row["before"],
-        after=row["after"],
-        improvement=row["improvement"],
-        applied_at=row["applied_at"],
-        measure_at=row["measure_at"],
-        ended_at=row["ended_at"],
-        detail=row["detail"],
-        verdict=Outcome(row["verdict"]) if row["verdict"] else None,
-        acknowledged_at=row["acknowledged_at"],
-    )
 
 
 async def _write_trial(tx: Transaction, query: Query, params: tuple[object, ...]) -> Trial:
@@ -129,7 +111,7 @@ class PostgresTrialRecords:
             " count(*) FILTER (WHERE outcome = 'kept') AS helped FROM optimizations GROUP BY candidate"
             ") c ON o.id = c.last"
         )
-        return {row["candidate"]: CandidateRecord(int(row["trials"]), int(row["helped"]), _trial(row)) for row in rows}
+        return {row["candidate"]: candidate_record(row) for row in rows}
 
     async def last_ended(self) -> float | None:
         rows = await self._db.read("SELECT max(ended_at) AS last FROM optimizations")

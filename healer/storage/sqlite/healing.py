@@ -23,65 +23,25 @@ from healer.healing.model import (
     NewAction,
     Opened,
     OpenRequest,
-    Outcome,
     Resolution,
 )
 from healer.healing.payload import WebhookAlert
 from healer.healing.rules import after_resolved, after_step, defer_for_cooldown
+from healer.storage.rows import action as _action
+from healer.storage.rows import (
+    action_filter_terms,
+    finish_refused,
+    finish_values,
+    finished,
+    new_episode,
+    plan_json,
+    scheduled,
+)
+from healer.storage.rows import episode as _episode
+from healer.storage.rows import escalation as _escalation
+from healer.storage.rows import event as _event
 from healer.storage.sqlite.database import SQLiteDatabase
 from healer.storage.sqlite.inbox import advance
-
-
-def _episode(row: sqlite3.Row) -> Episode:
-    return Episode(
-        row["id"],
-        row["fingerprint"],
-        row["starts_at"],
-        row["starts_at_epoch"],
-        row["alertname"],
-        json.loads(row["labels"]),
-        json.loads(row["annotations"]),
-        row["rule"],
-        EpisodeState(row["state"]),
-        row["created_at"],
-        row["ended_at"],
-        row["resolved_at"],
-        row["silence_id"],
-    )
-
-
-def _action(row: sqlite3.Row) -> Action:
-    return Action(
-        row["id"],
-        row["episode_id"],
-        row["attempt"],
-        row["step"],
-        row["rule"],
-        row["strategy"],
-        ActionState(row["state"]),
-        Outcome(row["outcome"]) if row["outcome"] else None,
-        row["skip_reason"],
-        row["not_before"],
-        row["approval_deadline"],
-        bool(row["approved"]),
-        row["created_at"],
-        row["started_at"],
-        row["finished_at"],
-        json.loads(row["plan"]) if row["plan"] else None,
-        row["detail"],
-        row["exit_code"],
-        row["output"],
-        row["replica"],
-        row["lease_until"],
-    )
-
-
-def _escalation(row: sqlite3.Row) -> Escalation:
-    return Escalation(**dict(row))
-
-
-def _plan_json(plan: dict[str, Any] | None) -> str | None:
-    return json.dumps(plan) if plan is not None else None
 
 
 class SQLiteHealingRecords:
@@ -126,11 +86,7 @@ class SQLiteHealingRecords:
                 "SELECT * FROM episodes WHERE fingerprint = ? AND starts_at = ?", (alert.fingerprint, starts_at)
             ).fetchone()
             return Opened(_episode(row), False, None)
-        # Everything is known; reading the row back would only parse the JSON just written.
-        episode = Episode(
-            int(cursor.lastrowid or 0), alert.fingerprint, starts_at, alert.starts_at_epoch, alert.alertname,
-            dict(alert.labels), dict(alert.annotations), request.rule, request.state, now, ended_at, None, None,
-        )  # fmt: skip
+        episode = new_episode(int(cursor.lastrowid or 0), request, now)
         for kind, detail in request.events:
             self._db.event(db, kind, detail, episode.id)
         deferred_until = None
@@ -213,13 +169,7 @@ class SQLiteHealingRecords:
             (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
         )
         action_id = int(cursor.lastrowid or 0)
-        self._db.event(
-            db,
-            "scheduled",
-            {"strategy": spec.strategy, "attempt": spec.attempt, "not_before": spec.not_before},
-            episode_id,
-            action_id,
-        )
+        self._db.event(db, *scheduled(spec), episode_id, action_id)
         return action_id
 
     @staticmethod
@@ -332,7 +282,7 @@ class SQLiteHealingRecords:
                 db,
                 action_id,
                 "state = 'running', started_at = ?, plan = ?, replica = ?",
-                (self._db.clock(), _plan_json(plan), replica),
+                (self._db.clock(), plan_json(plan), replica),
                 ActionState.PENDING,
                 ("started", {"strategy": strategy[0] if strategy else None, "replica": replica}),
                 replica,
@@ -346,7 +296,7 @@ class SQLiteHealingRecords:
                 db,
                 action_id,
                 "state = 'awaiting_approval', approval_deadline = ?, plan = ?",
-                (deadline, _plan_json(plan)),
+                (deadline, plan_json(plan)),
                 ActionState.PENDING,
                 ("awaiting_approval", {"deadline": deadline}),
             )
@@ -379,36 +329,16 @@ class SQLiteHealingRecords:
     ) -> bool:
         now = self._db.clock()
         action = self._get_action(db, action_id)
-        if action is None or action.state is ActionState.DONE:
+        # One healer owns an SQLite store, so no other replica settles a step whose claim lapsed.
+        if action is None or finish_refused(action, replica, abandoned_before, lapsed_before=None):
             return False
-        running = action.state in (ActionState.RUNNING, ActionState.VERIFYING)
-        if replica is not None and running and action.replica != replica:
-            return False  # another replica holds it now: this one lost its claim
-        if abandoned_before is not None and (action.lease_until or 0.0) >= abandoned_before:
-            return False  # its replica renewed the claim: it is not abandoned
         db.execute(
             "UPDATE actions SET state = 'done', outcome = ?, skip_reason = ?, detail = ?, exit_code = ?,"
             " output = ?, finished_at = ?, started_at = coalesce(started_at, ?),"
             " plan = coalesce(?, plan) WHERE id = ?",
-            (
-                finish.outcome.value,
-                finish.skip_reason,
-                finish.detail,
-                finish.exit_code,
-                finish.output,
-                now,
-                finish.started_at,
-                _plan_json(finish.plan),
-                action_id,
-            ),
+            finish_values(finish, now, action_id),
         )
-        self._db.event(
-            db,
-            "finished",
-            {"outcome": finish.outcome.value, "skip_reason": finish.skip_reason, "detail": finish.detail},
-            action.episode_id,
-            action_id,
-        )
+        self._db.event(db, *finished(finish), action.episode_id, action_id)
         for kind, detail in finish.events:
             self._db.event(db, kind, detail, action.episode_id, action_id)
         if finish.cooldown is not None:
@@ -509,25 +439,9 @@ class SQLiteHealingRecords:
         return await self._db.run(self._list_actions, query)
 
     def _list_actions(self, query: ActionFilter) -> list[tuple[Action, Episode]]:
-        clauses: list[str] = []
-        params: list[object] = []
-        for column, value in (
-            ("e.alertname", query.alertname),
-            ("e.fingerprint", query.fingerprint),
-            ("a.episode_id", query.episode_id),
-            ("a.rule", query.rule),
-            ("a.strategy", query.strategy),
-            ("a.outcome", query.outcome),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if query.since is not None:
-            clauses.append("a.created_at >= ?")
-            params.append(query.since)
-        if query.until is not None:
-            clauses.append("a.created_at <= ?")
-            params.append(query.until)
+        terms = action_filter_terms(query)
+        clauses = [f"{column} {operator} ?" for column, operator, _ in terms]
+        params = [value for _, _, value in terms]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # The clauses name fixed columns; every value is a bound parameter.
         sql = f"SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id {where} ORDER BY a.id DESC LIMIT ?"  # noqa: S608
@@ -542,9 +456,7 @@ class SQLiteHealingRecords:
         rows = await self._db.read(
             "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = ? ORDER BY id", (episode_id,)
         )
-        return [
-            {"ts": r["ts"], "action_id": r["action_id"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows
-        ]
+        return [_event(r) for r in rows]
 
     async def counts(self) -> HealingCounts:
         return await self._db.run(self._counts)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import sqlite3
@@ -12,6 +11,8 @@ from healer.healing.model import InboxItem, InboxPosition
 from healer.healing.payload import InvalidPayloadError, WebhookAlert, decode_webhook
 from healer.logs import fields
 from healer.storage.errors import StoreUnavailableError
+from healer.storage.group_commit import GroupCommit
+from healer.storage.rows import inbox_items
 from healer.storage.sqlite.database import SQLiteDatabase
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class SQLiteInbox:
 
     def __init__(self, database: SQLiteDatabase) -> None:
         self._db = database
-        self._pending: list[tuple[tuple[bytes, int], asyncio.Future[int]]] = []
-        self._flushing = False
+        self._group = GroupCommit(self._commit)
         # The last delivery parsed, so that a delivery split into several batches is parsed once.
         self._parsed: tuple[int, list[WebhookAlert]] | None = None
         self._discarded = 0
@@ -44,31 +44,11 @@ class SQLiteInbox:
         return self._discarded
 
     async def accept(self, body: bytes, alerts: int) -> int:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(((body, alerts), future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
-        return await future
+        return await self._group.submit((body, alerts))
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    deliveries = [delivery for delivery, _ in batch]
-                    ids = await self._db.write(functools.partial(self._insert, deliveries=deliveries))
-                except Exception as exc:  # every waiter learns that its delivery was not stored
-                    error = exc if isinstance(exc, StoreUnavailableError) else StoreUnavailableError(str(exc))
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, future), delivery_id in zip(batch, ids, strict=True):
-                    if not future.done():
-                        future.set_result(delivery_id)
-        finally:
-            self._flushing = False
+    async def _commit(self, deliveries: list[tuple[bytes, int]]) -> list[int]:
+        """Store one batch of deliveries in one transaction; return their ids in order."""
+        return await self._db.write(functools.partial(self._insert, deliveries=deliveries))
 
     def _insert(self, db: sqlite3.Connection, deliveries: Sequence[tuple[bytes, int]]) -> list[int]:
         now = self._db.clock()
@@ -96,8 +76,7 @@ class SQLiteInbox:
                     alerts = self._alerts_of(row["id"], row["body"])
                     if alerts is None:
                         continue
-                    for index in range(row["done"], min(len(alerts), row["done"] + limit - len(items))):
-                        items.append(InboxItem(InboxPosition(row["id"], index), row["received_at"], alerts[index]))
+                    items += inbox_items(row, alerts, limit - len(items))
                     if len(items) >= limit:
                         break
             finally:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from healer.storage.schema import SCHEMA_VERSIONS
+from healer.storage import migration
 
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
 # A new id is the largest + 1, and purge always keeps the newest row, so an id is never used twice.
@@ -228,28 +227,16 @@ def _inbox_per_delivery(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE inbox_per_alert")
 
 
-@dataclass(frozen=True)
-class Migration:
-    """One numbered step of the schema."""
+Migration = migration.Migration[Callable[[sqlite3.Connection], None]]
 
-    version: int
-    description: str
-    apply: Callable[[sqlite3.Connection], None]
-
-
-MIGRATIONS = tuple(
-    Migration(version, description, apply)
-    for (version, description), apply in zip(
-        SCHEMA_VERSIONS,
-        (
-    # Before the inbox's tables are created, so that an early per-alert inbox is converted first.
-            _inbox_per_delivery,
-            _execute_script(HEALING_SCHEMA),
-            _execute_script(GOALS_SCHEMA),
-            _execute_script(TRIALS_SCHEMA),
-            _execute_script(REPLICAS_SCHEMA),
-        ),
-        strict=True,
+MIGRATIONS: tuple[Migration, ...] = migration.numbered(
+    (
+        # Before the inbox's tables are created, so that an early per-alert inbox is converted first.
+        _inbox_per_delivery,
+        _execute_script(HEALING_SCHEMA),
+        _execute_script(GOALS_SCHEMA),
+        _execute_script(TRIALS_SCHEMA),
+        _execute_script(REPLICAS_SCHEMA),
     )
 )
 
@@ -264,19 +251,17 @@ def schema_version(db: sqlite3.Connection) -> int:
 def migrate(db: sqlite3.Connection, clock: Callable[[], float]) -> int:
     """Apply, each in its own transaction, the migrations the file has not had; return the version reached."""
     version = schema_version(db)
-    for migration in MIGRATIONS:
-        if migration.version <= version:
-            continue
+    for step in migration.pending(MIGRATIONS, version):
         db.execute("BEGIN IMMEDIATE")
         try:
-            migration.apply(db)
+            step.apply(db)
             db.execute(
                 "INSERT INTO schema_versions (version, description, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.description, clock()),
+                (step.version, step.description, clock()),
             )
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        version = migration.version
+        version = step.version
     return version

@@ -5,29 +5,11 @@ from __future__ import annotations
 import sqlite3
 
 from healer.optimizer.model import ENDED, IN_FLIGHT, CandidateRecord, Outcome, Trial
+from healer.storage.rows import candidate_record
+from healer.storage.rows import trial as _trial
 from healer.storage.sqlite.database import SQLiteDatabase
 
 _IN_FLIGHT = "(" + ", ".join(f"'{o.value}'" for o in IN_FLIGHT) + ")"
-
-
-def _trial(row: sqlite3.Row) -> Trial:
-    return Trial(
-        id=row["id"],
-        candidate=row["candidate"],
-        component=row["component"],
-        outcome=Outcome(row["outcome"]),
-        confidence=row["confidence"],
-        score=row["score"],
-        before=row["before"],
-        after=row["after"],
-        improvement=row["improvement"],
-        applied_at=row["applied_at"],
-        measure_at=row["measure_at"],
-        ended_at=row["ended_at"],
-        detail=row["detail"],
-        verdict=Outcome(row["verdict"]) if row["verdict"] else None,
-        acknowledged_at=row["acknowledged_at"],
-    )
 
 
 def _read_trial(db: sqlite3.Connection, trial_id: int) -> Trial:
@@ -131,10 +113,7 @@ class SQLiteTrialRecords:
             " AS trials, sum(outcome = 'kept') AS helped FROM optimizations GROUP BY candidate"
             ") c ON o.id = c.last"
         )
-        return {
-            row["candidate"]: CandidateRecord(int(row["trials"] or 0), int(row["helped"] or 0), _trial(row))
-            for row in rows
-        }
+        return {row["candidate"]: candidate_record(row) for row in rows}
 
     async def last_ended(self) -> float | None:
         rows = await self._db.read("SELECT max(ended_at) FROM optimizations")
