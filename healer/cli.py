@@ -16,6 +16,7 @@ from aiohttp import web
 
 from healer import __version__
 from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
+from healer.config.loading import config_warnings
 from healer.logs import configure_logging, fields
 
 log = logging.getLogger("healer.cli")
@@ -115,9 +116,13 @@ def _load_or_report(path: Path) -> HealerConfig | None:
 
 
 def check_config(path: Path) -> int:
-    """Print every fault in a config file, one per line; return the exit code."""
-    if _load_or_report(path) is None:
+    """Print every fault and warning of a config file, one per line; return the exit code."""
+    config = _load_or_report(path)
+    if config is None:
         return EXIT_CONFIG
+    # Warnings do not fail the check: the config runs, only not as its author probably meant.
+    for warning in config_warnings(config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
 

@@ -52,3 +52,43 @@ def test_graceful_shutdown(tmp_path: Path, servers: list[Server], signum: int) -
     assert healer.stop(signum) == 0
     events = [json.loads(line)["event"] for line in healer.log().splitlines() if line.startswith("{")]
     assert events[-2:] == ["shutting down", "stopped"]
+
+
+def test_check_config_warns_of_strategies_that_can_never_run(tmp_path: Path) -> None:
+    """`healer check-config` warns, by key path, of a rule whose max_attempts is shorter than its ladder; exit 0."""
+    config = tmp_path / "healer.yml"
+    config.write_text(
+        """
+strategies:
+  clear-cache: {type: exec, command: [/bin/true]}
+  scale-web: {type: exec, command: [/bin/true]}
+  restart-web: {type: exec, command: [/bin/true]}
+healing:
+  rules:
+    - {name: enough, match: ['alertname="A"'], strategies: [clear-cache, scale-web], max_attempts: 2}
+    - {name: repeats, match: ['alertname="B"'], strategies: [clear-cache, clear-cache], max_attempts: 5}
+    - name: web
+      match: ['alertname="C"']
+      strategies: [clear-cache, scale-web, restart-web]
+      max_attempts: 2
+    - {name: again, match: ['alertname="D"'], strategies: [clear-cache, scale-web, clear-cache], max_attempts: 2}
+    - name: learned
+      match: ['alertname="E"']
+      strategies: [clear-cache, scale-web, restart-web]
+      max_attempts: 1
+      order: learned
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "healer", "check-config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{config}: OK"
+    assert result.stderr.splitlines() == [
+        f"{config}: warning: healing.rules[2] (name web): max_attempts 2 is smaller than its 3 strategies;"
+        " restart-web can never run",
+        f"{config}: warning: healing.rules[3] (name again): max_attempts 2 is smaller than its 3 strategies;"
+        " its rung 3 is never reached",
+        f"{config}: warning: healing.rules[4] (name learned): max_attempts 1 is smaller than its 3 strategies;"
+        " with order: learned at most 1 of them run in an episode",
+    ]

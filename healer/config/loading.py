@@ -92,6 +92,30 @@ def _cross_check(config: HealerConfig, strategies: dict[str, StrategyParams], ra
     return errors
 
 
+def config_warnings(config: HealerConfig) -> list[str]:
+    """What in a valid config is allowed but likely a mistake, one line per finding by key path."""
+    warnings = []
+    for index, rule in enumerate(config.healing.rules):
+        count = len(rule.strategies)
+        if rule.max_attempts >= count:
+            continue
+        where = f"healing.rules[{index}] (name {rule.name}): max_attempts {rule.max_attempts}"
+        if rule.order == "learned":
+            # The learned order varies, so no one strategy is certain to be left out.
+            consequence = f"with order: learned at most {rule.max_attempts} of them run in an episode"
+        else:
+            reached = set(rule.strategies[: rule.max_attempts])
+            unreached = [name for name in dict.fromkeys(rule.strategies[rule.max_attempts :]) if name not in reached]
+            if unreached:
+                consequence = f"{', '.join(unreached)} can never run"
+            elif count == rule.max_attempts + 1:  # the rungs left out repeat strategies that run earlier
+                consequence = f"its rung {count} is never reached"
+            else:
+                consequence = f"its rungs {rule.max_attempts + 1} to {count} are never reached"
+        warnings.append(f"{where} is smaller than its {count} strategies; {consequence}")
+    return warnings
+
+
 def plan_problems(
     plan: Sequence[str], strategies: dict[str, StrategyParams], known: set[str] | None = None
 ) -> list[tuple[int, str]]:

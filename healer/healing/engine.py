@@ -367,6 +367,13 @@ class Engine:
             self.wake()
         return approved
 
+    async def reject(self, action_id: int, who: str, reason: str) -> bool:
+        """Reject a step that waits for approval: it ends cancelled and its episode escalates at once."""
+        rejected = await self.episode_steps.reject(action_id, who, reason)
+        if rejected:
+            self.wake()  # HealingFailed is queued as due now: deliver it without waiting for the next wake
+        return rejected
+
     async def close_circuit(self) -> None:
         """Close the circuit breaker and reset the action budget, for every replica."""
         await self.steps.close_circuit()

@@ -19,7 +19,7 @@ from healer.config import HealerConfig, HealingRule
 from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder, dry_run_for
 from healer.healing.metrics import HealingMetrics
-from healer.healing.model import Action, Episode, EpisodeState, Finish, Outcome, SkipReason
+from healer.healing.model import Action, ActionState, Episode, EpisodeState, Finish, Outcome, SkipReason
 from healer.healing.rails import backoff
 from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
@@ -315,6 +315,33 @@ class EpisodeSteps:
         self.count_skip(action.strategy, skip_reason)
         finish = Finish(outcome=Outcome.CANCELLED, skip_reason=skip_reason, detail=detail, plan=plan)
         await self._end_with_escalation(action, episode, finish, escalation_reason)
+
+    async def reject(self, action_id: int, who: str, reason: str) -> bool:
+        """End a step that awaits approval as rejected and hand its episode to people; False when it no longer waits."""
+        action = await self.records.get_action(action_id)
+        # The store's finish refuses only a step already done; an approved step is pending again, so
+        # the state is checked here on a fresh read (an approval landing between the two is not seen).
+        if action is None or action.state is not ActionState.AWAITING_APPROVAL:
+            return False
+        episode = await self.records.get_episode(action.episode_id)
+        if episode is None:
+            return False
+        escalation = f"rejected by {who}: {reason}"
+        # Built here rather than through cancel_and_escalate, whose Finish carries only the escalated event.
+        finish = Finish(
+            outcome=Outcome.CANCELLED,
+            skip_reason=SkipReason.REJECTED,
+            detail=escalation,
+            episode_state=EpisodeState.ESCALATED,
+            escalation=escalation,
+            events=[("rejected", {"by": who, "reason": reason}), ("escalated", {"reason": escalation})],
+        )
+        # Finished as this replica: a step another replica started after an approval won is not touched.
+        if not await self.finish(action, finish):
+            return False
+        self.count_skip(action.strategy, SkipReason.REJECTED)
+        await self.escalator.count(episode, escalation)
+        return True
 
     async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
         done = await self.finish(

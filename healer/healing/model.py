@@ -73,6 +73,7 @@ class SkipReason(enum.StrEnum):
     DRY_RUN = "dry_run"
     APPROVAL_PENDING = "approval_pending"
     APPROVAL_EXPIRED = "approval_expired"
+    REJECTED = "rejected"
     RESOLVED = "resolved"
     STRATEGY_NOT_ALLOWED = "strategy_not_allowed"
     DISABLED = "disabled"

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from healer.healing.engine import Engine
 from healer.healing.ladder import Ladder
 from healer.healing.model import Action, ActionFilter, Episode
 from healer.healing.payload import InvalidPayloadError, decode_webhook
-from healer.http import authenticate, path_id, problem, query_limit, query_number, require_json
+from healer.http import authenticate, invalid_body, path_id, problem, query_limit, query_number, require_json
 from healer.logs import fields
 from healer.storage import StoreUnavailableError
 
@@ -131,6 +132,34 @@ async def approve_action(request: web.Request) -> web.Response:
     return web.json_response({"approved": action_id})
 
 
+class RejectRequest(BaseModel):
+    """The body of `POST /api/v1/actions/{id}/reject`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+
+
+async def reject_action(request: web.Request) -> web.Response:
+    """Reject a step that waits for approval, saying why; it ends cancelled and its episode escalates at once."""
+    refused = authenticate(request) or require_json(request)
+    if refused is not None:
+        return refused
+    engine = request.app[ENGINE]
+    action_id = path_id(request, "action")
+    try:
+        body = RejectRequest.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return invalid_body(exc, "not a valid rejection")
+    if await engine.records.get_action(action_id) is None:
+        return problem(404, f"no action {action_id}")
+    # The same source of the operator's name as approval, so the audit trail names both alike.
+    who = request.headers.get("X-Healer-Approver", "api")
+    if not await engine.reject(action_id, who, body.reason):
+        return problem(409, f"action {action_id} is not waiting for approval")
+    return web.json_response({"rejected": action_id, "by": who, "reason": body.reason})
+
+
 async def close_circuit(request: web.Request) -> web.Response:
     """Close the circuit breaker and reset the action budget."""
     refused = authenticate(request)
@@ -146,4 +175,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/actions", list_actions)
     app.router.add_get("/api/v1/actions/{id}", get_action)
     app.router.add_post("/api/v1/actions/{id}/approve", approve_action)
+    app.router.add_post("/api/v1/actions/{id}/reject", reject_action)
     app.router.add_post("/api/v1/circuit/close", close_circuit)
