@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from healer.config import PrometheusConfig
+from healer.config import GOAL_PLACEHOLDER, PrometheusConfig
+from healer.logs import fields
 
 if TYPE_CHECKING:
     from prometheus_api_client.exceptions import PrometheusApiClientException
-from healer.logs import fields
+
+    from healer.config.model import HealthyWhen
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ def quote_label_value(value: str) -> str:
     characters literal, so the JSON encoding of a string is a valid PromQL literal of it.
     """
     return json.dumps(value, ensure_ascii=False)
+
+
+def render_query(query: str, labels: Mapping[str, str]) -> str:
+    """Put each `{labels.NAME}` of a query in as a quoted PromQL string (a missing label is "")."""
+    return GOAL_PLACEHOLDER.sub(lambda m: quote_label_value(labels.get(m.group(2), "")), query)
 
 
 def label_selector(metric: str, labels: Mapping[str, str]) -> str:
@@ -249,12 +256,20 @@ class PromQLClient:
             raise PrometheusUnavailableError(f"Prometheus rejected the ALERTS query: {exc}") from None
         return bool(samples)
 
+    async def query_healthy(self, expr: str, healthy_when: HealthyWhen | None = None) -> bool:
+        """Tell whether a verification query says healed: any result, or with `healthy_when` every value within it."""
+        samples = await self.query(expr)
+        if healthy_when is None:
+            return bool(samples)
+        return bool(samples) and all(healthy_when.holds(sample.value) for sample in samples)
+
     async def verify_resolved(
         self,
         labels: Mapping[str, str],
         within: float,
         interval: float,
         *,
+        settle: float = 0.0,
         resolved: asyncio.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -262,46 +277,96 @@ class PromQLClient:
         """Poll `alert_firing(labels)` every `interval` seconds for up to `within` seconds.
 
         Returns "healed" as soon as Prometheus says the alert no longer fires; "not_healed"
-        when the deadline passes and the last answer Prometheus gave was "firing";
-        "unverified" when Prometheus could not be asked on any poll. The first poll is
-        immediate and the last one happens at the deadline.
+        when the deadline passes and Prometheus answered at least once, the last answer it
+        gave being "firing"; "unverified" when Prometheus could not be asked on any poll. The
+        first poll comes after `settle` seconds (counted within `within`) and the last one
+        happens at the deadline.
 
         `resolved` is an optional event the caller sets when Alertmanager reports the alert
-        resolved. It cuts the current wait short and triggers one confirming query at once;
-        only Prometheus's answer decides, so if that query still sees the alert firing (or
-        cannot reach Prometheus) polling resumes at the normal interval and the event is not
-        consulted again. An event already set on entry makes the first poll the confirming one.
-        `clock` and `sleep` are injectable for tests.
+        resolved. It cuts the current wait (the settle included) short and triggers one
+        confirming query at once; only Prometheus's answer decides, so if that query still sees
+        the alert firing (or cannot reach Prometheus) polling resumes at the normal interval and
+        the event is not consulted again. An event already set on entry makes the first poll,
+        without settle, the confirming one. `clock` and `sleep` are injectable for tests.
         """
-        deadline = clock() + within
-        reachable = False
-        resolved_seen = resolved is not None and resolved.is_set()
-        last_error: PrometheusUnavailableError | None = None
-        polls = 0
-        while True:
-            polls += 1
+
+        async def healthy() -> bool:
+            return not await self.alert_firing(labels)
+
+        return await _poll(healthy, within, interval, settle, resolved, clock, sleep)
+
+    async def verify_query(
+        self,
+        expr: str,
+        within: float,
+        interval: float,
+        *,
+        settle: float = 0.0,
+        healthy_when: HealthyWhen | None = None,
+        resolved: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> VerifyOutcome:
+        """Poll `query_healthy(expr, healthy_when)` as `verify_resolved` polls the alert, with the same outcomes."""
+        # For alerts that outlive a fix by their range window the query, not the alert, says whether the
+        # fault is gone. A query Prometheus rejects counts as a poll it could not answer: a wrong query
+        # proves nothing, so it ends "unverified", never "not_healed".
+        warned = False
+
+        async def healthy() -> bool:
+            nonlocal warned
             try:
-                firing = await self.alert_firing(labels)
-            except PrometheusUnavailableError as exc:
-                last_error = exc
-            else:
-                reachable = True
-                if not firing:
-                    return "healed"
-            remaining = deadline - clock()
-            if remaining <= 0:
-                break
-            delay = min(interval, remaining)
+                return await self.query_healthy(expr, healthy_when)
+            except PromQLError as exc:
+                if not warned:  # once per verification: a wrong query stays wrong
+                    log.warning("Prometheus rejected the verification query", extra=fields(query=expr, error=str(exc)))
+                    warned = True
+                raise PrometheusUnavailableError(f"Prometheus rejected the verification query: {exc}") from None
+
+        return await _poll(healthy, within, interval, settle, resolved, clock, sleep)
+
+
+async def _poll(
+    healthy: Callable[[], Awaitable[bool]],
+    within: float,
+    interval: float,
+    settle: float,
+    resolved: asyncio.Event | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+) -> VerifyOutcome:
+    """Ask `healthy()` after `settle`, then every `interval` until `within`; see `verify_resolved`."""
+    deadline = clock() + within
+    reachable = False
+    resolved_seen = resolved is not None and resolved.is_set()
+    last_error: PrometheusUnavailableError | None = None
+    polls = 0
+    # An alert Alertmanager already reported resolved needs no time to show the fix.
+    delay = 0.0 if resolved_seen else min(settle, within)
+    while True:
+        if delay > 0:
             if resolved is None or resolved_seen:
                 await sleep(delay)
             else:
                 resolved_seen = await _sleep_or_event(sleep, delay, resolved)
-        outcome: VerifyOutcome = "not_healed" if reachable else "unverified"
-        log.debug(
-            "verification finished",
-            extra=fields(outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""),
-        )
-        return outcome
+        polls += 1
+        try:
+            if await healthy():
+                return "healed"
+        except PrometheusUnavailableError as exc:
+            last_error = exc
+        else:
+            reachable = True
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        delay = min(interval, remaining)
+    outcome: VerifyOutcome = "not_healed" if reachable else "unverified"
+    log.debug(
+        "verification finished",
+        extra=fields(outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""),
+    )
+    return outcome
 
 
 async def _sleep_or_event(sleep: Callable[[float], Awaitable[None]], delay: float, event: asyncio.Event) -> bool:

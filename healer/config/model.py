@@ -17,6 +17,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     SecretStr,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -268,14 +270,69 @@ class ExporterConfig(_Strict):
         return self
 
 
+GOAL_PLACEHOLDER = re.compile(r"\{(\w+)\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _labelled_query(query: str) -> str:
+    """Check a query whose only placeholders are `{labels.NAME}` (goal targets, verify.query)."""
+    if not query.strip():
+        raise ValueError("must be a PromQL expression")
+    for match in GOAL_PLACEHOLDER.finditer(query):
+        if match.group(1) != "labels":
+            raise ValueError(f"{match.group(0)!r}: this query can use only '{{labels.NAME}}' placeholders")
+    return query
+
+
 class Budget(_Strict):
     actions: int = Field(default=20, ge=1)
     window: Duration = 600.0
 
 
+class HealthyWhen(_Strict):
+    """A bound on the value of `verify.query`: at or below `below`, or at or above `above`."""
+
+    below: float | None = Field(default=None, allow_inf_nan=False)
+    above: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> HealthyWhen:
+        if (self.below is None) == (self.above is None):
+            raise ValueError("give exactly one of below or above: the value that counts as healed")
+        return self
+
+    def holds(self, value: float) -> bool:
+        """Tell whether a value is on the healthy side of the bound (NaN never is)."""
+        if self.below is not None:
+            return value <= self.below
+        assert self.above is not None
+        return value >= self.above
+
+
 class VerifyConfig(_Strict):
     within: PositiveDuration = 120.0
     interval: PositiveDuration = 5.0
+    # For alerts that keep firing after a fix because of their range window: a result
+    # (or a value satisfying healthy_when) means healed. {labels.NAME} becomes the alert's label
+    # value as a quoted PromQL string.
+    query: Annotated[str, AfterValidator(_labelled_query)] | None = None
+    healthy_when: HealthyWhen | None = None
+    # Within `within`: time for the fix to show in the metrics before the first check.
+    settle: Duration = 0.0
+
+    @field_validator("healthy_when")
+    @classmethod
+    def _needs_query(cls, value: HealthyWhen | None, info: ValidationInfo) -> HealthyWhen | None:
+        if value is not None and info.data.get("query") is None:
+            raise ValueError("compares the value of verify.query: set query too")
+        return value
+
+    @field_validator("settle")
+    @classmethod
+    def _inside_within(cls, value: float, info: ValidationInfo) -> float:
+        within = info.data.get("within")
+        if within is not None and value >= within:
+            raise ValueError("must be shorter than within: the checks happen between settle and within")
+        return value
 
 
 class HealingRule(_Strict):
@@ -308,18 +365,6 @@ class HealingConfig(_Strict):
     rules: Annotated[list[HealingRule], _unique_names_of("rule")] = Field(default_factory=list)
 
 
-GOAL_PLACEHOLDER = re.compile(r"\{(\w+)\.([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _target_query(query: str) -> str:
-    if not query.strip():
-        raise ValueError("must be a PromQL expression")
-    for match in GOAL_PLACEHOLDER.finditer(query):
-        if match.group(1) != "labels":
-            raise ValueError(f"{match.group(0)!r}: a target query can use only '{{labels.NAME}}' placeholders")
-    return query
-
-
 def _plain_query(query: str) -> str:
     if not query.strip():
         raise ValueError("must be a PromQL expression")
@@ -333,7 +378,7 @@ Priority = Annotated[GoalPriority, BeforeValidator(parse_priority), PlainSeriali
 
 class GoalTarget(_Strict):
     # {labels.NAME} becomes the trigger series' label value as a quoted PromQL string.
-    query: Annotated[str, AfterValidator(_target_query)]
+    query: Annotated[str, AfterValidator(_labelled_query)]
     below: float | None = Field(default=None, allow_inf_nan=False)
     above: float | None = Field(default=None, allow_inf_nan=False)
 

@@ -23,7 +23,7 @@ from healer.healing.model import Action, ActionState, Episode, EpisodeState, Fin
 from healer.healing.rails import backoff
 from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
-from healer.promql import PromQLClient
+from healer.promql import PromQLClient, render_query
 from healer.storage import HealingRecords
 from healer.strategies.runner import AlertContext, StepResult
 
@@ -252,9 +252,20 @@ class EpisodeSteps:
             await self._continue_or_escalate(action, rule, episode, finish, reason)
             return
         try:
-            answer = await self.promql.verify_resolved(
-                episode.labels, rule.verify.within, rule.verify.interval, resolved=resolved
-            )
+            verify = rule.verify
+            if verify.query is not None:  # a windowed alert outlives the fault: the query says whether it is gone
+                answer = await self.promql.verify_query(
+                    render_query(verify.query, episode.labels),
+                    verify.within,
+                    verify.interval,
+                    settle=verify.settle,
+                    healthy_when=verify.healthy_when,
+                    resolved=resolved,
+                )
+            else:
+                answer = await self.promql.verify_resolved(
+                    episode.labels, verify.within, verify.interval, settle=verify.settle, resolved=resolved
+                )
         except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
             answer = "unverified"
         verdict = Outcome(answer)

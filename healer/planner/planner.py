@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from healer.config import GOAL_PLACEHOLDER, GoalSpec, GoalTemplate, HealerConfig
+from healer.config import GoalSpec, GoalTemplate, HealerConfig
 from healer.cycles import Cycle
 from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
@@ -41,7 +41,7 @@ from healer.planner.model import (
     step_begun,
     step_ended,
 )
-from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, quote_label_value
+from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, render_query
 from healer.storage import GoalRecords, StoreUnavailableError
 from healer.strategies.runner import AlertContext
 
@@ -87,9 +87,8 @@ class PlannerMetrics:
             self.query_errors.labels(kind)
 
 
-def render_target_query(query: str, labels: dict[str, str]) -> str:
-    """Put each `{labels.NAME}` of a target query in as a quoted PromQL string (a missing label is "")."""
-    return GOAL_PLACEHOLDER.sub(lambda m: quote_label_value(labels.get(m.group(2), "")), query)
+# Goal targets fill `{labels.NAME}` as healing rules' `verify.query` does.
+render_target_query = render_query
 
 
 def new_goal(
