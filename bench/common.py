@@ -3,8 +3,9 @@
 The benchmarks import this as ``import common``. Running ``python bench/<script>.py`` puts
 ``bench/`` first on ``sys.path``, so the import needs no setup; the children the benchmarks
 start as ``python bench/<script>.py _<mode>`` find it the same way. It imports nothing from
-``tests/`` or from healer: the benchmarks drive healer only through its command line, its HTTP
-API and its store file.
+healer, and from ``tests/`` only the PostgreSQL harness (``tests/postgres.py``), inside
+`start_postgres`, when a benchmark runs healer on PostgreSQL: the benchmarks drive healer only
+through its command line and its HTTP API.
 
 Every child process is started through a `Keeper` and stopped by its own PID: SIGTERM, a wait,
 then SIGKILL for whatever is still running.
@@ -13,6 +14,7 @@ then SIGKILL for whatever is still running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import signal
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+REPO = Path(__file__).resolve().parent.parent
 MEGABYTE = 1_000_000
 STOP_TIMEOUT_SECONDS = 15.0
 WEBHOOK_PATH = "/api/v1/alertmanager"
@@ -235,10 +238,56 @@ def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def start_healer(keeper: Keeper, config_path: Path, listen: str = "127.0.0.1:0", cwd: Path | None = None) -> Child:
-    """Start ``python -m healer serve`` with JSON logs, as child "healer"; `wait_listening` waits for it."""
+def start_healer(
+    keeper: Keeper, config_path: Path, listen: str = "127.0.0.1:0", cwd: Path | None = None, name: str = "healer"
+) -> Child:
+    """Start ``python -m healer serve`` with JSON logs, as child `name`; `wait_listening` waits for it."""
     argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", listen, "--log-format", "json"]
-    return keeper.start("healer", argv, cwd=cwd)
+    return keeper.start(name, argv, cwd=cwd)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+STORES = ("sqlite", "postgresql")
+
+
+def start_postgres(workdir: Path) -> Any:
+    """Start a real PostgreSQL on loopback with tests/postgres.py's harness; the caller must `destroy()` it.
+
+    Returns its `PostgresServer` (``url``, ``password_file``, ``create_database()``, ``destroy()``).
+    The harness runs Debian's PostgreSQL as the ``postgres`` user under /tmp/healer-pg-* when run as root.
+    """
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))  # after bench/, so `import common` still finds this file
+    from tests.postgres import start_postgres as start  # the one import from tests/, only when needed
+
+    return start(workdir / "postgres")
+
+
+def store_config(store: str, workdir: Path, postgres: Any = None) -> dict[str, Any]:
+    """healer's `store:` section: an SQLite file in `workdir`, or a fresh database of `postgres`."""
+    if store == "sqlite":
+        return {"path": str(workdir / "healer.db")}
+    if postgres is None:
+        raise ValueError("a PostgreSQL store needs a running PostgreSQL")
+    return {"url": postgres.create_database(), "password_file": str(postgres.password_file)}
+
+
+def stores(choice: str) -> list[str]:
+    """The stores a ``--store sqlite|postgresql|both`` option asks for, SQLite first."""
+    return list(STORES) if choice == "both" else [choice]
+
+
+def metric_value(base_url: str, name: str, timeout: float = 5.0) -> float | None:
+    """The value of an unlabelled sample `name` on ``base_url/metrics``; None when absent."""
+    status, body = http_get(f"{base_url}/metrics", timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"GET {base_url}/metrics: HTTP {status}: {body[:300]!r}")
+    prefix = name + " "
+    for line in body.decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[1])
+    return None
 
 
 # --------------------------------------------------------------------------- figures
@@ -251,6 +300,25 @@ def percentile(values: list[float], fraction: float) -> float:
         return 0.0
     rank = max(1, min(len(ordered), int(fraction * len(ordered) + 0.999999)))
     return ordered[rank - 1]
+
+
+def summary(values: list[float], digits: int = 1) -> dict[str, float]:
+    """Median, p90, max and min of `values` (nearest rank), rounded to `digits`."""
+    return {
+        "median": round(percentile(values, 0.5), digits),
+        "p90": round(percentile(values, 0.9), digits),
+        "max": round(max(values, default=0.0), digits),
+        "min": round(min(values, default=0.0), digits),
+    }
+
+
+def emit(report: Any, as_json: bool, print_report: Callable[[Any], None]) -> int:
+    """Print a dataclass report as JSON or as text; return 0 (a failed check is a FAIL line, not an exit)."""
+    if as_json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print_report(report)
+    return 0
 
 
 def rss_mb(pid: int) -> float:

@@ -15,10 +15,14 @@ load generator (an aiohttp client in its own process) over keep-alive connection
 
 Every request carries alerts with fingerprints never sent before (a counter in the
 fingerprint), so healer does its real work each time: authenticate, parse, validate, commit
-the delivery to its SQLite inbox (WAL, group commit) before answering 200, and its engine then
-records each alert as an unmatched episode. healer runs ``python -m healer serve`` with a
-config in a temporary directory: a bearer token, no healing rules, the host exporter off, and
-Prometheus/Alertmanager URLs pointing at a closed loopback port.
+the delivery to its inbox (SQLite: WAL, group commit; PostgreSQL: a committed transaction)
+before answering 200, and its engine then records each alert as an unmatched episode. healer
+runs ``python -m healer serve`` with a config in a temporary directory: a bearer token, no
+healing rules, the host exporter off, and Prometheus/Alertmanager URLs pointing at a closed
+loopback port. ``--store`` picks its store: ``sqlite`` (default, a file in the temporary
+directory), ``postgresql`` (a real PostgreSQL started for the run with tests/postgres.py's
+harness, one database per healer) or ``both`` (two healers, ``healer`` on SQLite and
+``healer-pg`` on PostgreSQL, measured in the same run beside the bare server).
 
 The baseline
 ------------
@@ -32,13 +36,16 @@ server, limits the bare server's figures.
 Checks printed as PASS/FAIL at the end: healer's alerts/s is at least 0.55 x the bare server's
 with 1 alert per request and 0.4 x with 50 (0.5 x for other sizes); healer's p99 is below 20 ms
 at 200 requests/s; healer's status API counts exactly as many alerts received as were answered
-200. healer is read only through its HTTP API (``/api/v1/status``, ``/metrics``), never its
-SQLite file. Then the floor: what parsing, validating and
+200. The first two hold healer on SQLite (issue 9); healer on PostgreSQL is held, with ``--store
+both``, to at least 0.5 x the alerts/s of healer on SQLite (issue 10), and its inbox count must
+match too. healer is read only through its HTTP API
+(``/api/v1/status``, ``/metrics``), never its store. Then the floor: what parsing, validating and
 committing one payload cost in this process, and the ceiling on healer/bare that follows. The
 resident memory (RSS) of both servers is printed after each case.
 
-Usage: ``python bench/receiver.py [--seconds 10] [--json]``. Everything started is stopped by its
-own PID on exit, also on error or Ctrl-C. All traffic stays on 127.0.0.1.
+Usage: ``python bench/receiver.py [--seconds 10] [--store sqlite|postgresql|both] [--json]``.
+Everything started is stopped by its own PID on exit, also on error or Ctrl-C; a PostgreSQL
+started for the run is removed with its directory. All traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ TOKEN = "bench-receiver-token"
 CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
 RATIO_TARGETS = {1: 0.55, 50: 0.4}  # issue 9: healer/bare alerts/s per payload size
 RATIO_TARGET = 0.5  # other sizes
+POSTGRES_RATIO_TARGET = 0.5  # issue 10: healer on PostgreSQL / healer on SQLite, alerts/s, every size
+HEALER_NAMES = {"sqlite": "healer", "postgresql": "healer-pg"}
 P99_TARGET_MS = 20.0
 
 # --------------------------------------------------------------------------- payloads
@@ -330,8 +339,9 @@ def bare_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- orchestration
 
 
-def healer_config(workdir: Path) -> Path:
-    """healer with a token, a store in `workdir`, no healing rules, no host exporter, no upstreams."""
+def healer_config(workdir: Path, store: dict[str, Any]) -> Path:
+    """healer with a token, the given store, no healing rules, no host exporter, no upstreams."""
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "token").write_text(TOKEN)
     config = {
         "server": {
@@ -341,7 +351,7 @@ def healer_config(workdir: Path) -> Path:
         },
         "prometheus": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
         "alertmanager": {"url": CLOSED_PORT_URL, "timeout": "200ms"},
-        "store": {"path": str(workdir / "healer.db")},
+        "store": store,
         "exporter": {"host": False},
         "healing": {"rules": []},
     }
@@ -388,6 +398,7 @@ class CaseResult:
     server_cpu_us_per_alert: float
     rss_mb: float
     other_cpu_ratio: float  # CPU seconds of everything else on the machine / wall seconds
+    db_cpu_ratio: float = 0.0  # CPU seconds of the PostgreSQL cluster (all its processes) / wall seconds
     inbox_backlog_after: int | None = None  # healer: unprocessed inbox items when the load stopped
     drain_seconds: float | None = None  # healer: time its engine then took to process them
     backlog_left: int | None = None  # healer: items still unprocessed when the drain wait gave up
@@ -402,10 +413,11 @@ class Report:
     seconds: float
     rate: float
     rate_seconds: float
+    stores: list[str] = field(default_factory=list)
     cases: list[CaseResult] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
-    store_alerts: int = 0
-    alerts_answered_200: int = 0
+    store_alerts: dict[str, int] = field(default_factory=dict)  # per healer, from its status API
+    alerts_answered_200: dict[str, int] = field(default_factory=dict)  # per healer
     rss_mb: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     floors: list[Floor] = field(default_factory=list)
@@ -459,6 +471,25 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of a process and its live descendants (PostgreSQL: the postmaster and its backends)."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue  # a backend that ended meanwhile; its time is lost, a slight undercount
+        total += times.user + times.system
+    return total
+
+
 def measure(
     keeper: common.Keeper,
     server: common.Child,
@@ -467,25 +498,28 @@ def measure(
     args: argparse.Namespace,
     rate: float,
     report: Report,
+    db_pid: int | None = None,
 ) -> CaseResult:
     proc = psutil.Process(server.pid)
     cpu_before = sum(proc.cpu_times()[:2])
+    db_before = tree_cpu_seconds(db_pid)
     machine_before = busy_seconds()
     client_before = children_cpu_seconds()
     wall_before = time.monotonic()
     load = run_load(keeper, server, alerts, case, args, rate)
     wall = time.monotonic() - wall_before
     cpu = sum(proc.cpu_times()[:2]) - cpu_before
+    db = max(0.0, tree_cpu_seconds(db_pid) - db_before)
     # Whatever else ran on the machine meanwhile (other people's jobs): a disturbed case shows here.
-    other = busy_seconds() - machine_before - cpu - (children_cpu_seconds() - client_before)
+    other = busy_seconds() - machine_before - cpu - db - (children_cpu_seconds() - client_before)
     if server.process.poll() is not None:
         raise RuntimeError(f"{server.name} died during case {case}:\n{server.log_tail()}")
     rss = common.rss_mb(server.pid)
     report.peak_rss_mb[server.name] = max(report.peak_rss_mb.get(server.name, 0.0), rss)
     total_alerts = max(1, load.alerts_accepted)
-    result = CaseResult(server.name, load, cpu / wall, cpu / total_alerts * 1e6, rss, max(0.0, other / wall))
-    if server.name == "healer":
-        report.alerts_answered_200 += load.alerts_accepted
+    result = CaseResult(server.name, load, cpu / wall, cpu / total_alerts * 1e6, rss, max(0.0, other / wall), db / wall)
+    if server.name != "bare":
+        report.alerts_answered_200[server.name] = report.alerts_answered_200.get(server.name, 0) + load.alerts_accepted
         result.inbox_backlog_after, result.drain_seconds, result.backlog_left = wait_drained(
             server.url, args.drain_timeout
         )
@@ -548,35 +582,49 @@ def run(args: argparse.Namespace) -> Report:
         args.seconds,
         args.rate,
         args.rate_seconds,
+        common.stores(args.store),
     )
     # Before any server runs, so that nothing else competes for the CPU or the disk.
     report.floors = [measure_floor(alerts) for alerts in args.sizes]
     with tempfile.TemporaryDirectory(prefix="bench-receiver-") as tmp:
         workdir = Path(tmp)
         keeper = common.Keeper(workdir)
+        postgres: Any = None
         try:
-            healer = common.start_healer(keeper, healer_config(workdir))
+            if "postgresql" in report.stores:
+                progress(args, "starting PostgreSQL (tests/postgres.py)")
+                postgres = common.start_postgres(workdir)
+            healers = []
+            for store in report.stores:
+                # Not a directory named healer: `python -m healer` in its parent would import it as a package.
+                home = workdir / f"store-{store}"
+                section = common.store_config(store, home, postgres)
+                healers.append(common.start_healer(keeper, healer_config(home, section), name=HEALER_NAMES[store]))
             bare = keeper.start("bare", [sys.executable, str(Path(__file__).resolve()), "_bare"])
-            common.wait_listening(healer)
-            common.wait_listening(bare)
+            for child in [*healers, bare]:
+                common.wait_listening(child)
+            db_pid = postgres.pid if postgres is not None else None
             case = 0
             # The open-loop run comes after the first (smallest) closed-loop size, once healer's engine has
             # worked off that case's backlog; the large payloads leave a backlog that takes minutes.
             plan: list[tuple[int, float]] = [(args.sizes[0], 0.0), (1, args.rate)]
             plan += [(alerts, 0.0) for alerts in args.sizes[1:]]
             for alerts, rate in plan:
-                for server in (bare, healer):  # alternate, so both see the same machine noise
+                for server in (bare, *healers):  # alternate, so all see the same machine noise
                     case += 1
                     if rate:
                         progress(args, f"open loop: {server.name}, {rate:g} requests/s, {args.rate_seconds:g}s")
                     else:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
-                    report.cases.append(measure(keeper, server, alerts, case, args, rate, report))
-            report.store_alerts = alerts_received(healer.url)
-            for server in (healer, bare):
+                    report.cases.append(measure(keeper, server, alerts, case, args, rate, report, db_pid))
+            for healer in healers:
+                report.store_alerts[healer.name] = alerts_received(healer.url)
+            for server in (*healers, bare):
                 report.rss_mb[server.name] = common.rss_mb(server.pid)
         finally:
             keeper.stop_all()
+            if postgres is not None:
+                postgres.destroy()
     report.checks = checks(report, args.sizes)
     return report
 
@@ -591,37 +639,53 @@ def find(report: Report, server: str, mode: str, alerts: int) -> CaseResult:
     )
 
 
+def ratio_check(name: str, value: float, target: float) -> dict[str, Any]:
+    """A PASS/FAIL entry: `value` at least `target`."""
+    return {"check": name, "value": round(value, 3), "limit": target, "passed": value >= target}
+
+
 def checks(report: Report, sizes: list[int]) -> list[dict[str, Any]]:
     result = []
-    for alerts in sizes:
-        healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
-        ratio = healer.load.alerts_per_second / max(bare.load.alerts_per_second, 1e-9)
-        target = RATIO_TARGETS.get(alerts, RATIO_TARGET)
+    healers = [HEALER_NAMES[store] for store in report.stores]
+    # Issue 9's targets are healer's on SQLite; issue 10 holds healer on PostgreSQL to healer on SQLite.
+    sqlite = [name for name in healers if name == HEALER_NAMES["sqlite"]]
+    for name in sqlite:
+        for alerts in sizes:
+            healer, bare = find(report, name, "closed", alerts), find(report, "bare", "closed", alerts)
+            ratio = healer.load.alerts_per_second / max(bare.load.alerts_per_second, 1e-9)
+            target = RATIO_TARGETS.get(alerts, RATIO_TARGET)
+            result.append(ratio_check(f"{name} alerts/s >= {target} x bare, {alerts} alert(s)/request", ratio, target))
+    if len(healers) == 2:
+        for alerts in sizes:
+            on_sqlite, pg = find(report, "healer", "closed", alerts), find(report, "healer-pg", "closed", alerts)
+            ratio = pg.load.alerts_per_second / max(on_sqlite.load.alerts_per_second, 1e-9)
+            result.append(
+                ratio_check(
+                    f"healer-pg alerts/s >= {POSTGRES_RATIO_TARGET} x healer (SQLite), {alerts} alert(s)/request",
+                    ratio,
+                    POSTGRES_RATIO_TARGET,
+                )
+            )
+    for name in sqlite:
+        healer_rate = find(report, name, "open", 1)
         result.append(
             {
-                "check": f"healer alerts/s >= {target} x bare, {alerts} alert(s)/request",
-                "value": round(ratio, 3),
-                "limit": target,
-                "passed": ratio >= target,
+                "check": f"{name} p99 < {P99_TARGET_MS:g} ms at {report.rate:g} requests/s",
+                "value": round(healer_rate.load.p99_ms, 2),
+                "limit": P99_TARGET_MS,
+                "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
             }
         )
-    healer_rate = find(report, "healer", "open", 1)
-    result.append(
-        {
-            "check": f"healer p99 < {P99_TARGET_MS:g} ms at {report.rate:g} requests/s",
-            "value": round(healer_rate.load.p99_ms, 2),
-            "limit": P99_TARGET_MS,
-            "passed": healer_rate.load.p99_ms < P99_TARGET_MS,
-        }
-    )
-    result.append(
-        {
-            "check": "healer inbox alerts == alerts answered 200",
-            "value": report.store_alerts,
-            "limit": report.alerts_answered_200,
-            "passed": report.store_alerts == report.alerts_answered_200,
-        }
-    )
+    for name in healers:
+        stored, answered = report.store_alerts.get(name, -1), report.alerts_answered_200.get(name, 0)
+        result.append(
+            {
+                "check": f"{name} inbox alerts == alerts answered 200",
+                "value": stored,
+                "limit": answered,
+                "passed": stored == answered,
+            }
+        )
     return result
 
 
@@ -629,13 +693,14 @@ def print_report(report: Report) -> None:
     print(
         f"receiver benchmark: {report.cpus} CPUs (load average at start {report.load_average}),"
         f" Python {report.python}, {report.connections} connections,"
-        f" closed loop {report.seconds:g}s per case, open loop {report.rate:g} req/s for {report.rate_seconds:g}s"
+        f" closed loop {report.seconds:g}s per case, open loop {report.rate:g} req/s for {report.rate_seconds:g}s,"
+        f" healer store(s): {', '.join(f'{HEALER_NAMES[s]} on {s}' for s in report.stores)}"
     )
     print()
     header = (
-        f"{'mode':<7}{'server':<8}{'alerts/req':>10}{'req/s':>10}{'alerts/s':>10}{'p50 ms':>9}"
+        f"{'mode':<7}{'server':<10}{'alerts/req':>10}{'req/s':>10}{'alerts/s':>10}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'max ms':>9}{'non-200':>8}{'srv cpu':>8}{'us/alert':>9}{'cli cpu':>8}{'other':>6}"
-        f"{'RSS MB':>8}"
+        f"{'db cpu':>7}{'RSS MB':>8}"
         f"{'backlog':>8}{'drain s':>8}"
     )
     print(header)
@@ -647,34 +712,38 @@ def print_report(report: Report) -> None:
         if c.backlog_left:
             drain = f">{c.drain_seconds:.0f}"
         print(
-            f"{load.mode:<7}{c.server:<8}{load.alerts_per_request:>10}{load.requests_per_second:>10.0f}"
+            f"{load.mode:<7}{c.server:<10}{load.alerts_per_request:>10}{load.requests_per_second:>10.0f}"
             f"{load.alerts_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{load.max_ms:>9.1f}"
             f"{non_ok:>8}{c.server_cpu_ratio:>8.2f}{c.server_cpu_us_per_alert:>9.0f}{load.client_cpu_ratio:>8.2f}"
-            f"{c.other_cpu_ratio:>6.2f}"
+            f"{c.other_cpu_ratio:>6.2f}{c.db_cpu_ratio:>7.2f}"
             f"{c.rss_mb:>8.1f}{backlog:>8}{drain:>8}"
         )
     print()
+    healers = [HEALER_NAMES[store] for store in report.stores]
+    pairs = [(name, "bare") for name in healers] + ([("healer-pg", "healer")] if len(healers) == 2 else [])
     for alerts in sorted({c.load.alerts_per_request for c in report.cases if c.load.mode == "closed"}):
-        healer, bare = find(report, "healer", "closed", alerts), find(report, "bare", "closed", alerts)
-        print(
-            f"healer/bare, {alerts} alert(s)/request: requests/s {healer.load.requests_per_second:.0f}/"
-            f"{bare.load.requests_per_second:.0f} = "
-            f"{healer.load.requests_per_second / max(bare.load.requests_per_second, 1e-9):.3f}; p50 "
-            f"{healer.load.p50_ms:.2f}/{bare.load.p50_ms:.2f} ms; p99 {healer.load.p99_ms:.2f}/"
-            f"{bare.load.p99_ms:.2f} ms"
-        )
+        for left_name, right_name in pairs:
+            left, right = find(report, left_name, "closed", alerts), find(report, right_name, "closed", alerts)
+            print(
+                f"{left_name}/{right_name}, {alerts} alert(s)/request: alerts/s {left.load.alerts_per_second:.0f}/"
+                f"{right.load.alerts_per_second:.0f} = "
+                f"{left.load.alerts_per_second / max(right.load.alerts_per_second, 1e-9):.3f}; p50 "
+                f"{left.load.p50_ms:.2f}/{right.load.p50_ms:.2f} ms; p99 {left.load.p99_ms:.2f}/"
+                f"{right.load.p99_ms:.2f} ms"
+            )
     for c in report.cases:
         if c.inbox_backlog_after and c.drain_seconds:
             done = c.inbox_backlog_after - (c.backlog_left or 0)
             print(
-                f"healer engine after the {c.load.mode}-loop {c.load.alerts_per_request}-alert case: processed"
+                f"{c.server} engine after the {c.load.mode}-loop {c.load.alerts_per_request}-alert case: processed"
                 f" {done} of {c.inbox_backlog_after} queued alerts in {c.drain_seconds:.1f} s"
                 f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic"
             )
-    print(
-        f"healer store: {report.store_alerts} alerts received (/api/v1/status); {report.alerts_answered_200} alerts"
-        f" answered 200"
-    )
+    for name in healers:
+        print(
+            f"{name} store: {report.store_alerts.get(name)} alerts received (/api/v1/status);"
+            f" {report.alerts_answered_200.get(name, 0)} alerts answered 200"
+        )
     for floor in report.floors:
         bare = find(report, "bare", "closed", floor.alerts)
         bare_us = bare.server_cpu_us_per_alert * floor.alerts
@@ -694,8 +763,9 @@ def print_report(report: Report) -> None:
     )
     print(
         "(srv cpu / cli cpu / other: CPU seconds per wall second of the server / the load generator / everything"
-        " else on the machine; us/alert: server CPU per alert answered 200; backlog: inbox items healer's engine"
-        " had not yet processed when the load stopped)"
+        " else on the machine; db cpu: the PostgreSQL cluster's, not counted in other; us/alert: server CPU per"
+        " alert answered 200, PostgreSQL's not included; backlog: inbox items healer's engine had not yet"
+        " processed when the load stopped)"
     )
     print()
     for check in report.checks:
@@ -730,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         help="after each healer case, wait at most this long for its engine to work off the inbox"
         " backlog (the rate it does so is reported)",
     )
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="healer's store: an SQLite file (default), a PostgreSQL started for the run, or both side by side",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if not (
@@ -741,12 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         and 0 <= args.warmup <= 60
     ):
         parser.error("out of bounds: seconds <= 600, connections 1..1024, rate <= 20000, sizes 1..10000")
-    report = run(args)
-    if args.json:
-        print(json.dumps(asdict(report), indent=2))
-    else:
-        print_report(report)
-    return 0  # a failed check is reported by its FAIL line; non-zero means the benchmark itself failed
+    # A failed check is reported by its FAIL line; non-zero means the benchmark itself failed.
+    return common.emit(run(args), args.json, print_report)
 
 
 if __name__ == "__main__":
