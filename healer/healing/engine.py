@@ -47,6 +47,8 @@ BATCH_UNDER_LOAD = 25
 # With a shared store, how long the work loop sleeps at most: steps that other replicas schedule, and
 # claims that lapse, do not wake it.
 SHARED_POLL_SECONDS = 0.5
+# How often the work loop looks for steps this replica holds but no longer works on.
+ORPHAN_CHECK_SECONDS = 5.0
 # After the inbox failed to process, how long before it is tried again.
 INTAKE_RETRY_SECONDS = 1.0
 # At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
@@ -84,6 +86,7 @@ class Engine:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._discarded_counted = 0
+        self._next_orphan_check = 0.0
         # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
         self.backlog = 0
 
@@ -148,6 +151,17 @@ class Engine:
         if self.replica.leader:
             await self.escalator.expire_leftover_silences()
 
+    async def _settle_own_orphans(self) -> None:
+        """Settle the steps this replica holds but no longer works on (a store error cut their task
+        short): renewing their claims would keep them running in the store forever."""
+        now = self._clock()
+        if now < self._next_orphan_check:
+            return
+        self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
+        for action in await self.records.abandoned(math.inf):
+            if action.replica == self.replica.name and action.id not in self._inflight:
+                await self._settle(action, math.inf)
+
     async def _reclaim(self, abandoned_before: float) -> None:
         """Settle the steps whose replica stopped renewing its claim before `abandoned_before`.
 
@@ -156,17 +170,21 @@ class Engine:
         attempt limit. Several replicas may look at once; the store lets one of them settle each step.
         """
         for action in await self.records.abandoned(abandoned_before):
-            if action.state is ActionState.VERIFYING:
-                finish = Finish(
-                    outcome=Outcome.UNVERIFIED,
-                    detail=f"healer stopped while verifying; the step ran: {action.detail}",
-                    episode_state=EpisodeState.UNVERIFIED,
-                )
-                if await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
-                    self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
-                    await self.episode_steps.episode_ended(action.episode_id)
-            else:
-                await self._interrupted(action, abandoned_before)
+            await self._settle(action, abandoned_before)
+
+    async def _settle(self, action: Action, abandoned_before: float) -> None:
+        """Settle one abandoned step: unverified once it ran, else interrupted and retried."""
+        if action.state is not ActionState.VERIFYING:
+            await self._interrupted(action, abandoned_before)
+            return
+        finish = Finish(
+            outcome=Outcome.UNVERIFIED,
+            detail=f"healer stopped while verifying; the step ran: {action.detail}",
+            episode_state=EpisodeState.UNVERIFIED,
+        )
+        if await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
+            self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
+            await self.episode_steps.episode_ended(action.episode_id)
 
     async def _interrupted(self, action: Action, abandoned_before: float) -> None:
         """Record a step that was running when its replica stopped, and retry it within its attempt limit."""
@@ -220,6 +238,7 @@ class Engine:
                 # Due steps and escalations go out whatever the inbox is doing, a failing inbox included.
                 if self.replica.shared:
                     await self._reclaim(self._clock())
+                await self._settle_own_orphans()
                 agenda = await self.records.agenda(self._clock(), self.replica.name)
                 if self.replica.leader:
                     await self._expire_approvals(agenda.expired_approvals)

@@ -24,7 +24,7 @@ from healer.healing.rails import backoff
 from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
 from healer.logs import fields
 from healer.promql import PromQLClient, render_query
-from healer.storage import HealingRecords
+from healer.storage import HealingRecords, StoreUnavailableError
 from healer.strategies.runner import AlertContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,12 @@ class EpisodeSteps:
             await self._execute_step(action)
         except asyncio.CancelledError:
             raise
+        except StoreUnavailableError as exc:
+            # The store will come back; the step stays (or is recorded) as the store last had it and
+            # is taken again then. Escalating now would page people for a database hiccup.
+            log.error("step postponed: the store is unavailable", extra=fields(action=action.id, reason=str(exc)))
+            with contextlib.suppress(StoreUnavailableError):
+                await self.records.give_back(action.id, replica.name)
         except Exception as exc:
             log.exception("step failed unexpectedly", extra=fields(action=action.id))
             # Leave nothing pending or running forever: end the step and hand the episode to people.

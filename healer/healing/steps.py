@@ -40,6 +40,7 @@ NOT_CLAIMED = Halt.NOT_CLAIMED
 # How often a step waiting for a concurrency slot looks again when no slot of this replica frees up;
 # a slot freed here wakes it at once.
 SLOT_POLL_SECONDS = 0.1
+SLOT_POLL_MAX_SECONDS = 1.0
 
 
 class StepRefusedError(Exception):
@@ -85,6 +86,10 @@ class StepRunner:
         self._clock = clock
         # Set whenever this replica frees a slot, so that a step waiting here looks again at once.
         self._slot_freed = asyncio.Event()
+        self._global_gate = asyncio.Semaphore(config.healing.max_concurrent)
+        self._local_slots = {
+            name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
+        }
         self._stopping = False
         self._stop_deadline: float | None = None
 
@@ -168,33 +173,44 @@ class StepRunner:
     @asynccontextmanager
     async def _slot(self, strategy: str, params: StrategyParams) -> AsyncIterator[None]:
         """Hold a slot within the global and the strategy's limit; a step that has to wait for one is
-        counted once as `concurrency`. Raises StepRefusedError when the stop begins meanwhile."""
-        slot = None
-        waited = False
-        while slot is None:
-            if self._stopping:
-                raise StepRefusedError(STOPPING, "healer is stopping")
-            slot = await self._coordination.take_slot(
-                self.replica.name,
-                strategy,
-                self._clock(),
-                self.replica.until(),
-                self.config.healing.max_concurrent,
-                params.max_concurrent,
-            )
-            if slot is None:
-                if not waited:
-                    self.metrics.skipped.labels(SkipReason.CONCURRENCY).inc()
-                    waited = True
-                self._slot_freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), SLOT_POLL_SECONDS)
-        try:
-            yield
-        finally:
-            # Shielded: a step cancelled while it ran must still give its slot back.
-            await asyncio.shield(self._coordination.release_slot(slot))
-            self._slot_freed.set()
+        counted once as `concurrency`. Raises StepRefusedError when the stop begins meanwhile.
+
+        Steps first queue here, in this replica, for the limits as seen locally: only the few at the
+        head ask the store, so that hundreds of due steps do not poll it (nor starve its connections).
+        """
+        local = self._local_slots.setdefault(strategy, asyncio.Semaphore(params.max_concurrent))
+        waited = self._global_gate.locked() or local.locked()
+        if waited:
+            self.metrics.skipped.labels(SkipReason.CONCURRENCY).inc()
+        async with self._global_gate, local:
+            slot = None
+            poll = SLOT_POLL_SECONDS
+            while slot is None:
+                if self._stopping:
+                    raise StepRefusedError(STOPPING, "healer is stopping")
+                slot = await self._coordination.take_slot(
+                    self.replica.name,
+                    strategy,
+                    self._clock(),
+                    self.replica.until(),
+                    self.config.healing.max_concurrent,
+                    params.max_concurrent,
+                )
+                if slot is None:
+                    # Other replicas hold the slots: look again, less often the longer it takes.
+                    if not waited:
+                        self.metrics.skipped.labels(SkipReason.CONCURRENCY).inc()
+                        waited = True
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), poll)
+                    poll = min(poll * 2, SLOT_POLL_MAX_SECONDS)
+            try:
+                yield
+            finally:
+                # Shielded: a step cancelled while it ran must still give its slot back.
+                await asyncio.shield(self._coordination.release_slot(slot))
+                self._slot_freed.set()
 
     async def _execute(self, step: PlannedStep) -> StepResult:
         started = time.monotonic()

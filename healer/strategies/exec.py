@@ -9,6 +9,9 @@ Process lifetime:
 * on timeout or when the calling task is cancelled, the whole group gets SIGTERM (and SIGCONT, so
   a stopped process sees it); whatever is still alive after KILL_GRACE_SECONDS gets SIGKILL. This
   includes grandchildren that outlive the program itself;
+* when healer itself dies (SIGKILL, a lost host's OOM), the program gets SIGKILL from the kernel
+  (Linux's parent-death signal), so that the step, retried by another replica once healer's claim
+  on it lapses, never runs twice at once;
 * when the program exits by itself, processes it left running in the background are left alone
   (a restart script may have started the service that way). Output is read for at most
   OUTPUT_GRACE_SECONDS more, after which healer closes its end of the pipe: background processes
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +67,18 @@ class Invocation:
             "cwd": None if self.cwd is None else str(self.cwd),
             "timeout": self.timeout,
         }
+
+
+# Loaded in healer, not in the forked child: a child of a threaded process must not take the loader's locks.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_healer() -> None:
+    """In the child before exec: ask the kernel for SIGKILL when healer dies (Linux only; elsewhere a no-op)."""
+    if _LIBC is not None:
+        # A failure leaves the program running as before, so it is not fatal.
+        _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def base_env() -> dict[str, str]:
@@ -186,6 +203,7 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             env=env,
             cwd=invocation.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_healer,
         )
     except (OSError, ValueError) as exc:
         os.close(read_fd)

@@ -96,7 +96,7 @@ class PostgresCoordination:
                 (replica,),
             )
 
-        await self._db.write(work)
+        await self._db.lease_write(work)
 
     async def renew(self, replica: str, until: float) -> None:
         async def work(tx: Transaction) -> None:
@@ -108,13 +108,13 @@ class PostgresCoordination:
             )
             await tx.execute("UPDATE slots SET lease_until = %s WHERE replica = %s", (until, replica))
 
-        await self._db.write(work)
+        await self._db.lease_write(work)
 
     async def lead(self, replica: str, now: float, until: float) -> bool:
         # One upsert: replicas racing for an empty or lapsed leadership queue on the row, and each
         # re-checks the condition against the winner's write.
         return (
-            await self._db.write(
+            await self._db.lease_write(
                 lambda tx: tx.execute(
                     "INSERT INTO leader (id, replica, until) VALUES (1, %s, %s) ON CONFLICT (id) DO UPDATE SET"
                     " replica = excluded.replica, until = excluded.until WHERE leader.replica = excluded.replica"
@@ -126,4 +126,4 @@ class PostgresCoordination:
         )
 
     async def resign(self, replica: str) -> None:
-        await self._db.write(lambda tx: tx.execute("DELETE FROM leader WHERE replica = %s", (replica,)))
+        await self._db.lease_write(lambda tx: tx.execute("DELETE FROM leader WHERE replica = %s", (replica,)))

@@ -32,6 +32,8 @@ POOL_TIMEOUT = 5.0
 # start afresh; short, so that a database back after an outage is used again within seconds.
 RECONNECT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5
+# Connections kept apart for renewing claims and leadership.
+LEASE_POOL_SIZE = 2
 
 
 class Scrubber:
@@ -101,10 +103,19 @@ class Transaction:
 class PostgresDatabase:
     """The pool, the clock, and the scrubbing of errors; open it with `PostgresDatabase.open`."""
 
-    def __init__(self, pool: AsyncConnectionPool[Connection], clock: Callable[[], float], scrub: Scrubber) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Connection],
+        clock: Callable[[], float],
+        scrub: Scrubber,
+        lease_pool: AsyncConnectionPool[Connection] | None = None,
+    ) -> None:
         self.pool = pool
         self.clock = clock
         self.scrub = scrub
+        # Renewing claims and leadership never queues behind the steps' traffic: a replica whose
+        # renewals waited longer than the lease would lose its steps while it is alive and running them.
+        self.lease_pool = lease_pool if lease_pool is not None else pool
 
     def unavailable(self, exc: psycopg.Error) -> StoreUnavailableError:
         """The error to raise for a driver's error: its one-line reason, without the password."""
@@ -136,24 +147,29 @@ class PostgresDatabase:
                 await migrate(conn, clock)
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot open the PostgreSQL store: {scrub(exc)}") from None
-        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            url,
-            kwargs={**options, "autocommit": True},
-            min_size=min(2, pool_size),
-            max_size=pool_size,
-            open=False,
-            timeout=timeout,
-            reconnect_timeout=RECONNECT_TIMEOUT,
-            # A connection that a database restart broke is replaced before use, not failed on.
-            check=AsyncConnectionPool.check_connection,
-            name="healer-store",
-        )
+        def new_pool(name: str, size: int) -> AsyncConnectionPool[Connection]:
+            return AsyncConnectionPool(
+                url,
+                kwargs={**options, "autocommit": True},
+                min_size=min(2, size),
+                max_size=size,
+                open=False,
+                timeout=timeout,
+                reconnect_timeout=RECONNECT_TIMEOUT,
+                # A connection that a database restart broke is replaced before use, not failed on.
+                check=AsyncConnectionPool.check_connection,
+                name=name,
+            )
+
+        pool, lease_pool = new_pool("healer-store", pool_size), new_pool("healer-leases", LEASE_POOL_SIZE)
         try:
             await pool.open(wait=True, timeout=timeout)
+            await lease_pool.open(wait=True, timeout=timeout)
         except psycopg.Error as exc:
             await pool.close()
+            await lease_pool.close()
             raise StoreUnavailableError(f"cannot open the PostgreSQL store: {scrub(exc)}") from None
-        return cls(pool, clock, scrub)
+        return cls(pool, clock, scrub, lease_pool)
 
     async def transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         """Run `work` in one transaction on a connection of the pool (it commits unless `work` raises)."""
@@ -166,6 +182,14 @@ class PostgresDatabase:
 
     write = transaction
 
+    async def lease_write(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Like `transaction`, on the connections kept for renewing claims and leadership."""
+        try:
+            async with self.lease_pool.connection() as conn, conn.transaction():
+                return await work(Transaction(conn, self))
+        except psycopg.Error as exc:
+            raise self.unavailable(exc) from None
+
     async def read(self, query: Query, params: Params = ()) -> list[Row]:
         """One query outside any transaction (the pool's connections autocommit)."""
         try:
@@ -176,3 +200,5 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.lease_pool is not self.pool:
+            await self.lease_pool.close()
