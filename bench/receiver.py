@@ -390,6 +390,16 @@ def wait_drained(healer_url: str, timeout: float) -> tuple[int, float, int]:
     return backlog, time.monotonic() - start, left
 
 
+def wait_idle(healers: list[common.Child], timeout: float) -> dict[str, int]:
+    """Wait up to `timeout` s until no healer has an inbox backlog; return the backlogs left (none when idle)."""
+    deadline = time.monotonic() + timeout
+    left = {healer.name: inbox_depth(healer.url) for healer in healers}
+    while any(left.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = {healer.name: inbox_depth(healer.url) for healer in healers}
+    return {name: depth for name, depth in left.items() if depth}
+
+
 @dataclass
 class CaseResult:
     server: str
@@ -402,6 +412,7 @@ class CaseResult:
     inbox_backlog_after: int | None = None  # healer: unprocessed inbox items when the load stopped
     drain_seconds: float | None = None  # healer: time its engine then took to process them
     backlog_left: int | None = None  # healer: items still unprocessed when the drain wait gave up
+    busy_healers_at_start: dict[str, int] = field(default_factory=dict)  # backlogs still being worked off
 
 
 @dataclass
@@ -616,7 +627,11 @@ def run(args: argparse.Namespace) -> Report:
                         progress(args, f"open loop: {server.name}, {rate:g} requests/s, {args.rate_seconds:g}s")
                     else:
                         progress(args, f"closed loop: {server.name}, {alerts} alert(s)/request, {args.seconds:g}s")
-                    report.cases.append(measure(keeper, server, alerts, case, args, rate, report, db_pid))
+                    # An engine still working off an earlier case would take the CPU from this one.
+                    busy = wait_idle(healers, args.settle_timeout)
+                    result = measure(keeper, server, alerts, case, args, rate, report, db_pid)
+                    result.busy_healers_at_start = busy
+                    report.cases.append(result)
             for healer in healers:
                 report.store_alerts[healer.name] = alerts_received(healer.url)
             for server in (*healers, bare):
@@ -739,6 +754,12 @@ def print_report(report: Report) -> None:
                 f" {done} of {c.inbox_backlog_after} queued alerts in {c.drain_seconds:.1f} s"
                 f" = {done / c.drain_seconds:.0f} alerts/s with no webhook traffic"
             )
+    for c in report.cases:
+        if c.busy_healers_at_start:
+            print(
+                f"DISTURBED: the {c.load.mode}-loop {c.load.alerts_per_request}-alert case of {c.server} started while"
+                f" {c.busy_healers_at_start} inbox items were still being worked off (--settle-timeout)"
+            )
     for name in healers:
         print(
             f"{name} store: {report.store_alerts.get(name)} alerts received (/api/v1/status);"
@@ -799,6 +820,12 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         help="after each healer case, wait at most this long for its engine to work off the inbox"
         " backlog (the rate it does so is reported)",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=300.0,
+        help="before each case, wait at most this long until no healer has a backlog left (reported if one has)",
     )
     parser.add_argument(
         "--store",
