@@ -17,10 +17,10 @@ of the replica's lease renewals; SIGKILL that replica (by its PID) and note the 
 a step of the same episode with ``attempt`` one higher has ``started_at`` set on another replica.
 The figure is ``started_at`` of the retry minus the time of the SIGKILL. Also recorded: when
 the killed step was recorded ``interrupted`` (its ``finished_at``), the run file's start line of
-the retry, and whether the killed replica's
-orphaned script (it runs in its own session and outlives healer) was still running when the retry
-started (``overlap``: the step ran twice at once). Then the alert is resolved, the episode's
-steps are waited out, and the killed replica is restarted under the same name and port.
+the retry, what became of the killed replica's script (killed with healer, or ran to its end), and
+whether it was still running when the retry started (``overlap``: the step ran twice at once).
+Then the alert is resolved, the episode's steps are waited out, and the killed replica is
+restarted under the same name and port.
 
 Leader failover, ``--leader-trials`` (5) times: find the one replica whose ``/metrics`` says
 ``healer_replica_leader 1``, SIGKILL it, and time until another replica says 1; then restart it.
@@ -276,7 +276,8 @@ class StepTrial:
     resumed: float  # the retry's started_at: the figure
     run_file_start: float | None  # the retry's start line in the run file (script started)
     attempts: list[int]  # attempt numbers of the killed step and of the retry
-    overlap: bool  # the killed replica's orphaned script was still running when the retry started
+    overlap: bool  # the killed replica's script was still running when the retry started
+    orphan: str = ""  # what became of the killed replica's script: killed with healer, ran to its end, ...
 
 
 @dataclass
@@ -313,6 +314,10 @@ def step_trial(cluster: Cluster, index: int, timeout: float, kill_after: float) 
         return (old, new) if new is not None and old["finished_at"] else None
 
     old, new = wait_for(retried, f"the retry of {trial} on another replica", timeout, POLL_SECONDS)
+    orphan = next(
+        (line for line in cluster.run_lines() if line["trial"] == trial and line["replica"] == holder.name), None
+    )
+    orphan_alive = orphan is not None and script_running(cluster, orphan["pid"])
     if old["outcome"] != "interrupted":
         raise RuntimeError(f"{trial}: the killed step ended {old['outcome']!r}, not interrupted: {json.dumps(old)}")
     if new["replica"] == holder.name:
@@ -351,22 +356,29 @@ def step_trial(cluster: Cluster, index: int, timeout: float, kill_after: float) 
         return all(s["finished_at"] is not None for s in steps)
 
     wait_for(settled, f"the steps of {trial} to end", timeout, 0.1)
-    orphan_end = wait_for(
-        lambda: next(
-            (
-                line
-                for line in cluster.run_lines()
-                if line["trial"] == trial and line["event"] == "end" and line["replica"] == holder.name
-            ),
-            None,
+    if orphan is not None:  # healer may kill its step with it (PR_SET_PDEATHSIG), or the script runs on
+        wait_for(lambda: not script_running(cluster, orphan["pid"]), f"the killed replica's script of {trial}", timeout)
+    orphan_end = next(
+        (
+            line
+            for line in cluster.run_lines()
+            if line["trial"] == trial and line["event"] == "end" and line["replica"] == holder.name
         ),
-        f"the killed replica's script of {trial} to end",
-        timeout,
-        0.1,
+        None,
     )
-    result.overlap = orphan_end["t"] > retry_start["t"]
+    result.orphan = "no start line" if orphan is None else "ran to its end" if orphan_end else "killed with healer"
+    result.overlap = orphan_alive or (orphan_end is not None and orphan_end["t"] > retry_start["t"])
     cluster.start(holder)
     return result
+
+
+def script_running(cluster: Cluster, pid: int) -> bool:
+    """Whether the step script with this PID still runs (not a zombie, still our script)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and str(cluster.workdir / "step.py") in proc.cmdline()
+    except psutil.Error:
+        return False
 
 
 def leader_trial(cluster: Cluster, timeout: float) -> LeaderTrial:
@@ -510,7 +522,7 @@ def run(args: argparse.Namespace) -> Report:
             "passed": len(trials) >= MIN_TRIALS,
         },
         {
-            "check": "the step never ran twice at once (orphaned script ended before the retry started)",
+            "check": "the step never ran twice at once (the killed replica's script had ended when the retry started)",
             "value": sum(t.overlap for t in trials),
             "limit": 0,
             "passed": not any(t.overlap for t in trials),
@@ -539,13 +551,13 @@ def print_report(report: Report) -> None:
     print()
     print(
         f"{'trial':<7}{'killed':<8}{'resumed on':<12}{'held s':>8}{'interrupted s':>15}{'resumed s':>11}"
-        f"{'script s':>10}"
+        f"{'script s':>10}  killed replica's script"
     )
     for t in report.step_trials:
         script = "" if t.run_file_start is None else f"{t.run_file_start:.3f}"
         print(
             f"{t.trial:<7}{t.killed:<8}{t.resumed_on:<12}{t.held_for:>8.3f}{t.interrupted:>15.3f}{t.resumed:>11.3f}"
-            f"{script:>10}{'  overlap' if t.overlap else ''}"
+            f"{script:>10}  {t.orphan}{', overlap' if t.overlap else ''}"
         )
     if report.leader_trials:
         print()
