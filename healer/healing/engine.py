@@ -33,6 +33,7 @@ from healer.healing.model import (
     SkipReason,
 )
 from healer.healing.rails import IntakePacer
+from healer.healing.replica import RENEWALS_PER_LEASE
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError
 from healer.storage import Inbox
@@ -87,6 +88,7 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._discarded_counted = 0
         self._next_orphan_check = 0.0
+        self._next_reclaim = 0.0
         # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
         self.backlog = 0
 
@@ -137,8 +139,10 @@ class Engine:
 
     async def _recover(self) -> None:
         # A store that one healer owns was left by this replica's previous process: every claim in it
-        # is stale, however recent. A shared store's claims are stale once their lease has run out.
-        await self._reclaim(self._clock() if self.replica.shared else math.inf)
+        # is stale, however recent. A shared store's lapsed claims are settled by the work loop once
+        # this replica has reached the store for a whole lease (`Replica.steady`).
+        if not self.replica.shared:
+            await self._reclaim(math.inf)
         if self.ladder.learns:
             self.ladder.tally.load(await self.records.strategy_outcomes())
         self.backlog = await self.inbox.depth()
@@ -236,7 +240,10 @@ class Engine:
                     self._intake.end_batch()
             try:
                 # Due steps and escalations go out whatever the inbox is doing, a failing inbox included.
-                if self.replica.shared:
+                if self.replica.shared and self.replica.steady and self._clock() >= self._next_reclaim:
+                    # Claims lapse in leases, so looking a few times per lease is enough; every loop
+                    # would add a query to each step's way from the inbox to its start.
+                    self._next_reclaim = self._clock() + self.replica.lease / RENEWALS_PER_LEASE
                     await self._reclaim(self._clock())
                 await self._settle_own_orphans()
                 agenda = await self.records.agenda(self._clock(), self.replica.name)

@@ -29,6 +29,10 @@ from healer.strategies.runner import AlertContext, StepResult
 
 log = logging.getLogger(__name__)
 
+# After a step ran, how soon recording its outcome is tried again while the store is unavailable.
+DURABLE_RETRY_SECONDS = 0.5
+DURABLE_RETRY_MAX_SECONDS = 5.0
+
 
 def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
     """What a strategy sees of an episode's alert."""
@@ -211,13 +215,39 @@ class EpisodeSteps:
             raise
         finally:
             self._in_runner.discard(action.id)
-        # From here a restart must not run the step again: it ran; only its verification is left.
-        if not await self.records.mark_verifying(action.id, result.detail, self.steps.replica.name):
-            # Fencing: this replica's claim ran out while the strategy ran and another replica has
-            # settled the step; its outcome is not this replica's to record.
-            log.warning("step finished after its claim was lost", extra=fields(action=action.id))
-            return
-        await self._conclude(action, rule, silenced, result, resolved, started)
+        await self._conclude_durably(action, rule, silenced, result, resolved, started)
+
+    async def _conclude_durably(
+        self,
+        action: Action,
+        rule: HealingRule,
+        episode: Episode,
+        result: StepResult,
+        resolved: asyncio.Event,
+        started: float,
+    ) -> None:
+        """Record that a step ran, verify it and record its outcome, retrying through an outage of the
+        store: given up, the step would be settled as interrupted and run a second time."""
+        delay = DURABLE_RETRY_SECONDS
+        while True:
+            try:
+                # From here a restart must not run the step again: it ran; only its verification is left.
+                if not await self.records.mark_verifying(action.id, result.detail, self.steps.replica.name):
+                    # Fencing: this replica's claim ran out while the strategy ran and another replica
+                    # has settled the step; its outcome is not this replica's to record.
+                    log.warning("step finished after its claim was lost", extra=fields(action=action.id))
+                    return
+                await self._conclude(action, rule, episode, result, resolved, started)
+                return
+            except StoreUnavailableError as exc:
+                if self.steps.stopping:
+                    raise
+                log.error(
+                    "step ran; its outcome waits for the store",
+                    extra=fields(action=action.id, reason=str(exc), retry_in=delay),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DURABLE_RETRY_MAX_SECONDS)
 
     async def _end_unrun(
         self,

@@ -59,6 +59,8 @@ class Replica:
         self._coordination = coordination
         self._clock = clock
         self._leader = not shared
+        # Since when every renewal has reached the store; None while it cannot be reached.
+        self._steady_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._leader_gauge = Gauge(
             "healer_replica_leader", "1 while this replica leads (runs the once-per-cluster work).", registry=registry
@@ -71,6 +73,15 @@ class Replica:
     def leader(self) -> bool:
         """Whether this replica runs the once-per-cluster work now."""
         return self._leader
+
+    @property
+    def steady(self) -> bool:
+        """Whether this replica has reached the store for a whole lease without a break.
+
+        Only then may it settle other replicas' lapsed claims: after an outage of the store every
+        claim has lapsed, and the live replicas need a lease to renew theirs before anyone judges them.
+        """
+        return self._steady_since is not None and self._clock() - self._steady_since >= self.lease
 
     def until(self) -> float:
         """When a claim made now runs out unless renewed."""
@@ -101,9 +112,12 @@ class Replica:
         try:
             until = self.until()
             await self._coordination.renew(self.name, until)
+            if self._steady_since is None:
+                self._steady_since = self._clock()
             if self.shared:
                 self._set_leader(await self._coordination.lead(self.name, self._clock(), until))
         except StoreUnavailableError as exc:
+            self._steady_since = None
             # Claims not renewed run out; leading without the store would do the leader's work twice.
             log.error("claims not renewed", extra=fields(replica=self.name, reason=str(exc)))
             if self.shared:

@@ -21,7 +21,7 @@ from healer.config import HealerConfig
 from healer.healing.metrics import HealingMetrics
 from healer.healing.model import SkipReason
 from healer.healing.replica import Replica
-from healer.storage import Coordination
+from healer.storage import Coordination, StoreUnavailableError
 from healer.strategies.base import StrategyParams, StrategyRegistry
 from healer.strategies.runner import AlertContext, StepResult, StrategyRunner, UnsafeLabelError
 
@@ -208,8 +208,10 @@ class StepRunner:
             try:
                 yield
             finally:
-                # Shielded: a step cancelled while it ran must still give its slot back.
-                await asyncio.shield(self._coordination.release_slot(slot))
+                # Shielded: a step cancelled while it ran must still give its slot back. A store that
+                # cannot take it now lets the slot's claim lapse instead; the step's outcome matters more.
+                with contextlib.suppress(StoreUnavailableError):
+                    await asyncio.shield(self._coordination.release_slot(slot))
                 self._slot_freed.set()
 
     async def _execute(self, step: PlannedStep) -> StepResult:

@@ -106,8 +106,8 @@ class HealingRecords(Protocol):
         ...
 
     async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
-        """Record that a step's strategy has run and only its verification is left; False when the
-        replica's claim was lost (fencing)."""
+        """Record that a step's strategy has run and only its verification is left (again, harmlessly,
+        when it was recorded already); False when the replica's claim was lost (fencing)."""
         ...
 
     async def abandoned(self, now: float) -> list[Action]:

@@ -159,24 +159,17 @@ def action_filter_terms(query: ActionFilter) -> list[tuple[str, str, object]]:
     return terms
 
 
-def finish_refused(
-    action: Action, replica: str | None, abandoned_before: float | None, lapsed_before: float | None
-) -> bool:
-    """Whether `HealingRecords.finish` must leave a step as it is (see there); `lapsed_before` also refuses
-    a running step whose claim ran out before then."""
+def finish_refused(action: Action, replica: str | None, abandoned_before: float | None) -> bool:
+    """Whether `HealingRecords.finish` must leave a step as it is (see there).
+
+    A claim that merely lapsed (the store was out and nobody settled the step) is still its replica's:
+    settling is itself a finish, so whichever of the two commits first wins and the other is refused.
+    """
     if action.state is ActionState.DONE:
         return True
     running = action.state in (ActionState.RUNNING, ActionState.VERIFYING)
     if replica is not None and running and action.replica != replica:
         return True  # another replica holds it now: this one lost its claim
-    if (
-        lapsed_before is not None
-        and replica is not None
-        and running
-        and action.lease_until is not None
-        and action.lease_until < lapsed_before
-    ):
-        return True  # its claim lapsed: another replica may be settling it, even if none has yet
     # Its replica renewed the claim: it is not abandoned.
     return abandoned_before is not None and (action.lease_until or 0.0) >= abandoned_before
 

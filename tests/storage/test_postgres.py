@@ -153,7 +153,7 @@ async def test_take_is_exclusive_across_replicas(open_replica: Opener, clock: Fa
 async def test_a_lapsed_claim_moves_to_another_replica_and_fences_the_first(
     open_replica: Opener, clock: FakeClock, firing: WebhookAlert
 ) -> None:
-    """A replica that stopped renewing loses its steps: another takes or settles them, and the first cannot finish."""
+    """A replica that stopped renewing loses its steps once another takes or settles them; then it cannot finish."""
     first, second = await replicas(open_replica, 2)
     action = await taken_step(first, clock, firing)
     assert not await second.healing.take(action.id, OTHER, clock.now, clock.now + LEASE)
@@ -163,17 +163,28 @@ async def test_a_lapsed_claim_moves_to_another_replica_and_fences_the_first(
     assert await second.healing.take(action.id, OTHER, clock.now, clock.now + LEASE)
     assert not await first.healing.claim(action.id, None, REPLICA)
     assert await second.healing.claim(action.id, None, OTHER)
-    # Then the second stops renewing too: its lease lapses while the step runs.
+    # Then the second stops renewing too: its lease lapses while the step runs, and the first settles it.
     clock.advance(LEASE + 1)
-    assert not await second.healing.mark_verifying(action.id, "exit 0", OTHER)
-    assert not await second.healing.finish(action.id, Finish(Outcome.HEALED), replica=OTHER)
     [abandoned] = await first.healing.abandoned(clock.now)
     assert abandoned.id == action.id and abandoned.replica == OTHER
     settled = Finish(Outcome.INTERRUPTED, detail="its replica stopped renewing")
     assert await first.healing.finish(action.id, settled, abandoned_before=clock.now)
+    assert not await second.healing.mark_verifying(action.id, "exit 0", OTHER)
     assert not await second.healing.finish(action.id, Finish(Outcome.HEALED), replica=OTHER)
     done = await second.healing.get_action(action.id)
     assert done is not None and done.outcome is Outcome.INTERRUPTED
+
+
+async def test_a_lapsed_claim_nobody_settled_is_still_its_replicas(
+    open_replica: Opener, clock: FakeClock, firing: WebhookAlert
+) -> None:
+    """After an outage of the store every claim has lapsed; a replica may still record its own step's outcome."""
+    [first] = await replicas(open_replica, 1)
+    action = await taken_step(first, clock, firing)
+    assert await first.healing.claim(action.id, None, REPLICA)
+    clock.advance(LEASE + 1)
+    assert await first.healing.mark_verifying(action.id, "exit 0", REPLICA)
+    assert await first.healing.finish(action.id, Finish(Outcome.HEALED), replica=REPLICA)
 
 
 async def test_a_renewed_claim_is_neither_settled_nor_fenced(

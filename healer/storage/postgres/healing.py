@@ -313,13 +313,14 @@ class PostgresHealingRecords:
         )
 
     async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
-        # A replica whose claim has lapsed may already be replaced; it must not move the step on.
+        # A replica whose claim another replica settled finds the step done (or not its own): refused.
+        # A claim that only lapsed (the store was out, nobody settled it) is still its own.
         return (
             await self._db.write(
                 lambda tx: tx.execute(
-                    "UPDATE actions SET state = 'verifying', detail = %s WHERE id = %s AND state = 'running'"
-                    " AND replica = %s AND (lease_until IS NULL OR lease_until >= %s)",
-                    (detail, action_id, replica, self._db.clock()),
+                    "UPDATE actions SET state = 'verifying', detail = %s WHERE id = %s"
+                    " AND state IN ('running', 'verifying') AND replica = %s",
+                    (detail, action_id, replica),
                 )
             )
             == 1
@@ -424,7 +425,7 @@ class PostgresHealingRecords:
         if episode is None or row is None:
             return False
         action = _action(row)
-        if finish_refused(action, replica, abandoned_before, lapsed_before=now):
+        if finish_refused(action, replica, abandoned_before):
             return False
         await tx.execute(
             "UPDATE actions SET state = 'done', outcome = %s, skip_reason = %s, detail = %s, exit_code = %s,"

@@ -233,7 +233,7 @@ class SQLiteHealingRecords:
     async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
         return await self._db.write(
             lambda db: db.execute(
-                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state = 'running'"
+                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state IN ('running', 'verifying')"
                 " AND replica = ?",
                 (detail, action_id, replica),
             ).rowcount
@@ -329,8 +329,7 @@ class SQLiteHealingRecords:
     ) -> bool:
         now = self._db.clock()
         action = self._get_action(db, action_id)
-        # One healer owns an SQLite store, so no other replica settles a step whose claim lapsed.
-        if action is None or finish_refused(action, replica, abandoned_before, lapsed_before=None):
+        if action is None or finish_refused(action, replica, abandoned_before):
             return False
         db.execute(
             "UPDATE actions SET state = 'done', outcome = ?, skip_reason = ?, detail = ?, exit_code = ?,"
