@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig, HealingRule
@@ -28,6 +29,7 @@ from healer.storage import HealingRecords, StoreUnavailableError
 from healer.strategies.runner import AlertContext, StepResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # After a step ran, how soon recording its outcome is tried again while the store is unavailable.
 DURABLE_RETRY_SECONDS = 0.5
@@ -226,19 +228,24 @@ class EpisodeSteps:
         resolved: asyncio.Event,
         started: float,
     ) -> None:
-        """Record that a step ran, verify it and record its outcome, retrying through an outage of the
-        store: given up, the step would be settled as interrupted and run a second time."""
+        """Record that a step ran, verify it once, and record its outcome, the two writes retried through
+        an outage of the store: given up, the step would be settled as interrupted and run a second time."""
+        name = self.steps.replica.name
+        # From here a restart must not run the step again: it ran; only its verification is left.
+        if not await self._durably(action, lambda: self.records.mark_verifying(action.id, result.detail, name)):
+            # Fencing: this replica's claim ran out while the strategy ran and another replica has
+            # settled the step; its outcome is not this replica's to record.
+            log.warning("step finished after its claim was lost", extra=fields(action=action.id))
+            return
+        finish, still_fires = await self._judge(action, rule, episode, result, resolved, started)
+        await self._durably(action, lambda: self._record_verdict(action, rule, episode, finish, still_fires))
+
+    async def _durably(self, action: Action, write: Callable[[], Awaitable[T]]) -> T:
+        """Run a write until the store takes it; only a stop gives up (the step is then settled later)."""
         delay = DURABLE_RETRY_SECONDS
         while True:
             try:
-                # From here a restart must not run the step again: it ran; only its verification is left.
-                if not await self.records.mark_verifying(action.id, result.detail, self.steps.replica.name):
-                    # Fencing: this replica's claim ran out while the strategy ran and another replica
-                    # has settled the step; its outcome is not this replica's to record.
-                    log.warning("step finished after its claim was lost", extra=fields(action=action.id))
-                    return
-                await self._conclude(action, rule, episode, result, resolved, started)
-                return
+                return await write()
             except StoreUnavailableError as exc:
                 if self.steps.stopping:
                     raise
@@ -263,7 +270,7 @@ class EpisodeSteps:
         finish = Finish(outcome=outcome, skip_reason=reason, plan=plan, episode_state=episode_state, detail=detail)
         await self.finish(action, finish)
 
-    async def _conclude(
+    async def _judge(
         self,
         action: Action,
         rule: HealingRule,
@@ -271,8 +278,9 @@ class EpisodeSteps:
         result: StepResult,
         resolved: asyncio.Event,
         started: float,
-    ) -> None:
-        """Verify a step that ran, then end the episode or schedule the next step of the ladder."""
+    ) -> tuple[Finish, str | None]:
+        """Verify a step that ran and count its outcome; return how it ends and, when the ladder must go
+        on (or escalate), why."""
         cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
         if not result.ok:
             outcome = Outcome.TIMEOUT if result.timed_out else Outcome.FAILED
@@ -284,9 +292,7 @@ class EpisodeSteps:
                 output=result.output,
                 cooldown=cooldown,
             )
-            reason = f"{action.strategy} {outcome}: {result.detail}"
-            await self._continue_or_escalate(action, rule, episode, finish, reason)
-            return
+            return finish, f"{action.strategy} {outcome}: {result.detail}"
         try:
             verify = rule.verify
             if verify.query is not None:  # a windowed alert outlives the fault: the query says whether it is gone
@@ -312,11 +318,19 @@ class EpisodeSteps:
         log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
         if verdict is Outcome.HEALED:
             self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
-            await self.finish(action, replace(base, episode_state=EpisodeState.HEALED))
-        elif verdict is Outcome.UNVERIFIED:
-            await self.finish(action, replace(base, episode_state=EpisodeState.UNVERIFIED))
+            return replace(base, episode_state=EpisodeState.HEALED), None
+        if verdict is Outcome.UNVERIFIED:
+            return replace(base, episode_state=EpisodeState.UNVERIFIED), None
+        return base, "the alert still fires"
+
+    async def _record_verdict(
+        self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, still_fires: str | None
+    ) -> None:
+        """End the episode as judged, or go on with the ladder (escalating when it is spent)."""
+        if still_fires is None:
+            await self.finish(action, finish)
         else:
-            await self._continue_or_escalate(action, rule, episode, base, reason="the alert still fires")
+            await self._continue_or_escalate(action, rule, episode, finish, still_fires)
 
     def _record_outcome(self, action: Action, episode: Episode, outcome: Outcome, detail: str, started: float) -> None:
         """Learn from, count and annotate a step's outcome."""
