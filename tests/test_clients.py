@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -30,10 +28,12 @@ from healer.promql import (
     label_selector,
 )
 from tests.servers import (
+    QuietHandler,
     Server,
     free_port,
     http_json,
     prom_query,
+    serve_in_thread,
     start_alertmanager,
     start_prometheus,
     wait_for,
@@ -65,22 +65,11 @@ class FaultTarget:
         self.value = 0
         target = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
-                body = f"# TYPE test_fault gauge\ntest_fault {target.value}\n".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(200, f"# TYPE test_fault gauge\ntest_fault {target.value}\n".encode())
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.address = serve_in_thread(Handler)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import yaml
 from healer.config import ConfigError, PrometheusConfig, load_config, parse_config
 from healer.config.model import HealthyWhen
 from healer.promql import PromQLClient, render_query
-from tests.servers import http_json, prom_query, wait_for
+from tests.servers import QuietHandler, http_json, prom_query, serve_in_thread, wait_for
 from tests.stack import HealingStack, dump, start_stack
 from tests.test_clients import closed_url
 
@@ -61,32 +60,19 @@ class ErrorTarget:
         self.lock = threading.Lock()
         target = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
-                self._answer(200, target.exposition().encode())
+                self.answer(200, target.exposition().encode())
 
             def do_POST(self) -> None:
                 service = self.path.removeprefix("/fix/")
                 if service not in target.errors:
-                    self._answer(404, b"no such service\n")
+                    self.answer(404, b"no such service\n")
                     return
                 target.fix(service)
-                self._answer(200, b"fixed\n")
+                self.answer(200, b"fixed\n")
 
-            def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.address = serve_in_thread(Handler)
 
     def _errors_now(self, service: str, now: float) -> float:
         since = self.broken_since.get(service)
