@@ -1,8 +1,15 @@
-"""Alertmanager API v2 client: escalation alerts and silences, over one aiohttp session."""
+"""Alertmanager API v2 client: escalation alerts and silences, over one aiohttp session.
+
+An Alertmanager cluster shares silences and its notification log by gossip, not alerts. So, as
+Prometheus does, alerts go to every Alertmanager of the cluster (`url` and `peers`), and the
+cluster notifies once; silences go to `url`, or to a peer while `url` cannot be reached.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +18,9 @@ from urllib.parse import quote
 import aiohttp
 
 from healer.config import AlertmanagerConfig
+from healer.logs import fields
+
+log = logging.getLogger(__name__)
 
 RUNBOOK_URL = "https://github.com/healer-project/healer/blob/main/docs/runbook.md#healingfailed"
 HEALING_FAILED = "HealingFailed"
@@ -103,7 +113,7 @@ def healing_failed_alert(
 
 
 class AlertmanagerClient:
-    """Talks to one Alertmanager's API v2 with one aiohttp session.
+    """Talks to one Alertmanager cluster's API v2 (`url`, then its `peers`) with one aiohttp session.
 
     Use as `async with AlertmanagerClient(config) as am:`, or call `start()` and `close()`;
     a request made before `start()` opens the session itself.
@@ -113,6 +123,7 @@ class AlertmanagerClient:
 
     def __init__(self, config: AlertmanagerConfig) -> None:
         self.url = config.url
+        self.peers = tuple(config.peers)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -142,11 +153,13 @@ class AlertmanagerClient:
         body: Any = None,
         params: Sequence[tuple[str, str]] = (),
         ok_statuses: frozenset[int] = frozenset(),
+        base: str | None = None,
     ) -> Any:
-        """Send one request and return the decoded JSON body (None when empty or tolerated)."""
+        """Send one request to `base` (default `url`); return the decoded JSON body (None when empty or tolerated)."""
         await self.start()
         assert self._session is not None
-        url = f"{self.url}{path}"
+        base = base or self.url
+        url = f"{base}{path}"
         try:
             async with self._session.request(method, url, json=body, params=list(params) or None) as response:
                 text = await response.text()
@@ -159,7 +172,7 @@ class AlertmanagerClient:
                     )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AlertmanagerUnavailableError(
-                f"cannot reach Alertmanager at {self.url}: {type(exc).__name__}: {exc}"
+                f"cannot reach Alertmanager at {base}: {type(exc).__name__}: {exc}"
             ) from None
         if not text.strip():
             return None
@@ -171,9 +184,46 @@ class AlertmanagerClient:
                 status=response.status,
             ) from None
 
+    async def _first_answering(self, method: str, path: str, **options: Any) -> Any:
+        """Send a request to `url`; while it cannot be reached (no answer, or a 5xx), to each peer in turn.
+
+        An answer of 4xx is final. When none answers, the error is `url`'s.
+        """
+        first: AlertmanagerUnavailableError | None = None
+        for base in (self.url, *self.peers):
+            try:
+                return await self._request(method, path, base=base, **options)
+            except AlertmanagerUnavailableError as exc:
+                if exc.status is not None and exc.status < 500:
+                    raise
+                first = first or exc
+        assert first is not None
+        raise first
+
     async def post_alerts(self, alerts: Sequence[Mapping[str, Any]]) -> None:
-        """POST alerts (labels, annotations, optional startsAt/endsAt, generatorURL)."""
-        await self._request("POST", "/api/v2/alerts", body=[dict(alert) for alert in alerts])
+        """POST alerts (labels, annotations, optional startsAt/endsAt, generatorURL) to `url` and every peer at once.
+
+        Delivered when at least one Alertmanager takes them; the others' failures are logged. When all
+        fail, the error carries their common status, or None when they differ (so that a caller retries).
+        """
+        body = [dict(alert) for alert in alerts]
+        bases = (self.url, *self.peers)
+        results = await asyncio.gather(
+            *(self._request("POST", "/api/v2/alerts", body=body, base=base) for base in bases), return_exceptions=True
+        )
+        errors: list[AlertmanagerUnavailableError] = []
+        for result in results:
+            if isinstance(result, AlertmanagerUnavailableError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+        if len(errors) == len(bases):
+            statuses = {error.status for error in errors}
+            raise AlertmanagerUnavailableError(
+                "; ".join(error.reason for error in errors), status=statuses.pop() if len(statuses) == 1 else None
+            )
+        for error in errors:
+            log.warning("alerts not posted to one Alertmanager of the cluster", extra=fields(reason=error.reason))
 
     async def create_silence(
         self,
@@ -199,19 +249,19 @@ class AlertmanagerClient:
             "createdBy": created_by,
             "comment": comment,
         }
-        answer = await self._request("POST", "/api/v2/silences", body=body)
+        answer = await self._first_answering("POST", "/api/v2/silences", body=body)
         if not isinstance(answer, dict) or not isinstance(answer.get("silenceID"), str):
             raise AlertmanagerUnavailableError(f"unexpected answer to a new silence: {answer!r:.200}")
         return str(answer["silenceID"])
 
     async def expire_silence(self, silence_id: str) -> None:
-        """Expire a silence; one that is unknown or already expired is not an error.
+        """Expire a silence (at a peer while `url` cannot be reached); one unknown or already expired is not an error.
 
         Alertmanager 0.25 answers 200 for an already expired silence and 500 "silence not
         found" for an unknown one; other versions answer 404 or "already expired".
         """
         try:
-            await self._request(
+            await self._first_answering(
                 "DELETE",
                 f"/api/v2/silence/{quote(silence_id, safe='')}",
                 ok_statuses=frozenset({404}),
@@ -222,14 +272,14 @@ class AlertmanagerClient:
             raise
 
     async def silences(self, active_only: bool = True) -> list[dict[str, Any]]:
-        """List silences, by default only those in state `active`."""
-        answer = await self._request("GET", "/api/v2/silences")
+        """List the cluster's silences (from a peer while `url` cannot be reached), by default only active ones."""
+        answer = await self._first_answering("GET", "/api/v2/silences")
         result = [dict(item) for item in answer or []]
         if active_only:
             result = [item for item in result if item.get("status", {}).get("state") == "active"]
         return result
 
     async def alerts(self, filter: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        """List alerts (active, silenced and inhibited) carrying every label of `filter` exactly."""
+        """List `url`'s alerts (active, silenced and inhibited) carrying every label of `filter` exactly."""
         answer = await self._request("GET", "/api/v2/alerts", params=_matcher_filter(filter or {}))
         return [dict(item) for item in answer or []]

@@ -136,6 +136,10 @@ class AlertmanagerConfig(UpstreamConfig):
     # Like Prometheus's rules.alert.resend-delay: a firing HealingFailed is posted again this often,
     # valid for four times as long, so Alertmanager keeps it while healer runs and drops it if healer dies.
     resend_interval: PositiveDuration = 60.0
+    # The other Alertmanagers of url's cluster. Gossip shares silences and the notification log, not
+    # alerts: HealingFailed is posted to url and every peer, as Prometheus posts to each; silences go
+    # to url, or to a peer while url is unreachable.
+    peers: list[Url] = Field(default_factory=list)
 
 
 def _postgres_url(value: str) -> str:
