@@ -330,3 +330,67 @@ def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTT
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"127.0.0.1:{server.server_address[1]}"
+
+
+def start_alertmanager_cluster(workdir: Path, configs: list[dict[str, Any]]) -> list[Server]:
+    """Start one Alertmanager per config in one gossip cluster on loopback; return them once each sees every peer.
+
+    Each listens for gossip on a free port and names every other as `--cluster.peer`; the short
+    gossip, push-pull and settle times make silences and the notification log spread in tests.
+    """
+    size = len(configs)
+    gossip = [free_port() for _ in range(size)]
+    members: list[Server] = []
+    try:
+        for index, (own, config) in enumerate(zip(gossip, configs, strict=True)):
+            directory = workdir / f"am{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            config_path = directory / "alertmanager.yml"
+            config_path.write_text(yaml.safe_dump(config))
+            port = free_port()
+            argv = [
+                ALERTMANAGER,
+                f"--config.file={config_path}",
+                f"--storage.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--cluster.listen-address=127.0.0.1:{own}",
+                *(f"--cluster.peer=127.0.0.1:{other}" for other in gossip if other != own),
+                "--cluster.settle-timeout=1s",
+                "--cluster.gossip-interval=50ms",
+                "--cluster.pushpull-interval=1s",
+                "--log.level=warn",
+            ]
+            process, log_path = _spawn("alertmanager", argv, directory)
+            members.append(_await_ready(Server(f"alertmanager{index}", process, f"http://127.0.0.1:{port}", log_path)))
+        for member in members:
+
+            def sees_all(member: Server = member) -> bool:
+                return len(http_json(member.url + "/api/v2/status")["cluster"].get("peers") or []) == size
+
+            wait_for(sees_all, 30, what=f"{member.name} seeing {size} cluster peers")
+    except BaseException:
+        for member in members:
+            member.stop(signal.SIGKILL)
+        raise
+    return members
+
+
+def alert_prometheus(prometheus: Server, alertmanagers: list[Server], rule_files: list[str]) -> None:
+    """Make a running Prometheus (from start_prometheus) evaluate `rule_files` and post to each of `alertmanagers`.
+
+    Rewrites its config's `rule_files` and `alerting`, reloads it, and waits until Prometheus reports
+    every Alertmanager active.
+    """
+    config_path = prometheus.log_path.parent / "prometheus.yml"
+    config = yaml.safe_load(config_path.read_text())
+    targets = [urllib.parse.urlparse(am.url).netloc for am in alertmanagers]
+    config["rule_files"] = rule_files
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": targets}]}]}
+    config_path.write_text(yaml.safe_dump(config))
+    http_json(prometheus.url + "/-/reload", method="POST")
+
+    def active() -> bool:
+        found = http_json(prometheus.url + "/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
+        return sorted(urllib.parse.urlparse(am["url"]).netloc for am in found) == sorted(targets)
+
+    wait_for(active, 10, what="Prometheus posting to every Alertmanager")
