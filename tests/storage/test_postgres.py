@@ -313,3 +313,56 @@ async def test_a_stopped_server_is_unavailable_quickly_then_back(
     assert time.monotonic() - began < 8.0
     await deliver(storage, firing)
     assert await storage.inbox.depth() == 2
+
+
+async def test_the_budget_window_and_the_breaker_reset(open_replica: Opener, clock: FakeClock) -> None:
+    """Charges leave the budget after its window; a spent budget opens the breaker, whose reset empties the budget."""
+    [store] = await replicas(open_replica, 1)
+    coordination = store.coordination
+
+    async def charge() -> bool:
+        return await coordination.charge_budget(clock.now, 2, 10.0, 60.0)
+
+    assert [await charge(), await charge()] == [True, True]
+    clock.advance(11)  # both charges left the window
+    assert [await charge(), await charge(), await charge()] == [True, True, False]
+    assert await coordination.circuit_open(clock.now)
+    clock.advance(30)  # the charges left the window, but the breaker is still open
+    assert not await charge()
+    clock.advance(31)  # the breaker's reset passed: it closes with its budget empty
+    assert [await charge(), await charge(), await charge()] == [True, True, False]
+
+
+async def test_a_failed_batch_commits_nothing_and_leaves_its_connection_usable(
+    open_replica: Opener, firing: WebhookAlert
+) -> None:
+    """A statement that fails in a batch undoes the statements before it; the pool's connections still work."""
+    storage = await open_replica()
+    database = storage.database
+    with pytest.raises(StoreUnavailableError, match="division by zero"):
+        await database.batch([("INSERT INTO budget (started_at) VALUES (1)", ()), ("SELECT 1 / 0", ())], durable=False)
+    assert (await database.read("SELECT count(*) AS n FROM budget"))[0]["n"] == 0
+    for _ in range(8):  # every connection of the pool, whichever took the failed batch
+        assert (await database.batch([("SELECT 1 AS one", ())]))[0].value() == 1
+    await deliver(storage, firing)
+    assert await storage.inbox.depth() == 1
+
+
+async def test_connections_the_server_ended_are_replaced_unasked(
+    open_replica: Opener, postgres_db: PostgresDatabase, firing: WebhookAlert
+) -> None:
+    """Idle connections whose backends the server ended are replaced when lent, not failed on: no caller sees it."""
+    storage = await open_replica()
+    await asyncio.gather(*(storage.inbox.depth() for _ in range(4)))  # several connections in the pool
+    async with await psycopg.AsyncConnection.connect(
+        postgres_db.url, password=postgres_db.password, autocommit=True
+    ) as admin:
+        ended = await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid != pg_backend_pid()",
+            (postgres_db.name,),
+        )
+        assert len(await ended.fetchall()) >= 2
+    await asyncio.sleep(0.2)  # the ends reach the sockets
+    for _ in range(6):
+        await deliver(storage, firing)
+    assert await storage.inbox.depth() == 6

@@ -32,17 +32,36 @@ class PostgresCoordination:
         return open_until
 
     async def charge_budget(self, now: float, limit: int, window: float, reset: float) -> bool:
-        async def work(tx: Transaction) -> bool:
-            if await self._open_until(tx, now):
-                return False
-            await tx.execute("DELETE FROM budget WHERE started_at < %s", (now - window,))
-            if int(await tx.value("SELECT count(*) FROM budget")) >= limit:
-                await tx.execute("UPDATE circuit SET open_until = %s WHERE id = 1", (now + reset,))
-                return False
-            await tx.execute("INSERT INTO budget (started_at) VALUES (%s)", (now,))
-            return True
-
-        return await self._db.write(work)
+        # Sent at once, one round trip. Under the circuit row's lock, each statement (with a snapshot
+        # of its own, taken after the lock) sees the commits of the replicas charged before, and the
+        # effects of the statements before it: a breaker past its reset closes with its budget spent,
+        # the window drops its old charges, a spent budget opens the breaker, and only a closed
+        # breaker takes the charge.
+        # Not durable (see PostgresDatabase.batch): the charge of a step that ran is made durable by
+        # the step's claim, whose durable commit comes after it and flushes the WAL up to there. A
+        # server crash can lose only charges of steps that never started, which spent nothing.
+        *_, charged = await self._db.batch(
+            [
+                ("SELECT 1 FROM circuit WHERE id = 1 FOR UPDATE", ()),
+                (
+                    "DELETE FROM budget WHERE started_at < %s OR EXISTS (SELECT 1 FROM circuit WHERE id = 1"
+                    " AND open_until > 0 AND open_until <= %s)",
+                    (now - window, now),
+                ),
+                ("UPDATE circuit SET open_until = 0 WHERE id = 1 AND open_until > 0 AND open_until <= %s", (now,)),
+                (
+                    "UPDATE circuit SET open_until = %s WHERE id = 1 AND open_until = 0"
+                    " AND (SELECT count(*) FROM budget) >= %s",
+                    (now + reset, limit),
+                ),
+                (
+                    "INSERT INTO budget (started_at) SELECT %s WHERE (SELECT open_until FROM circuit WHERE id = 1) = 0",
+                    (now,),
+                ),
+            ],
+            durable=False,
+        )
+        return charged.rowcount == 1
 
     async def circuit_open(self, now: float) -> bool:
         async def work(tx: Transaction) -> bool:
@@ -63,25 +82,26 @@ class PostgresCoordination:
     async def take_slot(
         self, replica: str, strategy: str, now: float, until: float, limit: int, strategy_limit: int
     ) -> int | None:
-        async def work(tx: Transaction) -> int | None:
-            # Counting and inserting must be one step across replicas; rows not yet inserted cannot be
-            # locked, so an advisory lock serialises the takers instead.
-            await tx.execute("SELECT pg_advisory_xact_lock(%s)", (SLOTS_LOCK,))
-            await tx.execute("DELETE FROM slots WHERE lease_until < %s", (now,))
-            counts = await tx.row(
-                "SELECT count(*) AS total, count(*) FILTER (WHERE strategy = %s) AS same FROM slots", (strategy,)
-            )
-            assert counts is not None
-            if counts["total"] >= limit or counts["same"] >= strategy_limit:
-                return None
-            return int(
-                await tx.value(
-                    "INSERT INTO slots (replica, strategy, lease_until) VALUES (%s, %s, %s) RETURNING id",
-                    (replica, strategy, until),
-                )
-            )
-
-        return await self._db.write(work)
+        # Counting and inserting must be one step across replicas; rows not yet inserted cannot be
+        # locked, so an advisory lock serialises the takers instead. Sent at once, one round trip: the
+        # statements after the lock see the slots of the takers before (and their own deletion).
+        # Not durable (see PostgresDatabase.batch): a slot lost in a server crash frees its place early,
+        # as a lapsed one does; the step that holds it made it durable with its claim.
+        *_, taken = await self._db.batch(
+            [
+                ("SELECT pg_advisory_xact_lock(%s)", (SLOTS_LOCK,)),
+                ("DELETE FROM slots WHERE lease_until < %s", (now,)),
+                (
+                    "INSERT INTO slots (replica, strategy, lease_until) SELECT %s, %s, %s"
+                    " FROM (SELECT count(*) AS total, count(*) FILTER (WHERE strategy = %s) AS same FROM slots) c"
+                    " WHERE c.total < %s AND c.same < %s RETURNING id",
+                    (replica, strategy, until, strategy, limit, strategy_limit),
+                ),
+            ],
+            durable=False,
+        )
+        slot = taken.value()
+        return int(slot) if slot is not None else None
 
     async def release_slot(self, slot: int) -> None:
         await self._db.write(lambda tx: tx.execute("DELETE FROM slots WHERE id = %s", (slot,)))

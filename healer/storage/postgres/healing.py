@@ -7,7 +7,7 @@ the inbox), so that replicas wait for each other instead of deadlocking.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from psycopg import sql
@@ -73,6 +73,9 @@ class PostgresHealingRecords:
         # episode the first still opens it.
         order = sorted(range(len(requests)), key=lambda i: _episode_key(requests[i]))
         batch = [requests[i] for i in order]
+        # Sent ahead with the insert, so that both come back in one round trip: the cooldowns of every
+        # first step asked for, of which those of the episodes created are used.
+        cooldowns = await self._cooldowns(tx, requests)
         # A replica opening the same episode at the same moment waits here for the other's commit,
         # then does nothing: each episode, and so its first step, is created once.
         inserted = await tx.rows(
@@ -101,13 +104,12 @@ class PostgresHealingRecords:
             if key in new_ids:
                 created[i] = new_ids.pop(key)
         found = await self._existing_episodes(tx, [requests[i] for i in range(len(requests)) if i not in created])
-        cooldowns = await self._cooldowns(tx, [requests[i] for i in created])
+        until = await cooldowns()
         deferrals = {
-            i: defer_for_cooldown(first, cooldowns.get((first.rule, requests[i].alert.fingerprint)))
+            i: defer_for_cooldown(first, until.get((first.rule, requests[i].alert.fingerprint)))
             for i in created
             if (first := requests[i].first) is not None
         }
-        steps = await self._insert_first_steps(tx, {created[i]: d.first for i, d in deferrals.items()}, now)
         events: list[tuple[str, dict[str, Any], int, int | None]] = []
         opened: list[Opened] = []
         for i, request in enumerate(requests):
@@ -121,9 +123,11 @@ class PostgresHealingRecords:
                 deferred_until = deferral.deferred_until
                 if deferred_until is not None:
                     events.append(("deferred", {"reason": "cooldown", "until": deferred_until}, episode_id, None))
-                events.append((*scheduled(deferral.first), episode_id, steps[episode_id]))
             opened.append(Opened(new_episode(episode_id, request, now), True, deferred_until))
+        # Only queued: the COMMIT's round trip carries them. Each step's "scheduled" event comes after
+        # its episode's other events, as it would one by one.
         await tx.events(events)
+        await self._insert_first_steps(tx, {created[i]: d.first for i, d in deferrals.items()}, now)
         await advance(tx, [request.position for request in requests], now)
         return opened
 
@@ -138,40 +142,52 @@ class PostgresHealingRecords:
         return {(row["fingerprint"], row["starts_at"]): _episode(row) for row in rows}
 
     @staticmethod
-    async def _cooldowns(tx: Transaction, requests: Sequence[OpenRequest]) -> dict[tuple[str, str], float]:
-        """The cooldowns that the first steps' rules left on these alerts, by (rule, fingerprint)."""
+    async def _cooldowns(
+        tx: Transaction, requests: Sequence[OpenRequest]
+    ) -> Callable[[], Awaitable[dict[tuple[str, str], float]]]:
+        """Queue the query of the cooldowns that the first steps' rules left on these alerts; the
+        function returned waits for them, by (rule, fingerprint)."""
         keys = [(r.first.rule, r.alert.fingerprint) for r in requests if r.first is not None]
-        if not keys:
-            return {}
-        rows = await tx.rows(
+        pending = await tx.query(
             "SELECT rule, fingerprint, until FROM cooldowns"
             " WHERE (rule, fingerprint) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
             ([rule for rule, _ in keys], [fingerprint for _, fingerprint in keys]),
         )
-        return {(row["rule"], row["fingerprint"]): float(row["until"]) for row in rows}
+
+        async def rows() -> dict[tuple[str, str], float]:
+            return {(row["rule"], row["fingerprint"]): float(row["until"]) for row in await pending.fetchall()}
+
+        return rows
 
     @staticmethod
-    async def _insert_first_steps(tx: Transaction, steps: dict[int, NewAction], now: float) -> dict[int, int]:
-        """Insert one pending step per episode; return each episode's step id."""
+    async def _insert_first_steps(tx: Transaction, steps: dict[int, NewAction], now: float) -> None:
+        """Queue the insert of one pending step per episode, each with its "scheduled" event."""
         if not steps:
-            return {}
+            return
         specs = list(steps.items())
-        rows = await tx.rows(
-            "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
-            " SELECT ep, at, st, r, s, 'pending', nb, %s FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[],"
-            " %s::text[], %s::float8[]) WITH ORDINALITY AS u(ep, at, st, r, s, nb, i) ORDER BY i"
-            " RETURNING id, episode_id",
+        events = [scheduled(spec) for spec in steps.values()]
+        # One statement, whose result nobody waits for: the event takes its step's id inside it.
+        await tx.send(
+            "WITH specs AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[], %s::text[],"
+            " %s::float8[], %s::text[], %s::text[]) WITH ORDINALITY AS u(ep, at, st, r, s, nb, kind, detail, i)),"
+            " steps AS (INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
+            " SELECT ep, at, st, r, s, 'pending', nb, %s FROM specs ORDER BY i RETURNING id, episode_id)"
+            " INSERT INTO events (ts, episode_id, action_id, kind, detail)"
+            " SELECT %s, specs.ep, steps.id, specs.kind, specs.detail FROM specs"
+            " JOIN steps ON steps.episode_id = specs.ep ORDER BY specs.i",
             (
-                now,
                 [episode_id for episode_id, _ in specs],
                 [spec.attempt for _, spec in specs],
                 [spec.step for _, spec in specs],
                 [spec.rule for _, spec in specs],
                 [spec.strategy for _, spec in specs],
                 [spec.not_before for _, spec in specs],
+                [kind for kind, _ in events],
+                [json.dumps(detail) for _, detail in events],
+                now,
+                now,
             ),
         )
-        return {int(row["episode_id"]): int(row["id"]) for row in rows}
 
     async def resolve_episode(self, position: InboxPosition, alert: WebhookAlert) -> Resolution:
         async def work(tx: Transaction) -> Resolution:
@@ -254,54 +270,54 @@ class PostgresHealingRecords:
         return _action(rows[0]) if rows else None
 
     async def agenda(self, now: float, replica: str) -> Agenda:
-        async def work(tx: Transaction) -> Agenda:
-            due = [
-                _action(r)
-                for r in await tx.rows(
+        # Five reads sent together: one round trip on every turn of the work loop.
+        due, expired, later, escalations, next_send = await self._db.batch(
+            [
+                (
                     "SELECT a.* FROM actions a JOIN episodes e ON e.id = a.episode_id WHERE a.state = 'pending'"
                     " AND a.not_before <= %s AND e.state = 'open'"
                     " AND (a.replica IS NULL OR a.replica = %s OR a.lease_until < %s) ORDER BY a.not_before, a.id",
                     (now, replica, now),
-                )
-            ]
-            expired = [
-                _action(r)
-                for r in await tx.rows(
+                ),
+                (
                     "SELECT * FROM actions WHERE state = 'awaiting_approval' AND approval_deadline <= %s ORDER BY id",
                     (now,),
-                )
+                ),
+                (
+                    "SELECT min(CASE WHEN state = 'pending' THEN not_before ELSE approval_deadline END) FROM actions"
+                    " WHERE (state = 'pending' AND not_before > %s)"
+                    " OR (state = 'awaiting_approval' AND approval_deadline > %s)",
+                    (now, now),
+                ),
+                ("SELECT * FROM escalations WHERE next_send <= %s ORDER BY next_send, episode_id", (now,)),
+                ("SELECT min(next_send) FROM escalations WHERE next_send > %s", (now,)),
             ]
-            later = await tx.value(
-                "SELECT min(CASE WHEN state = 'pending' THEN not_before ELSE approval_deadline END) FROM actions"
-                " WHERE (state = 'pending' AND not_before > %s)"
-                " OR (state = 'awaiting_approval' AND approval_deadline > %s)",
-                (now, now),
-            )
-            escalations = [
-                _escalation(r)
-                for r in await tx.rows(
-                    "SELECT * FROM escalations WHERE next_send <= %s ORDER BY next_send, episode_id", (now,)
-                )
-            ]
-            next_send = await tx.value("SELECT min(next_send) FROM escalations WHERE next_send > %s", (now,))
-            wakes = [float(t) for t in (later, next_send) if t is not None]
-            return Agenda(due, expired, escalations, min(wakes, default=None))
-
-        return await self._db.transaction(work)
+        )
+        wakes = [float(t) for t in (later.value(), next_send.value()) if t is not None]
+        return Agenda(
+            [_action(r) for r in due.rows],
+            [_action(r) for r in expired.rows],
+            [_escalation(r) for r in escalations.rows],
+            min(wakes, default=None),
+        )
 
     async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
         # One conditional UPDATE: of replicas taking the same step at once, the row lock lets one
         # through and the others re-check the condition against its result, and fail.
-        return (
-            await self._db.write(
-                lambda tx: tx.execute(
+        # Not durable (see PostgresDatabase.batch): a reservation lost in a server crash leaves the step
+        # pending and free, as a lapsed one would; the claim that runs the step is durable, and its
+        # commit flushes this one with it.
+        [taken] = await self._db.batch(
+            [
+                (
                     "UPDATE actions SET replica = %s, lease_until = %s WHERE id = %s AND state = 'pending'"
                     " AND (replica IS NULL OR replica = %s OR lease_until < %s)",
                     (replica, until, action_id, replica, now),
                 )
-            )
-            == 1
+            ],
+            durable=False,
         )
+        return taken.rowcount == 1
 
     async def give_back(self, action_id: int, replica: str) -> None:
         await self._db.write(
@@ -363,19 +379,21 @@ class PostgresHealingRecords:
         return True
 
     async def claim(self, action_id: int, plan: dict[str, Any] | None, replica: str) -> bool:
-        async def work(tx: Transaction) -> bool:
-            strategy = await tx.value("SELECT strategy FROM actions WHERE id = %s", (action_id,))
-            return await self._move(
-                tx,
-                action_id,
-                sql.SQL("state = 'running', started_at = %s, plan = %s, replica = %s"),
-                (self._db.clock(), plan_json(plan), replica),
-                ActionState.PENDING,
-                ("started", {"strategy": strategy, "replica": replica}),
-                replica,
-            )
-
-        return await self._db.write(work)
+        # The move and its "started" event in one statement: the step's last wait before it runs.
+        [claimed] = await self._db.batch(
+            [
+                (
+                    "WITH moved AS (UPDATE actions SET state = 'running', started_at = %(now)s, plan = %(plan)s,"
+                    " replica = %(replica)s WHERE id = %(id)s AND state = 'pending'"
+                    " AND (replica IS NULL OR replica = %(replica)s) RETURNING id, episode_id, strategy)"
+                    " INSERT INTO events (ts, episode_id, action_id, kind, detail)"
+                    " SELECT %(now)s, episode_id, id, 'started',"
+                    " json_build_object('strategy', strategy, 'replica', %(replica)s::text)::text FROM moved",
+                    {"now": self._db.clock(), "plan": plan_json(plan), "replica": replica, "id": action_id},
+                )
+            ]
+        )
+        return claimed.rowcount == 1
 
     async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
         return await self._db.write(

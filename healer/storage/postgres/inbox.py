@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -48,28 +47,18 @@ class PostgresInbox:
         return await self._group.submit((body, alerts))
 
     async def _commit(self, deliveries: list[tuple[bytes, int]]) -> list[int]:
-        """Store one batch of deliveries in one transaction; return their ids in order."""
-        return await self._db.write(functools.partial(self._insert, deliveries=deliveries))
-
-    async def _insert(self, tx: Transaction, deliveries: Sequence[tuple[bytes, int]]) -> list[int]:
+        """Store one batch of deliveries in one transaction, sent at once; return their ids in order."""
         now = self._db.clock()
         # A delivery is stored as the bytes that came, sent in binary: serialising or even decoding it
         # again costs more than the rest of the webhook. Ids come back per row, in order: other
         # replicas insert at the same time, so a batch's ids need not be contiguous.
-        async with tx.conn.cursor() as cursor:
-            await cursor.executemany(
-                "INSERT INTO inbox (received_at, body, alerts) VALUES (%s, %b, %s) RETURNING id",
-                [(now, body, count) for body, count in deliveries],
-                returning=True,
-            )
-            ids: list[int] = []
-            while True:
-                found = await cursor.fetchone()
-                assert found is not None
-                ids.append(int(found[0]))
-                if not cursor.nextset():
-                    break
-        return ids
+        inserted = await self._db.batch(
+            [
+                ("INSERT INTO inbox (received_at, body, alerts) VALUES (%s, %b, %s) RETURNING id", (now, body, count))
+                for body, count in deliveries
+            ]
+        )
+        return [int(result.value()) for result in inserted]
 
     async def unprocessed(self, limit: int = 500) -> list[InboxItem]:
         items: list[InboxItem] = []
