@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -82,6 +83,7 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
         return EXIT_CONFIG
     registry = default_registry()
     reports = [first_plans(config, registry, alert) for alert in payload.alerts]
+    asyncio.run(_add_rails(config, payload.alerts, reports))
     if as_json:
         print(json.dumps(reports, indent=2))
         return EXIT_OK
@@ -102,7 +104,25 @@ def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
                 print(f"     would run: {json.dumps(step['plan'])}")
             else:
                 print(f"     skipped (unsafe_label): {step['error']}")
+        for rail in report.get("rails", []):
+            subject = rail.get("source") or rail.get("query") or rail.get("group") or ""
+            holds = rail.get("holds")
+            state = "" if holds is None else ("HOLDS " if holds else "clear ")
+            print(f"  {rail['rail']}: {state}{subject + ': ' if subject else ''}{rail['explanation']}")
     return EXIT_OK
+
+
+async def _add_rails(config: HealerConfig, alerts: Sequence[Any], reports: list[dict[str, Any]]) -> None:
+    """Add to each firing, matched alert's report what the safety rails would decide, asking Prometheus."""
+    from healer.healing.explain import explain_rails
+    from healer.promql import PromQLClient
+
+    rules = {rule.name: rule for rule in config.healing.rules}
+    async with PromQLClient(config.prometheus) as promql:
+        for alert, report in zip(alerts, reports, strict=True):
+            rule = rules.get(report["rule"] or "")
+            if rule is not None and alert.status == "firing":
+                report["rails"] = await explain_rails(config, rule, alert, promql)
 
 
 def _load_or_report(path: Path) -> HealerConfig | None:

@@ -237,6 +237,34 @@ class PromQLClient:
             self._external_labels = await asyncio.to_thread(self._external_labels_sync)
         return dict(self._external_labels)
 
+    def _rules_evaluated_sync(self) -> bool:
+        import requests
+
+        self._connect()
+        try:
+            response = self._session.get(f"{self.url}/api/v1/rules", params={"type": "alert"}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PrometheusUnavailableError(
+                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        if response.status_code != 200:
+            # A Prometheus-compatible backend that does not serve rules: nothing to wait for.
+            return True
+        try:
+            groups = response.json()["data"]["groups"]
+            # A group not evaluated since the start shows Go's zero time.
+            return all(not str(group.get("lastEvaluation", "")).startswith("0001-") for group in groups)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return True
+
+    async def rules_evaluated(self) -> bool:
+        """Tell whether Prometheus has evaluated every alerting rule group since it started.
+
+        Until then a Prometheus that just started shows no `ALERTS` at all, which must not read as
+        "the alert stopped firing".
+        """
+        return await asyncio.to_thread(self._rules_evaluated_sync)
+
     async def alert_firing(self, labels: Mapping[str, str]) -> bool:
         """Tell whether `ALERTS{alertstate="firing"}` has a series carrying all of `labels` exactly.
 
@@ -270,17 +298,18 @@ class PromQLClient:
         interval: float,
         *,
         settle: float = 0.0,
+        grace: float = 0.0,
         resolved: asyncio.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> VerifyOutcome:
         """Poll `alert_firing(labels)` every `interval` seconds for up to `within` seconds.
 
-        Returns "healed" as soon as Prometheus says the alert no longer fires; "not_healed"
-        when the deadline passes and Prometheus answered at least once, the last answer it
-        gave being "firing"; "unverified" when Prometheus could not be asked on any poll. The
-        first poll comes after `settle` seconds (counted within `within`) and the last one
-        happens at the deadline.
+        Returns "healed" as soon as Prometheus says the alert no longer fires (and has evaluated its
+        rules since it started); "not_healed" when Prometheus answers "firing" at the deadline;
+        "unverified" when it cannot answer then nor within `grace` seconds after, polling on every
+        `interval` meanwhile (the first answer decides). The first poll comes after `settle`
+        seconds (counted within `within`) and the last one of the window happens at the deadline.
 
         `resolved` is an optional event the caller sets when Alertmanager reports the alert
         resolved. It cuts the current wait (the settle included) short and triggers one
@@ -291,9 +320,13 @@ class PromQLClient:
         """
 
         async def healthy() -> bool:
-            return not await self.alert_firing(labels)
+            if await self.alert_firing(labels):
+                return False
+            if not await self.rules_evaluated():
+                raise PrometheusUnavailableError("Prometheus has not evaluated its alerting rules since it started")
+            return True
 
-        return await _poll(healthy, within, interval, settle, resolved, clock, sleep)
+        return await _poll(healthy, within, interval, settle, resolved, clock, sleep, grace)
 
     async def verify_query(
         self,
@@ -303,6 +336,7 @@ class PromQLClient:
         *,
         settle: float = 0.0,
         healthy_when: HealthyWhen | None = None,
+        grace: float = 0.0,
         resolved: asyncio.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -323,7 +357,7 @@ class PromQLClient:
                     warned = True
                 raise PrometheusUnavailableError(f"Prometheus rejected the verification query: {exc}") from None
 
-        return await _poll(healthy, within, interval, settle, resolved, clock, sleep)
+        return await _poll(healthy, within, interval, settle, resolved, clock, sleep, grace)
 
 
 async def _poll(
@@ -334,10 +368,16 @@ async def _poll(
     resolved: asyncio.Event | None,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
+    grace: float = 0.0,
 ) -> VerifyOutcome:
-    """Ask `healthy()` after `settle`, then every `interval` until `within`; see `verify_resolved`."""
+    """Ask `healthy()` after `settle`, then every `interval` until `within`; see `verify_resolved`.
+
+    A verdict needs an answer: while Prometheus cannot answer at the deadline, polling goes on for up
+    to `grace` more seconds and the first answer decides.
+    """
     deadline = clock() + within
-    reachable = False
+    last_word = deadline + grace
+    answered = False
     resolved_seen = resolved is not None and resolved.is_set()
     last_error: PrometheusUnavailableError | None = None
     polls = 0
@@ -355,13 +395,15 @@ async def _poll(
                 return "healed"
         except PrometheusUnavailableError as exc:
             last_error = exc
+            answered = False
         else:
-            reachable = True
-        remaining = deadline - clock()
-        if remaining <= 0:
+            answered = True
+        now = clock()
+        if now >= deadline and (answered or now >= last_word):
             break
-        delay = min(interval, remaining)
-    outcome: VerifyOutcome = "not_healed" if reachable else "unverified"
+        # The last poll of the window comes at the deadline; past it, one comes every interval.
+        delay = min(interval, (deadline if now < deadline else last_word) - now)
+    outcome: VerifyOutcome = "not_healed" if answered else "unverified"
     log.debug(
         "verification finished",
         extra=fields(outcome=outcome, polls=polls, last_error=str(last_error) if last_error else ""),

@@ -24,6 +24,7 @@ from healer.healing.episodes import EpisodeSteps
 from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder
 from healer.healing.metrics import HealingMetrics
+from healer.healing.pauses import PauseBoard
 from healer.healing.replica import Replica, replica_name
 from healer.healing.routes import ENGINE, LADDER, add_routes
 from healer.healing.steps import StepRunner
@@ -133,6 +134,7 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         config.server.external_url or f"http://{config.server.listen}",
         side,
         wakeup.set,
+        steps.circuit_open,
     )
     episode_steps = EpisodeSteps(
         config,
@@ -144,6 +146,7 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         services.healing_metrics,
         promql,
         GrafanaAnnotator(config.grafana, services.registry),
+        PauseBoard(config, storage.pauses, promql, services.registry),
         wakeup.set,
     )
     return Engine(config, wakeup, storage.inbox, episode_steps, side)

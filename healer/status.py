@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -77,6 +78,7 @@ async def healing(engine: Engine) -> dict[str, Any]:
         "resolution_rate": (episodes.get(EpisodeState.HEALED, 0) / ended) if ended else None,
         "time_to_heal_seconds": {"p50": _quantile(heal_seconds, 0.5), "p95": _quantile(heal_seconds, 0.95)},
         "circuit_open": await engine.steps.circuit_open(),
+        "pauses": [pause.to_json() for pause in await engine.episode_steps.pauses.current()],
         "replica": engine.replica.name,
         "leader": engine.replica.leader,
         "dry_run": engine.config.healing.dry_run,
@@ -177,6 +179,10 @@ def _seconds(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
+def _clock_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def render_status(report: dict[str, Any]) -> str:
     """Format the status report for a person."""
     h = report["health"]
@@ -198,6 +204,11 @@ def render_status(report: dict[str, Any]) -> str:
         f"p95 {_seconds(ttr['p95'])}"
         + ("; CIRCUIT BREAKER OPEN" if g["circuit_open"] else "")
         + ("; DRY RUN" if g["dry_run"] else ""),
+        *[
+            f"           PAUSED by {p['source']} {p['name']}: {p['reason']}"
+            + (f" (until {_clock_time(p['until'])})" if p.get("until") else "")
+            for p in g.get("pauses", [])
+        ],
         f"Goals      {_goal_line(report)}",
         f"Optimizing {_optimization_line(report)}",
     ]

@@ -312,14 +312,8 @@ async def test_prometheus_timeout_applies() -> None:
         client.close()
 
 
-async def test_verify_resolved_last_reachable_answer_decides() -> None:
-    """Unreachable polls after a firing answer still give not_healed, on an injected clock."""
-    now = [0.0]
-    answers: list[bool | Exception] = [
-        True,
-        PrometheusUnavailableError("down"),
-        PrometheusUnavailableError("down"),
-    ]
+def scripted_client(answers: list[bool | Exception]) -> PromQLClient:
+    """A client whose alert_firing gives these answers in turn (an exception is raised), then "down"."""
 
     class Scripted(PromQLClient):
         async def alert_firing(self, labels: Any) -> bool:
@@ -328,13 +322,46 @@ async def test_verify_resolved_last_reachable_answer_decides() -> None:
                 raise answer
             return answer
 
+        async def rules_evaluated(self) -> bool:
+            return True
+
+    return Scripted(PrometheusConfig(url=closed_url()))
+
+
+async def test_verify_resolved_needs_an_answer_at_the_deadline() -> None:
+    """A firing answer followed by Prometheus going away gives unverified, not not_healed, on an injected clock."""
+    now = [0.0]
+
     async def fake_sleep(seconds: float) -> None:
         now[0] += seconds
 
-    client = Scripted(PrometheusConfig(url=closed_url()))
+    client = scripted_client([True, PrometheusUnavailableError("down"), PrometheusUnavailableError("down")])
     outcome = await client.verify_resolved(ALERT, 10.0, 1.0, clock=lambda: now[0], sleep=fake_sleep)
-    assert outcome == "not_healed"
+    assert outcome == "unverified"
     assert now[0] == 10.0
+    client.close()
+
+
+async def test_verify_resolved_waits_for_prometheus_to_come_back() -> None:
+    """Past the deadline, polling goes on within the grace while Prometheus cannot answer; its first answer decides."""
+    for later, expected in ((False, "healed"), (True, "not_healed")):
+        now = [0.0]
+
+        async def fake_sleep(seconds: float) -> None:
+            now[0] += seconds
+
+        down = [PrometheusUnavailableError("down")] * 14
+        client = scripted_client([True, *down, later])
+        outcome = await client.verify_resolved(ALERT, 10.0, 1.0, grace=30.0, clock=lambda: now[0], sleep=fake_sleep)
+        assert outcome == expected
+        assert now[0] == 15.0  # the sixteenth poll, five seconds past the deadline
+        client.close()
+    now = [0.0]
+    client = scripted_client([True])
+    assert await client.verify_resolved(ALERT, 10.0, 1.0, grace=5.0, clock=lambda: now[0], sleep=fake_sleep) == (
+        "unverified"
+    )
+    assert now[0] == 15.0  # the grace ran out
     client.close()
 
 

@@ -1,7 +1,8 @@
 """Safety of the engine in a real healer process: exactly once, crash durability, hostile labels, rails.
 
-Prometheus is deliberately unreachable here, so verification ends `unverified`: these tests are
-about what runs and how often, not about whether it healed (tests/test_healing_e2e.py does that).
+Prometheus is deliberately unreachable here, so verification ends `unverified` at once (no wait for
+Prometheus to return) and the episode escalates: these tests are about what runs and how often, not
+about whether it healed (tests/test_healing_e2e.py does that).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def config(
                     "strategies": ["record"],
                     "max_attempts": 2,
                     "cooldown": "100ms",
-                    "verify": {"within": "300ms", "interval": "100ms"},
+                    "verify": {"within": "300ms", "interval": "100ms", "wait_for_prometheus": "0s"},
                     **(rule or {}),
                 }
             ],

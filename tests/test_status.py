@@ -31,10 +31,11 @@ def test_status_counts_match_the_audit_trail(tmp_path: Path, servers: list[Serve
     # Two episodes ran a step (the audit trail shows how they ended); the third matched no rule and the
     # repeated s1 is the same episode.
     ended_by_steps = Counter(state for state in {a["episode"]["id"]: a["episode"]["state"] for a in steps}.values())
-    assert healing["episodes"] == {**ended_by_steps, "unmatched": 1} == {"unverified": 2, "unmatched": 1}
+    # Unverified steps escalate: nobody could tell whether the fault is gone.
+    assert healing["episodes"] == {**ended_by_steps, "unmatched": 1} == {"escalated": 2, "unmatched": 1}
     audit = Counter(a["outcome"] for a in steps)
     assert healing["actions"] == dict(audit) == {"unverified": 2}
-    assert healing["healed"] == 0 and healing["escalated"] == 0 and healing["in_progress"] == 0
+    assert healing["healed"] == 0 and healing["escalated"] == 2 and healing["in_progress"] == 0
     assert healing["resolution_rate"] == 0.0
     assert report["health"]["status"] == "UNKNOWN" and "Prometheus" in report["health"]["error"]
 
@@ -42,7 +43,7 @@ def test_status_counts_match_the_audit_trail(tmp_path: Path, servers: list[Serve
         [sys.executable, "-m", "healer", "status", "--url", healer.url], capture_output=True, text=True, timeout=30
     )
     assert text.returncode == 0, text.stderr
-    assert "4 alerts received; 0 healed, 0 escalated, 0 in progress" in text.stdout
+    assert "4 alerts received; 0 healed, 2 escalated, 0 in progress" in text.stdout
     assert "Health     UNKNOWN" in text.stdout
 
 

@@ -287,6 +287,14 @@ def _labelled_query(query: str) -> str:
     return query
 
 
+def _plain_query(query: str) -> str:
+    if not query.strip():
+        raise ValueError("must be a PromQL expression")
+    if GOAL_PLACEHOLDER.search(query):
+        raise ValueError("placeholders such as '{labels.NAME}' belong in a goal's target query, not here")
+    return query
+
+
 class Budget(_Strict):
     actions: int = Field(default=20, ge=1)
     window: Duration = 600.0
@@ -322,6 +330,9 @@ class VerifyConfig(_Strict):
     healthy_when: HealthyWhen | None = None
     # Within `within`: time for the fix to show in the metrics before the first check.
     settle: Duration = 0.0
+    # When Prometheus cannot answer at the end of `within`, how much longer verification waits for
+    # it; the first answer decides. Past it the episode escalates as unverified.
+    wait_for_prometheus: Duration = 300.0
 
     @field_validator("healthy_when")
     @classmethod
@@ -339,6 +350,85 @@ class VerifyConfig(_Strict):
         return value
 
 
+LabelName = Annotated[str, Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class Guard(_Strict):
+    """A precondition of a rule's steps: the step runs only while `query` returns a result."""
+
+    # {labels.NAME} becomes the alert's label value as a quoted PromQL string.
+    query: Annotated[str, AfterValidator(_labelled_query)]
+    # What people read when the guard held the step back until guard_timeout.
+    message: str = Field(min_length=1, max_length=500)
+
+
+class ConcurrencyPerGroup(_Strict):
+    """At most `limit` episodes of one group (alerts with equal values of `labels`) healed at once."""
+
+    labels: list[LabelName] = Field(min_length=1)
+    limit: int = Field(default=1, ge=1)
+
+
+class BlastRadius(_Strict):
+    """Of a group (alerts with equal values of `labels`, such as a job), at most `fraction` of its
+    instances (as `of` counts them) acted on within `window`; at least one."""
+
+    labels: list[LabelName] = Field(min_length=1)
+    # One number: how many instances the group has, e.g. 'count(up{job={labels.job}})'.
+    of: Annotated[str, AfterValidator(_labelled_query)]
+    fraction: float = Field(gt=0, le=1, allow_inf_nan=False)
+    window: PositiveDuration = 600.0
+
+
+class RuleBudget(Budget):
+    """A rule's own action budget, beside the global one; with `per`, one budget per label group."""
+
+    per: list[LabelName] = Field(default_factory=list)
+
+
+class Flapping(_Strict):
+    """An alert (fingerprint) that opened `episodes` episodes within `window` is not acted on again
+    until it has been quiet for `window`; it escalates once."""
+
+    episodes: int = Field(default=4, ge=2)
+    window: PositiveDuration = 600.0
+
+
+class MaintenanceWindow(_Strict):
+    """A recurring window in which matching alerts are recorded but not acted on."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
+    # Empty: every alert.
+    match: list[MatcherField] = Field(default_factory=list)
+    weekdays: list[Weekday] = Field(
+        default_factory=lambda: list(WEEKDAYS), min_length=1
+    )
+    # HH:MM, local to `timezone`.
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    duration: PositiveDuration
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone this machine knows (such as UTC or Europe/Paris)") from None
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _within_a_week(cls, value: float) -> float:
+        if value > 7 * 86400:
+            raise ValueError("must be at most a week: the window recurs every week")
+        return value
+
+
 class HealingRule(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$")
     match: list[MatcherField] = Field(min_length=1)
@@ -353,6 +443,14 @@ class HealingRule(_Strict):
     cancel_running_on_resolve: bool = False
     # learned: each step takes the strategy not yet tried in this episode that has healed most often.
     order: Literal["config", "learned"] = "config"
+    # Preconditions checked before each step, every verify.interval until guard_timeout.
+    guard: list[Guard] = Field(default_factory=list)
+    guard_timeout: Duration = 300.0
+    max_concurrent_per: ConcurrencyPerGroup | None = None
+    blast_radius: BlastRadius | None = None
+    budget: RuleBudget | None = None
+    # Overrides healing.flapping for this rule.
+    flapping: Flapping | None = None
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Tell whether every matcher of this rule holds for the label set."""
@@ -366,15 +464,15 @@ class HealingConfig(_Strict):
     budget: Budget = Budget()
     circuit_reset: Duration = 600.0
     approval_timeout: Duration = 900.0
+    flapping: Flapping = Flapping()
+    # While any of these queries returns a result (a deploy in progress, say), no step runs.
+    pause_when: list[Annotated[str, AfterValidator(_plain_query)]] = Field(default_factory=list)
+    # How often pause_when is asked, and how often a held step looks again at pauses.
+    pause_check_interval: PositiveDuration = 5.0
+    maintenance: Annotated[list[MaintenanceWindow], _unique_names_of("maintenance window")] = Field(
+        default_factory=list
+    )
     rules: Annotated[list[HealingRule], _unique_names_of("rule")] = Field(default_factory=list)
-
-
-def _plain_query(query: str) -> str:
-    if not query.strip():
-        raise ValueError("must be a PromQL expression")
-    if GOAL_PLACEHOLDER.search(query):
-        raise ValueError("placeholders such as '{labels.NAME}' belong in a goal's target query, not here")
-    return query
 
 
 Priority = Annotated[GoalPriority, BeforeValidator(parse_priority), PlainSerializer(lambda p: p.name)]

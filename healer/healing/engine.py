@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from healer.config import HealerConfig
-from healer.healing.episodes import EpisodeSteps
+from healer.healing.episodes import UNVERIFIED_REASON, EpisodeSteps
 from healer.healing.escalator import SideTasks
 from healer.healing.ladder import Decision
 from healer.healing.model import (
@@ -27,6 +27,8 @@ from healer.healing.model import (
     EpisodeState,
     Event,
     Finish,
+    Flap,
+    FlapPolicy,
     InboxItem,
     OpenRequest,
     Outcome,
@@ -34,6 +36,7 @@ from healer.healing.model import (
 )
 from healer.healing.rails import IntakePacer
 from healer.healing.replica import RENEWALS_PER_LEASE
+from healer.healing.rules import flapping_reason
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError
 from healer.storage import Inbox
@@ -181,13 +184,20 @@ class Engine:
         if action.state is not ActionState.VERIFYING:
             await self._interrupted(action, abandoned_before)
             return
+        # Whether the fault is gone nobody knows: a person looks rather than the episode closing quietly.
+        reason = f"{UNVERIFIED_REASON} (healer stopped while verifying)"
         finish = Finish(
             outcome=Outcome.UNVERIFIED,
             detail=f"healer stopped while verifying; the step ran: {action.detail}",
-            episode_state=EpisodeState.UNVERIFIED,
+            episode_state=EpisodeState.ESCALATED,
+            escalation=reason,
+            events=[("escalated", {"reason": reason})],
         )
         if await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
             self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
+            episode = await self.records.get_episode(action.episode_id)
+            if episode is not None:
+                await self.escalator.count(episode, reason)
             await self.episode_steps.episode_ended(action.episode_id)
 
     async def _interrupted(self, action: Action, abandoned_before: float) -> None:
@@ -304,7 +314,11 @@ class Engine:
         else:
             events.append(("unmatched", {"explanation": decision.explanation}))
         rule_name = decision.rule.name if decision.rule else None
-        return OpenRequest(item.position, alert, rule_name, state, first, events), decision
+        flapping = None
+        if decision.rule is not None:
+            policy = decision.rule.flapping or self.config.healing.flapping
+            flapping = FlapPolicy(policy.episodes, policy.window)
+        return OpenRequest(item.position, alert, rule_name, state, first, events, flapping), decision
 
     async def _open_all(self, items: list[InboxItem]) -> None:
         """Open the episodes of a run of firing alerts in one store transaction."""
@@ -322,6 +336,10 @@ class Engine:
                 self.metrics.skipped.labels(decision.skip_reason).inc()
             if result.deferred_until is not None:
                 self.metrics.skipped.labels(SkipReason.COOLDOWN).inc()
+            if result.flap is not None:
+                self.metrics.skipped.labels(SkipReason.FLAPPING).inc()
+                if result.flap is Flap.ESCALATE and request.flapping is not None:
+                    await self.escalator.count(result.episode, flapping_reason(request.flapping))
             # Unmatched alerts are in the audit trail; logging each one would flood the log in a storm.
             log.log(
                 logging.INFO if decision.rule is not None else logging.DEBUG,
@@ -377,6 +395,7 @@ class Engine:
         if self.replica.leader:
             self.escalator.send_due(agenda)
             self.escalator.sweep_when_due()
+            self.escalator.report_storms_when_due()
         if agenda.next_wake is None:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))

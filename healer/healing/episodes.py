@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from healer.annotations import GrafanaAnnotator
@@ -20,11 +22,21 @@ from healer.config import HealerConfig, HealingRule
 from healer.healing.escalator import Escalator, SideTasks
 from healer.healing.ladder import Ladder, dry_run_for
 from healer.healing.metrics import HealingMetrics
-from healer.healing.model import Action, ActionState, Episode, EpisodeState, Finish, Outcome, SkipReason
+from healer.healing.model import (
+    Action,
+    ActionState,
+    BudgetScope,
+    Episode,
+    EpisodeState,
+    Finish,
+    Outcome,
+    SkipReason,
+)
+from healer.healing.pauses import PauseBoard
 from healer.healing.rails import backoff
-from healer.healing.steps import STOPPING, StepRefusedError, StepRunner
+from healer.healing.steps import NOT_CLAIMED, STOPPING, Halt, PlannedStep, StepRefusedError, StepRunner
 from healer.logs import fields
-from healer.promql import PromQLClient, render_query
+from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, render_query
 from healer.storage import HealingRecords, StoreUnavailableError
 from healer.strategies.runner import AlertContext, StepResult
 
@@ -34,6 +46,52 @@ T = TypeVar("T")
 # After a step ran, how soon recording its outcome is tried again while the store is unavailable.
 DURABLE_RETRY_SECONDS = 0.5
 DURABLE_RETRY_MAX_SECONDS = 5.0
+
+
+UNVERIFIED_REASON = "unverified: Prometheus could not say whether the step healed; the fault may still be there"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a step that ran ends, and what follows: the episode ends as judged (`reason` None), the ladder
+    goes on (`next_rung`), or the episode goes to people at once."""
+
+    finish: Finish
+    reason: str | None = None
+    next_rung: bool = True
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why a step may not run now: a skip reason, and what people read."""
+
+    reason: SkipReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Leave to run a step, with the label group's slot (max_concurrent_per) it holds until verified."""
+
+    slot: int | None = None
+
+
+def group_key(rule: str, labels: list[str], values: dict[str, str]) -> str:
+    """The key of an alert's label group under a rule: the rule and the values of the group's labels."""
+    return rule + ":" + json.dumps([values.get(name, "") for name in labels])
+
+
+async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
+    """Wait until one of `events` is set or `timeout` seconds have passed."""
+    if not events:
+        await asyncio.sleep(timeout)
+        return
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def alert_context(episode: Episode, status: str = "firing") -> AlertContext:
@@ -61,6 +119,7 @@ class EpisodeSteps:
         metrics: HealingMetrics,
         promql: PromQLClient,
         annotator: GrafanaAnnotator,
+        pauses: PauseBoard,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -73,6 +132,7 @@ class EpisodeSteps:
         self.metrics = metrics
         self.promql = promql
         self.annotator = annotator
+        self.pauses = pauses
         self._wake = wake
         self._clock = clock
         self._rules = {rule.name: rule for rule in config.healing.rules}
@@ -167,6 +227,30 @@ class EpisodeSteps:
             )
             return
         resolved = self._resolved.setdefault(episode.id, asyncio.Event())
+        turn = await self._wait_until_clear(action, rule, episode, resolved)
+        if isinstance(turn, Hold):
+            reason = f"guard: {turn.detail}"
+            await self.cancel_and_escalate(action, episode, turn.reason, turn.detail, reason, step.plan)
+            return
+        if turn is STOPPING:  # the step stays pending and runs after the restart, anywhere
+            await self.records.give_back(action.id, self.steps.replica.name)
+            return
+        if turn is NOT_CLAIMED:  # the alert resolved meanwhile and its step was cancelled
+            await self.episode_ended(episode.id)
+            return
+        assert isinstance(turn, Turn)
+        try:
+            await self._run_step(action, rule, episode, step, resolved)
+        finally:
+            if turn.slot is not None:
+                # Shielded like the strategy slots: the group's next episode must get its turn.
+                with contextlib.suppress(StoreUnavailableError):
+                    await asyncio.shield(self.steps.release_group_slot(turn.slot))
+
+    async def _run_step(
+        self, action: Action, rule: HealingRule, episode: Episode, step: PlannedStep, resolved: asyncio.Event
+    ) -> None:
+        """Run a cleared step under the rails, verify it and record what follows."""
         silenced = episode
         started = self._clock()
 
@@ -188,13 +272,15 @@ class EpisodeSteps:
             return True
 
         # Slots are held while the strategy runs, not while verification waits on Prometheus.
+        scope = None
+        if rule.budget is not None:
+            key = group_key(rule.name, rule.budget.per, episode.labels) if rule.budget.per else rule.name
+            scope = BudgetScope(key, rule.budget.actions, rule.budget.window)
         try:
-            result = await self.steps.run(step, claim=claim, before_slot=silence)
+            result = await self.steps.run(step, claim=claim, before_slot=silence, scope=scope)
         except StepRefusedError as refused:
-            if refused.reason == SkipReason.CIRCUIT_OPEN:
-                await self.cancel_and_escalate(
-                    action, episode, SkipReason.CIRCUIT_OPEN, refused.detail, "circuit breaker open", step.plan
-                )
+            if refused.reason in (SkipReason.CIRCUIT_OPEN, SkipReason.BUDGET):
+                await self._suspend(action, episode, refused, step.plan)
             elif refused.reason == STOPPING:  # the step stays pending and runs after the restart, anywhere
                 await self.records.give_back(action.id, self.steps.replica.name)
             else:
@@ -219,6 +305,114 @@ class EpisodeSteps:
             self._in_runner.discard(action.id)
         await self._conclude_durably(action, rule, silenced, result, resolved, started)
 
+    async def _suspend(
+        self, action: Action, episode: Episode, refused: StepRefusedError, plan: dict[str, object]
+    ) -> None:
+        """End a step that a spent budget stopped. An episode that never got to act is suspended: people
+        hear of all of those at once (HealingSuspended), not per episode. One that acted and failed
+        escalates as ever."""
+        if action.attempt > 1:
+            reason = SkipReason(refused.reason)
+            await self.cancel_and_escalate(action, episode, reason, refused.detail, refused.detail, plan)
+            return
+        self.count_skip(action.strategy, SkipReason(refused.reason))
+        finish = Finish(
+            outcome=Outcome.CANCELLED,
+            skip_reason=refused.reason,
+            detail=refused.detail,
+            plan=plan,
+            episode_state=EpisodeState.SUSPENDED,
+            events=[("suspended", {"reason": refused.reason, "detail": refused.detail})],
+        )
+        await self.finish(action, finish)
+        self._wake()  # the leader's escalator tells people, once for all of them
+
+    async def _wait_until_clear(
+        self, action: Action, rule: HealingRule, episode: Episode, resolved: asyncio.Event
+    ) -> Hold | Halt | Turn:
+        """Hold the step while a pause, a guard or the blast radius says not to act; a Turn when it may run.
+
+        Each reason is counted once per step and recorded on it. A pause and the blast radius hold for
+        as long as they last; a guard for up to the rule's guard_timeout, after which the guard's Hold is
+        returned to end the step. STOPPING when healer stops meanwhile, NOT_CLAIMED when the step was
+        cancelled (its alert resolved).
+        """
+        counted: set[SkipReason] = set()
+        guard_failing_since: float | None = None
+        resolution_seen = False
+        while True:
+            hold = await self._hold(rule, episode)
+            if hold is None:
+                turn = await self._take_turn(rule, episode)
+                if isinstance(turn, Turn):
+                    return turn
+                hold = turn
+            if hold.reason not in counted:
+                counted.add(hold.reason)
+                self.metrics.skipped.labels(hold.reason).inc()
+                log.info("step held", extra=fields(action=action.id, reason=hold.reason, detail=hold.detail))
+                await self.records.hold(action.id, self.steps.replica.name, hold.reason, hold.detail)
+            wait = self.config.healing.pause_check_interval
+            if hold.reason is SkipReason.GUARD:
+                now = self._clock()
+                guard_failing_since = now if guard_failing_since is None else guard_failing_since
+                if now >= guard_failing_since + rule.guard_timeout:
+                    return hold
+                wait = min(rule.verify.interval, guard_failing_since + rule.guard_timeout - now)
+            else:
+                guard_failing_since = None
+            if self.steps.stopping:
+                return STOPPING
+            wake_on = [] if resolution_seen else [resolved]
+            if hold.reason is SkipReason.BLAST_RADIUS:
+                wake_on.append(self.steps.group_freed)
+            await _wait_any(wake_on, wait)
+            if resolved.is_set() and not resolution_seen:
+                resolution_seen = True
+                current = await self.records.get_action(action.id)
+                if current is None or current.state is not ActionState.PENDING:
+                    return NOT_CLAIMED
+
+    async def _take_turn(self, rule: HealingRule, episode: Episode) -> Turn | Hold:
+        """Count the episode within its group's share of the fleet and take its group's slot, or say why not."""
+        if rule.blast_radius is not None:
+            radius = rule.blast_radius
+            key = "share:" + group_key(rule.name, radius.labels, episode.labels)
+            try:
+                instances = await self.promql.scalar(render_query(radius.of, episode.labels))
+            except (PrometheusUnavailableError, PromQLError) as exc:
+                return Hold(SkipReason.BLAST_RADIUS, f"cannot count the group's instances ({exc}); blast_radius holds")
+            # At least one, so that a small group is not left unhealed forever.
+            limit = max(1, math.floor((instances or 0.0) * radius.fraction))
+            if not await self.steps.take_share(key, episode.id, radius.window, limit):
+                return Hold(
+                    SkipReason.BLAST_RADIUS,
+                    f"{limit} of the group's {instances or 0:g} instances were acted on within {radius.window:g}s",
+                )
+        if rule.max_concurrent_per is None:
+            return Turn()
+        per = rule.max_concurrent_per
+        slot = await self.steps.take_group_slot(group_key(rule.name, per.labels, episode.labels), per.limit)
+        if slot is None:
+            values = ", ".join(f"{name}={episode.labels.get(name, '')!r}" for name in per.labels)
+            return Hold(SkipReason.BLAST_RADIUS, f"{per.limit} episode(s) of {values} are being healed")
+        return Turn(slot)
+
+    async def _hold(self, rule: HealingRule, episode: Episode) -> Hold | None:
+        """The first reason not to run the episode's step now: a pause that covers it, or a failing guard."""
+        pause = await self.pauses.covering(episode.labels)
+        if pause is not None:
+            return Hold(SkipReason.PAUSED, f"paused by {pause.source} {pause.name}: {pause.reason}")
+        for guard in rule.guard:
+            try:
+                samples = await self.promql.query(render_query(guard.query, episode.labels))
+            except (PrometheusUnavailableError, PromQLError) as exc:
+                # A guard fails closed: a precondition nobody could check does not hold.
+                return Hold(SkipReason.GUARD, f"{guard.message} (Prometheus could not check the guard: {exc})")
+            if not samples:
+                return Hold(SkipReason.GUARD, guard.message)
+        return None
+
     async def _conclude_durably(
         self,
         action: Action,
@@ -237,8 +431,8 @@ class EpisodeSteps:
             # settled the step; its outcome is not this replica's to record.
             log.warning("step finished after its claim was lost", extra=fields(action=action.id))
             return
-        finish, still_fires = await self._judge(action, rule, episode, result, resolved, started)
-        await self._durably(action, lambda: self._record_verdict(action, rule, episode, finish, still_fires))
+        verdict = await self._judge(action, rule, episode, result, resolved, started)
+        await self._durably(action, lambda: self._record_verdict(action, rule, episode, verdict))
 
     async def _durably(self, action: Action, write: Callable[[], Awaitable[T]]) -> T:
         """Run a write until the store takes it; only a stop gives up (the step is then settled later)."""
@@ -278,9 +472,8 @@ class EpisodeSteps:
         result: StepResult,
         resolved: asyncio.Event,
         started: float,
-    ) -> tuple[Finish, str | None]:
-        """Verify a step that ran and count its outcome; return how it ends and, when the ladder must go
-        on (or escalate), why."""
+    ) -> Verdict:
+        """Verify a step that ran, count its outcome, and say what follows."""
         cooldown = (self._clock() + backoff(rule, action.attempt), action.attempt)
         if not result.ok:
             outcome = Outcome.TIMEOUT if result.timed_out else Outcome.FAILED
@@ -292,7 +485,7 @@ class EpisodeSteps:
                 output=result.output,
                 cooldown=cooldown,
             )
-            return finish, f"{action.strategy} {outcome}: {result.detail}"
+            return Verdict(finish, f"{action.strategy} {outcome}: {result.detail}")
         try:
             verify = rule.verify
             if verify.query is not None:  # a windowed alert outlives the fault: the query says whether it is gone
@@ -302,11 +495,17 @@ class EpisodeSteps:
                     verify.interval,
                     settle=verify.settle,
                     healthy_when=verify.healthy_when,
+                    grace=verify.wait_for_prometheus,
                     resolved=resolved,
                 )
             else:
                 answer = await self.promql.verify_resolved(
-                    episode.labels, verify.within, verify.interval, settle=verify.settle, resolved=resolved
+                    episode.labels,
+                    verify.within,
+                    verify.interval,
+                    settle=verify.settle,
+                    grace=verify.wait_for_prometheus,
+                    resolved=resolved,
                 )
         except ValueError:  # a label name PromQL cannot express: the outcome cannot be proven
             answer = "unverified"
@@ -318,19 +517,21 @@ class EpisodeSteps:
         log.info("step verified", extra=fields(action=action.id, strategy=action.strategy, outcome=verdict))
         if verdict is Outcome.HEALED:
             self.metrics.time_to_heal.observe(max(0.0, self._clock() - episode.starts_at_epoch))
-            return replace(base, episode_state=EpisodeState.HEALED), None
+            return Verdict(replace(base, episode_state=EpisodeState.HEALED))
         if verdict is Outcome.UNVERIFIED:
-            return replace(base, episode_state=EpisodeState.UNVERIFIED), None
-        return base, "the alert still fires"
+            # Nobody knows whether the fault is still there: a person looks, rather than the episode
+            # closing quietly or the ladder running its next strategy blind.
+            return Verdict(base, UNVERIFIED_REASON, next_rung=False)
+        return Verdict(base, "the alert still fires")
 
-    async def _record_verdict(
-        self, action: Action, rule: HealingRule, episode: Episode, finish: Finish, still_fires: str | None
-    ) -> None:
-        """End the episode as judged, or go on with the ladder (escalating when it is spent)."""
-        if still_fires is None:
-            await self.finish(action, finish)
+    async def _record_verdict(self, action: Action, rule: HealingRule, episode: Episode, verdict: Verdict) -> None:
+        """End the episode as judged, go on with the ladder (escalating when it is spent), or escalate."""
+        if verdict.reason is None:
+            await self.finish(action, verdict.finish)
+        elif verdict.next_rung:
+            await self._continue_or_escalate(action, rule, episode, verdict.finish, verdict.reason)
         else:
-            await self._continue_or_escalate(action, rule, episode, finish, still_fires)
+            await self._end_with_escalation(action, episode, verdict.finish, verdict.reason)
 
     def _record_outcome(self, action: Action, episode: Episode, outcome: Outcome, detail: str, started: float) -> None:
         """Learn from, count and annotate a step's outcome."""

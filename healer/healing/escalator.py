@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 from healer.alertmanager import AlertmanagerClient, AlertmanagerUnavailableError
 from healer.config import HealerConfig, HealingRule
 from healer.healing.metrics import HealingMetrics
-from healer.healing.model import ActionFilter, Agenda, Episode, Escalation
+from healer.healing.model import ActionFilter, Agenda, Episode, Escalation, Suspension
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient
 from healer.storage import HealingRecords, StoreUnavailableError
@@ -51,8 +51,61 @@ class SideTasks:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+HEALING_SUSPENDED = "HealingSuspended"
+SUSPENDED_RUNBOOK_URL = "https://github.com/healer-project/healer/blob/main/docs/runbook.md#healingsuspended"
+# How often the leader looks whether healing is suspended for many alerts (a storm).
+STORM_CHECK_SECONDS = 5.0
+# Steps a blast-radius limit holds back at once before people are told.
+STORM_HELD = 10
+# Why healing was suspended, as people read it.
+SUSPENSION_REASONS = {
+    "circuit_open": "the global action budget is spent and the circuit breaker is open",
+    "budget": "the rule's own action budget is spent",
+    "blast_radius": "the rule's blast radius holds them back",
+}
+
+
+def healing_suspended_alert(
+    suspension: Suspension, audit_url: str, starts_at: datetime, ends_at: datetime
+) -> dict[str, Any]:
+    """The one alert that stands for every episode a storm left unacted on, for one reason and rule."""
+    why = SUSPENSION_REASONS.get(suspension.reason, suspension.reason)
+    counts = f"{suspension.suspended} alerts not acted on" + (
+        f", {suspension.held} held back now" if suspension.held else ""
+    )
+    return {
+        "labels": {
+            "alertname": HEALING_SUSPENDED,
+            "reason": suspension.reason,
+            "healer_rule": suspension.rule,
+            "severity": "critical",
+        },
+        "annotations": {
+            "summary": f"healer suspended healing under rule {suspension.rule}: {why}",
+            "description": f"{counts}. Each is recorded in the audit trail with its reason; nobody is paged per alert.",
+            "suspended": str(suspension.suspended),
+            "held": str(suspension.held),
+            "audit_url": audit_url,
+            "runbook_url": SUSPENDED_RUNBOOK_URL,
+        },
+        "startsAt": starts_at.isoformat().replace("+00:00", "Z"),
+        "endsAt": ends_at.isoformat().replace("+00:00", "Z"),
+        "generatorURL": audit_url,
+    }
+
+
+def _storm(suspension: Suspension, circuit_open: bool) -> bool:
+    """Whether people should hear of a suspension: episodes ended unacted on while a budget is spent, or
+    many held back by a blast radius now (paused and guarded steps are held on purpose)."""
+    if suspension.reason == "circuit_open":
+        return circuit_open and suspension.suspended > 0
+    if suspension.reason == "budget":
+        return suspension.suspended > 0
+    return suspension.reason == "blast_radius" and suspension.held >= STORM_HELD
+
+
 class Escalator:
-    """Posts HealingFailed for escalated episodes and keeps their alerts' silences."""
+    """Posts HealingFailed for escalated episodes, HealingSuspended for storms, and keeps silences."""
 
     def __init__(
         self,
@@ -64,6 +117,7 @@ class Escalator:
         external_url: str,
         side: SideTasks,
         wake: Callable[[], None],
+        circuit_open: Callable[[], Awaitable[bool]],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -80,6 +134,11 @@ class Escalator:
         # Leftover silences are expired at start; the sweep takes over from then on.
         self._next_silence_sweep = clock() + SILENCE_SWEEP_SECONDS
         self._sweeping = False
+        self._circuit_open = circuit_open
+        self._next_storm_check = 0.0
+        self._checking_storms = False
+        # HealingSuspended alerts this leader posted: (reason, rule) → when it began, last posted.
+        self._storms: dict[tuple[str, str], tuple[float, float]] = {}
 
     async def count(self, episode: Episode, reason: str) -> None:
         """Count and log an escalation the store has queued; the work loop sends HealingFailed."""
@@ -103,6 +162,62 @@ class Escalator:
             self._next_silence_sweep = self._clock() + SILENCE_SWEEP_SECONDS
             self._sweeping = True
             self._side.spawn(self._sweep_silences())
+
+    def report_storms_when_due(self) -> None:
+        """Start a look at suspended and held-back episodes every STORM_CHECK_SECONDS; looks never overlap."""
+        if self._clock() >= self._next_storm_check and not self._checking_storms:
+            self._next_storm_check = self._clock() + STORM_CHECK_SECONDS
+            self._checking_storms = True
+            self._side.spawn(self._report_storms())
+
+    async def _report_storms(self) -> None:
+        """Post one HealingSuspended per reason and rule while healing is suspended for it, resolve it after."""
+        try:
+            await self._post_storms()
+        except (StoreUnavailableError, AlertmanagerUnavailableError) as exc:
+            # Looked at again within seconds; what was posted stays valid for four resend intervals.
+            log.error("HealingSuspended not updated", extra=fields(reason=str(exc)))
+        finally:
+            self._checking_storms = False
+
+    async def _post_storms(self) -> None:
+        healing = self.config.healing
+        now = self._clock()
+        windows = [rule.budget.window for rule in healing.rules if rule.budget is not None]
+        since = now - max([healing.circuit_reset, *windows])
+        circuit_open = await self._circuit_open()
+        firing: dict[tuple[str, str], Suspension] = {}
+        for suspension in await self.records.suspensions(since):
+            if _storm(suspension, circuit_open):
+                firing[(suspension.reason, suspension.rule)] = suspension
+        resend = self.config.alertmanager.resend_interval
+        alerts = []
+        posted: dict[tuple[str, str], tuple[float, float]] = {}
+        for key, suspension in firing.items():
+            began, last = self._storms.get(key, (now, float("-inf")))
+            if now - last < resend:
+                continue
+            audit = f"{self.external_url}/api/v1/actions?rule={suspension.rule}&since={since:.0f}"
+            starts, ends = datetime.fromtimestamp(began, UTC), datetime.fromtimestamp(now + 4 * resend, UTC)
+            alerts.append(healing_suspended_alert(suspension, audit, starts, ends))
+            posted[key] = (began, now)
+        ended = [key for key in self._storms if key not in firing]
+        for key in ended:
+            gone = Suspension(key[0], key[1], 0, 0)
+            starts, ends = datetime.fromtimestamp(self._storms[key][0], UTC), datetime.fromtimestamp(now, UTC)
+            alerts.append(healing_suspended_alert(gone, self.external_url, starts, ends))
+        if not alerts:
+            return
+        await self.alertmanager.post_alerts(alerts)
+        for key in ended:
+            del self._storms[key]
+            log.warning("healing no longer suspended", extra=fields(reason=key[0], rule=key[1]))
+        for key, times in posted.items():
+            if key not in self._storms:
+                log.warning(
+                    "healing suspended", extra=fields(reason=key[0], rule=key[1], suspended=firing[key].suspended)
+                )
+            self._storms[key] = times
 
     async def _send(self, queued: Escalation) -> None:
         """Post the HealingFailed of an escalated episode: firing while its alert fires, then resolved once."""

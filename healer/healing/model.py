@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healer.healing.payload import WebhookAlert
+from healer.matchers import Matcher
 
 
 class EpisodeState(enum.StrEnum):
@@ -26,6 +27,11 @@ class EpisodeState(enum.StrEnum):
     UNVERIFIED = "unverified"
     # A rule matched but healing.enabled is false.
     DISABLED = "disabled"
+    # Not acted on while its alert flaps; the first episode of the spell escalated (reason flapping).
+    FLAPPING = "flapping"
+    # Not acted on because healing was suspended for it (circuit breaker open, the rule's budget spent);
+    # people are told once for all such episodes, by HealingSuspended, not per episode.
+    SUSPENDED = "suspended"
 
     @property
     def is_final(self) -> bool:
@@ -77,6 +83,16 @@ class SkipReason(enum.StrEnum):
     RESOLVED = "resolved"
     STRATEGY_NOT_ALLOWED = "strategy_not_allowed"
     DISABLED = "disabled"
+    # A guard of the rule did not hold (or Prometheus could not tell: guards fail closed).
+    GUARD = "guard"
+    # The rule's max_concurrent_per or blast_radius held the step back.
+    BLAST_RADIUS = "blast_radius"
+    # A pause (from the API, a pause_when query or a maintenance window) covered the alert.
+    PAUSED = "paused"
+    # The alert opened too many episodes within the flapping window.
+    FLAPPING = "flapping"
+    # The rule's own action budget is spent.
+    BUDGET = "budget"
 
 
 # An audit event: its kind and what it records.
@@ -112,6 +128,21 @@ class InboxItem:
 
 
 @dataclass(frozen=True)
+class FlapPolicy:
+    """When an alert flaps: it opened `episodes` episodes within `window` seconds."""
+
+    episodes: int
+    window: float
+
+
+class Flap(enum.StrEnum):
+    """What flapping does to a new episode: the first of a spell escalates, the later ones are only recorded."""
+
+    ESCALATE = "escalate"
+    SUPPRESS = "suppress"
+
+
+@dataclass(frozen=True)
 class OpenRequest:
     """A firing alert from the inbox and what the engine decided for it."""
 
@@ -121,6 +152,7 @@ class OpenRequest:
     state: EpisodeState
     first: NewAction | None
     events: Sequence[Event] = ()
+    flapping: FlapPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +181,8 @@ class Opened:
     episode: Episode
     created: bool
     deferred_until: float | None
+    # Set when the alert flaps: the episode is not acted on.
+    flap: Flap | None = None
 
 
 @dataclass(frozen=True)
@@ -261,3 +295,58 @@ class HealingCounts:
     episodes: dict[str, int]
     actions: dict[str, int]
     heal_seconds: list[float]
+
+
+@dataclass(frozen=True)
+class Pause:
+    """An operator's pause: alerts its matchers select are recorded but not acted on until it ends."""
+
+    id: int
+    # In Alertmanager's syntax, as given (every one must hold; none selects every alert).
+    matchers: list[str]
+    reason: str
+    created_by: str
+    created_at: float
+    ends_at: float
+    ended_at: float | None = None
+    ended_by: str | None = None
+
+    def active(self, now: float) -> bool:
+        """Whether the pause holds at `now`: neither ended nor expired."""
+        return self.ended_at is None and now < self.ends_at
+
+    def covers(self, labels: dict[str, str]) -> bool:
+        """Whether every matcher of the pause holds for an alert's labels."""
+        return all(Matcher.parse(text).matches(labels) for text in self.matchers)
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"active": self.active(now)}
+
+
+class Charge(enum.StrEnum):
+    """What charging the action budgets said: charged, or which budget refused."""
+
+    CHARGED = "charged"
+    # The global budget is spent (its circuit breaker is open).
+    CIRCUIT_OPEN = "circuit_open"
+    # The rule's own budget (for the alert's label group) is spent.
+    SCOPE_SPENT = "scope_spent"
+
+
+@dataclass(frozen=True)
+class BudgetScope:
+    """A budget beside the global one: `limit` actions per `window` for one key (a rule, a label group)."""
+
+    key: str
+    limit: int
+    window: float
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """Episodes that healing holds back for one reason and rule: ended suspended since a time, or held now."""
+
+    reason: str
+    rule: str
+    suspended: int
+    held: int

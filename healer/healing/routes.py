@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from healer.config.model import MatcherField
 from healer.healing.engine import Engine
 from healer.healing.ladder import Ladder
 from healer.healing.model import Action, ActionFilter, Episode
@@ -15,12 +17,15 @@ from healer.healing.payload import InvalidPayloadError, decode_webhook
 from healer.http import authenticate, invalid_body, path_id, problem, query_limit, query_number, require_json
 from healer.logs import fields
 from healer.storage import StoreUnavailableError
+from healer.types import PositiveDuration
 
 log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", Engine)
 # The ladders and what they learned, for the optimisation API (which shows learned ladders).
 LADDER = web.AppKey("ladder", Ladder)
+# The longest pause one request may set.
+MAX_PAUSE_SECONDS = 30 * 86400
 
 
 async def alertmanager_webhook(request: web.Request) -> web.Response:
@@ -126,7 +131,7 @@ async def approve_action(request: web.Request) -> web.Response:
         return refused
     engine = request.app[ENGINE]
     action_id = path_id(request, "action")
-    approver = request.headers.get("X-Healer-Approver", "api")
+    approver = _who(request)
     if not await engine.approve(action_id, approver):
         return problem(409, f"action {action_id} is not waiting for approval")
     return web.json_response({"approved": action_id})
@@ -154,7 +159,7 @@ async def reject_action(request: web.Request) -> web.Response:
     if await engine.records.get_action(action_id) is None:
         return problem(404, f"no action {action_id}")
     # The same source of the operator's name as approval, so the audit trail names both alike.
-    who = request.headers.get("X-Healer-Approver", "api")
+    who = _who(request)
     if not await engine.reject(action_id, who, body.reason):
         return problem(409, f"action {action_id} is not waiting for approval")
     return web.json_response({"rejected": action_id, "by": who, "reason": body.reason})
@@ -170,6 +175,65 @@ async def close_circuit(request: web.Request) -> web.Response:
     return web.json_response({"circuit_open": False})
 
 
+def _who(request: web.Request) -> str:
+    """The operator an action is recorded for."""
+    return request.headers.get("X-Healer-Approver", "api")
+
+
+class PauseRequest(BaseModel):
+    """The body of `POST /api/v1/pauses`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Alertmanager's syntax; every one must hold. At least one, as for a silence: `alertname=~".+"` pauses all.
+    matchers: Annotated[list[MatcherField], Field(min_length=1, max_length=50)]
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+    duration: PositiveDuration
+
+    @field_validator("duration")
+    @classmethod
+    def _bounded(cls, value: float) -> float:
+        if value > MAX_PAUSE_SECONDS:
+            raise ValueError(f"must be at most {MAX_PAUSE_SECONDS // 86400} days; pause again when it ends")
+        return value
+
+
+async def create_pause(request: web.Request) -> web.Response:
+    """Pause healing for the alerts the matchers select: they are recorded, not acted on, until it ends."""
+    refused = authenticate(request) or require_json(request)
+    if refused is not None:
+        return refused
+    try:
+        body = PauseRequest.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return invalid_body(exc, "not a valid pause")
+    board = request.app[ENGINE].episode_steps.pauses
+    pause = await board.pause([str(m) for m in body.matchers], body.reason, _who(request), body.duration)
+    return web.json_response({"id": pause.id, "pause": pause.to_json(pause.created_at)}, status=201)
+
+
+async def list_pauses(request: web.Request) -> web.Response:
+    """Operators' pauses in force, and every pause in force whatever its source."""
+    board = request.app[ENGINE].episode_steps.pauses
+    now = time.time()
+    stored = await board.stored()
+    return web.json_response(
+        {"pauses": [p.to_json(now) for p in stored], "in_force": [p.to_json() for p in await board.current()]}
+    )
+
+
+async def end_pause(request: web.Request) -> web.Response:
+    """End an operator's pause before it expires; matching alerts still firing are healed."""
+    refused = authenticate(request)
+    if refused is not None:
+        return refused
+    pause_id = path_id(request, "pause")
+    ended = await request.app[ENGINE].episode_steps.pauses.unpause(pause_id, _who(request))
+    if ended is None:
+        return problem(404, f"no pause {pause_id} in force")
+    return web.json_response({"pause": ended.to_json(time.time())})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/alertmanager", alertmanager_webhook)
     app.router.add_get("/api/v1/actions", list_actions)
@@ -177,3 +241,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/actions/{id}/approve", approve_action)
     app.router.add_post("/api/v1/actions/{id}/reject", reject_action)
     app.router.add_post("/api/v1/circuit/close", close_circuit)
+    app.router.add_post("/api/v1/pauses", create_pause)
+    app.router.add_get("/api/v1/pauses", list_pauses)
+    app.router.add_delete("/api/v1/pauses/{id}", end_pause)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from healer.healing.model import EpisodeState, Finish, NewAction
+from healer.healing.model import EpisodeState, Finish, Flap, FlapPolicy, NewAction
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,35 @@ def defer_for_cooldown(first: NewAction, cooldown_until: float | None) -> Deferr
     if cooldown_until is not None and cooldown_until > first.not_before:
         return Deferral(replace(first, not_before=cooldown_until), cooldown_until)
     return Deferral(first, None)
+
+
+@dataclass(frozen=True)
+class Flapping:
+    """Whether a new episode of an alert flaps, and until when its alert counts as flapping."""
+
+    flap: Flap | None
+    until: float | None
+
+
+def flapping(policy: FlapPolicy, earlier: int, flapping_until: float | None, now: float) -> Flapping:
+    """Judge a new episode from the `earlier` episodes its alert opened within the policy's window.
+
+    An alert flaps once it opened `policy.episodes` episodes within the window: that episode escalates,
+    and every later one is only recorded, until the alert has opened none for a whole window.
+    """
+    if flapping_until is not None and now < flapping_until:
+        return Flapping(Flap.SUPPRESS, now + policy.window)
+    if earlier >= policy.episodes:
+        return Flapping(Flap.ESCALATE, now + policy.window)
+    return Flapping(None, None)
+
+
+def flapping_reason(policy: FlapPolicy) -> str:
+    """What people read about an alert that flaps."""
+    return (
+        f"flapping: the alert opened {policy.episodes} episodes within {policy.window:g}s; healer does not"
+        f" act on it again until it has been quiet for {policy.window:g}s"
+    )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from healer.config import HealerConfig
 from healer.healing.metrics import HealingMetrics
-from healer.healing.model import SkipReason
+from healer.healing.model import BudgetScope, Charge, SkipReason
 from healer.healing.replica import Replica
 from healer.storage import Coordination, StoreUnavailableError
 from healer.strategies.base import StrategyParams, StrategyRegistry
@@ -86,6 +86,8 @@ class StepRunner:
         self._clock = clock
         # Set whenever this replica frees a slot, so that a step waiting here looks again at once.
         self._slot_freed = asyncio.Event()
+        # Set whenever this replica frees a label group's slot (blast radius).
+        self.group_freed = asyncio.Event()
         self._global_gate = asyncio.Semaphore(config.healing.max_concurrent)
         self._local_slots = {
             name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
@@ -127,23 +129,29 @@ class StepRunner:
 
     async def run(
         self, step: PlannedStep, *, claim: Callable[[], Awaitable[bool]] | None = None,
-        before_slot: Callable[[], Awaitable[None]] | None = None,
+        before_slot: Callable[[], Awaitable[None]] | None = None, scope: BudgetScope | None = None,
     ) -> StepResult:  # fmt: skip
         """Run a planned step under the rails; raises StepRefusedError when one stops it.
 
+        The step is charged to the global budget and, with `scope`, to that budget too (a rule's own).
         `before_slot` runs once the budget is charged (healing silences the alert there); `claim`
         runs holding the slots and must return False when the step may no longer run.
         """
         if self._stopping:
             raise StepRefusedError(STOPPING, "healer is stopping")
         budget = self.config.healing.budget
-        charged = await self._coordination.charge_budget(
-            self._clock(), budget.actions, budget.window, self.config.healing.circuit_reset
+        charge = await self._coordination.charge_budget(
+            self._clock(), budget.actions, budget.window, self.config.healing.circuit_reset, scope
         )
-        self.metrics.circuit_open.set(0 if charged else 1)
-        if not charged:
+        self.metrics.circuit_open.set(int(charge is Charge.CIRCUIT_OPEN))
+        if charge is Charge.CIRCUIT_OPEN:
             raise StepRefusedError(
                 SkipReason.CIRCUIT_OPEN, "the action budget is spent; the circuit breaker is open"
+            )
+        if charge is Charge.SCOPE_SPENT:
+            assert scope is not None
+            raise StepRefusedError(
+                SkipReason.BUDGET, f"the budget of {scope.limit} actions per {scope.window:g}s for {scope.key} is spent"
             )
         if before_slot is not None:
             await before_slot()
@@ -224,6 +232,26 @@ class StepRunner:
         finally:
             self.metrics.running.dec()
             self.metrics.action_duration.labels(step.strategy).observe(time.monotonic() - started)
+
+    # -- label groups (blast radius) -------------------------------------------------------------
+
+    async def take_group_slot(self, group: str, limit: int) -> int | None:
+        """A slot for healing one episode of a label group, held until released (or this replica dies)."""
+        self.group_freed.clear()
+        return await self._coordination.take_group_slot(
+            self.replica.name, group, self._clock(), self.replica.until(), limit
+        )
+
+    async def release_group_slot(self, slot: int) -> None:
+        """Give a label group's slot back; the steps of this replica waiting for one look again at once."""
+        try:
+            await self._coordination.release_slot(slot)
+        finally:
+            self.group_freed.set()
+
+    async def take_share(self, group: str, episode_id: int, window: float, limit: int) -> bool:
+        """Count an episode as acted on in its group unless `limit` others were within `window`."""
+        return await self._coordination.take_share(group, episode_id, self._clock(), window, limit)
 
     # -- operator actions ----------------------------------------------------------------------
 

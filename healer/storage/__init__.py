@@ -10,7 +10,15 @@ from collections.abc import Callable
 
 from healer.config import StoreConfig
 from healer.storage.errors import StoreUnavailableError
-from healer.storage.interfaces import Coordination, GoalRecords, HealingRecords, Inbox, Storage, TrialRecords
+from healer.storage.interfaces import (
+    Coordination,
+    GoalRecords,
+    HealingRecords,
+    Inbox,
+    PauseRecords,
+    Storage,
+    TrialRecords,
+)
 
 
 async def open_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
@@ -41,6 +49,7 @@ __all__ = [
     "GoalRecords",
     "HealingRecords",
     "Inbox",
+    "PauseRecords",
     "Storage",
     "StoreUnavailableError",
     "TrialRecords",

@@ -14,6 +14,8 @@ from healer.healing.model import (
     Action,
     ActionFilter,
     Agenda,
+    BudgetScope,
+    Charge,
     Episode,
     Escalation,
     Finish,
@@ -22,7 +24,9 @@ from healer.healing.model import (
     InboxPosition,
     Opened,
     OpenRequest,
+    Pause,
     Resolution,
+    Suspension,
 )
 from healer.healing.payload import WebhookAlert
 from healer.optimizer.model import CandidateRecord, Outcome, Trial
@@ -61,7 +65,8 @@ class HealingRecords(Protocol):
         """Create the episodes of firing alerts with their first steps, and move the inbox past them.
 
         An episode that exists already is left alone (Alertmanager re-sends); a first step waits out
-        its rule's cooldown for that alert (`healing.rules.defer_for_cooldown`).
+        its rule's cooldown for that alert (`healing.rules.defer_for_cooldown`); an alert that flaps
+        (`healing.rules.flapping`) gets an episode without steps, escalated for the first of a spell.
         """
         ...
 
@@ -95,6 +100,14 @@ class HealingRecords(Protocol):
     async def claim(self, action_id: int, plan: dict[str, Any] | None, replica: str) -> bool:
         """Move a pending step to running for this replica (which took it, or nobody did); False when a
         cancellation or another replica won."""
+        ...
+
+    async def hold(self, action_id: int, replica: str, reason: str, detail: str) -> None:
+        """Record on a pending step that this replica holds it back, and why (a pause, a guard, blast radius)."""
+        ...
+
+    async def suspensions(self, since: float) -> list[Suspension]:
+        """Per skip reason and rule: episodes ended suspended since `since`, and steps held back now."""
         ...
 
     async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
@@ -239,13 +252,36 @@ class TrialRecords(Protocol):
     async def purge(self, older_than: float) -> int: ...
 
 
+class PauseRecords(Protocol):
+    """Operators' pauses, durable and the same for every replica."""
+
+    async def create(self, matchers: Sequence[str], reason: str, created_by: str, now: float, ends_at: float) -> Pause:
+        """Record a pause from `now` until `ends_at`."""
+        ...
+
+    async def active(self, now: float) -> list[Pause]:
+        """The pauses neither ended nor expired at `now`, oldest first."""
+        ...
+
+    async def recent(self, limit: int = 100) -> list[Pause]:
+        """Pauses newest first, ended and expired ones included."""
+        ...
+
+    async def end(self, pause_id: int, ended_by: str, now: float) -> Pause | None:
+        """End a pause before its expiry; None when there is no such pause or it has ended already."""
+        ...
+
+
 class Coordination(Protocol):
     """What replicas share beyond the records: the action budget and its circuit breaker, concurrency
     slots, the renewal of claims, and the leader. With one healer per store it is just as true."""
 
-    async def charge_budget(self, now: float, limit: int, window: float, reset: float) -> bool:
-        """Take one action from the budget of `limit` per `window`; False, with the circuit breaker open
-        for `reset` seconds, when it is spent or the breaker is open already."""
+    async def charge_budget(
+        self, now: float, limit: int, window: float, reset: float, scope: BudgetScope | None = None
+    ) -> Charge:
+        """Take one action from the global budget of `limit` per `window` and, with `scope`, from that
+        budget too, both or neither. CIRCUIT_OPEN, with the circuit breaker open for `reset` seconds,
+        when the global budget is spent or the breaker is open already; SCOPE_SPENT when the scope's is."""
         ...
 
     async def circuit_open(self, now: float) -> bool:
@@ -261,6 +297,16 @@ class Coordination(Protocol):
     ) -> int | None:
         """A concurrency slot for one strategy run, or None when `limit` steps in all or `strategy_limit`
         of this strategy run already (slots whose claim ended do not count)."""
+        ...
+
+    async def take_group_slot(self, replica: str, group: str, now: float, until: float, limit: int) -> int | None:
+        """A slot for healing one episode of a label group (blast radius), or None when `limit` are held;
+        it does not count against the strategy slots. Released with `release_slot`."""
+        ...
+
+    async def take_share(self, group: str, episode_id: int, now: float, window: float, limit: int) -> bool:
+        """Count an episode as acted on in its group, unless `limit` other episodes of the group were
+        within `window` (an episode counted already always may go on)."""
         ...
 
     async def release_slot(self, slot: int) -> None: ...
@@ -305,5 +351,8 @@ class Storage(Protocol):
 
     @property
     def coordination(self) -> Coordination: ...
+
+    @property
+    def pauses(self) -> PauseRecords: ...
 
     async def close(self) -> None: ...

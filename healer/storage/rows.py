@@ -23,6 +23,8 @@ from healer.healing.model import (
     NewAction,
     OpenRequest,
     Outcome,
+    Pause,
+    Suspension,
 )
 from healer.healing.payload import WebhookAlert
 from healer.optimizer.model import CandidateRecord, Trial
@@ -60,6 +62,27 @@ def plan_json(plan: dict[str, Any] | None) -> str | None:
 
 
 # -- healing -----------------------------------------------------------------------------------
+
+
+def suspensions(ended: Iterable[Sequence[Any]], held: Iterable[Sequence[Any]]) -> list[Suspension]:
+    """Merge (reason, rule, count) rows of episodes ended suspended and of steps held now, by reason and rule."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for reason, rule, count in ended:
+        counts.setdefault((reason, rule), [0, 0])[0] += int(count)
+    for reason, rule, count in held:
+        counts.setdefault((reason, rule), [0, 0])[1] += int(count)
+    return [
+        Suspension(reason, rule, ended_count, held_count)
+        for (reason, rule), (ended_count, held_count) in sorted(counts.items())
+    ]
+
+
+def pause(row: Row) -> Pause:
+    """The pause of a `pauses` row."""
+    return Pause(
+        row["id"], list(json_column(row["matchers"])), row["reason"], row["created_by"], row["created_at"],
+        row["ends_at"], row["ended_at"], row["ended_by"],
+    )  # fmt: skip
 
 
 def episode(row: Row) -> Episode:

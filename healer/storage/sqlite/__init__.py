@@ -11,6 +11,7 @@ from healer.storage.sqlite.database import SQLiteDatabase
 from healer.storage.sqlite.goals import SQLiteGoalRecords
 from healer.storage.sqlite.healing import SQLiteHealingRecords
 from healer.storage.sqlite.inbox import SQLiteInbox
+from healer.storage.sqlite.pauses import SQLitePauseRecords
 from healer.storage.sqlite.trials import SQLiteTrialRecords
 
 
@@ -24,6 +25,7 @@ class SQLiteStorage:
         self._goals = SQLiteGoalRecords(self.database)
         self._trials = SQLiteTrialRecords(self.database)
         self._coordination = SQLiteCoordination(self.database)
+        self._pauses = SQLitePauseRecords(self.database)
 
     @property
     def shared(self) -> bool:
@@ -48,6 +50,10 @@ class SQLiteStorage:
     @property
     def coordination(self) -> SQLiteCoordination:
         return self._coordination
+
+    @property
+    def pauses(self) -> SQLitePauseRecords:
+        return self._pauses
 
     async def close(self) -> None:
         await self.database.close()

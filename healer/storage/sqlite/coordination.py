@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from healer.healing.model import BudgetScope, Charge
 from healer.storage.sqlite.database import SQLiteDatabase
 
 
@@ -23,20 +24,28 @@ class SQLiteCoordination:
         open_until = float(db.execute("SELECT open_until FROM circuit WHERE id = 1").fetchone()[0])
         if open_until and now >= open_until:
             db.execute("UPDATE circuit SET open_until = 0 WHERE id = 1")
-            db.execute("DELETE FROM budget")
+            db.execute("DELETE FROM budget WHERE scope = ''")
             return 0.0
         return open_until
 
-    async def charge_budget(self, now: float, limit: int, window: float, reset: float) -> bool:
-        def work(db: sqlite3.Connection) -> bool:
+    async def charge_budget(
+        self, now: float, limit: int, window: float, reset: float, scope: BudgetScope | None = None
+    ) -> Charge:
+        def work(db: sqlite3.Connection) -> Charge:
             if self._open_until(db, now):
-                return False
-            db.execute("DELETE FROM budget WHERE started_at < ?", (now - window,))
-            if int(db.execute("SELECT count(*) FROM budget").fetchone()[0]) >= limit:
+                return Charge.CIRCUIT_OPEN
+            db.execute("DELETE FROM budget WHERE scope = '' AND started_at < ?", (now - window,))
+            if int(db.execute("SELECT count(*) FROM budget WHERE scope = ''").fetchone()[0]) >= limit:
                 db.execute("UPDATE circuit SET open_until = ? WHERE id = 1", (now + reset,))
-                return False
+                return Charge.CIRCUIT_OPEN
+            if scope is not None:
+                db.execute("DELETE FROM budget WHERE scope = ? AND started_at < ?", (scope.key, now - scope.window))
+                spent = int(db.execute("SELECT count(*) FROM budget WHERE scope = ?", (scope.key,)).fetchone()[0])
+                if spent >= scope.limit:
+                    return Charge.SCOPE_SPENT
+                db.execute("INSERT INTO budget (started_at, scope) VALUES (?, ?)", (now, scope.key))
             db.execute("INSERT INTO budget (started_at) VALUES (?)", (now,))
-            return True
+            return Charge.CHARGED
 
         return await self._db.write(work)
 
@@ -46,7 +55,7 @@ class SQLiteCoordination:
     async def close_circuit(self) -> None:
         def work(db: sqlite3.Connection) -> None:
             db.execute("UPDATE circuit SET open_until = 0 WHERE id = 1")
-            db.execute("DELETE FROM budget")
+            db.execute("DELETE FROM budget WHERE scope = ''")
 
         await self._db.write(work)
 
@@ -56,7 +65,7 @@ class SQLiteCoordination:
         def work(db: sqlite3.Connection) -> int | None:
             db.execute("DELETE FROM slots WHERE lease_until < ?", (now,))
             total, same = db.execute(
-                "SELECT count(*), coalesce(sum(strategy = ?), 0) FROM slots", (strategy,)
+                "SELECT count(*), coalesce(sum(strategy = ?), 0) FROM slots WHERE grp IS NULL", (strategy,)
             ).fetchone()
             if total >= limit or same >= strategy_limit:
                 return None
@@ -64,6 +73,30 @@ class SQLiteCoordination:
                 "INSERT INTO slots (replica, strategy, lease_until) VALUES (?, ?, ?)", (replica, strategy, until)
             )
             return int(cursor.lastrowid or 0)
+
+        return await self._db.write(work)
+
+    async def take_group_slot(self, replica: str, group: str, now: float, until: float, limit: int) -> int | None:
+        def work(db: sqlite3.Connection) -> int | None:
+            db.execute("DELETE FROM slots WHERE lease_until < ?", (now,))
+            if int(db.execute("SELECT count(*) FROM slots WHERE grp = ?", (group,)).fetchone()[0]) >= limit:
+                return None
+            cursor = db.execute(
+                "INSERT INTO slots (replica, strategy, grp, lease_until) VALUES (?, '', ?, ?)", (replica, group, until)
+            )
+            return int(cursor.lastrowid or 0)
+
+        return await self._db.write(work)
+
+    async def take_share(self, group: str, episode_id: int, now: float, window: float, limit: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM shares WHERE grp = ? AND at < ?", (group, now - window))
+            if db.execute("SELECT 1 FROM shares WHERE grp = ? AND episode_id = ?", (group, episode_id)).fetchone():
+                return True
+            if int(db.execute("SELECT count(*) FROM shares WHERE grp = ?", (group,)).fetchone()[0]) >= limit:
+                return False
+            db.execute("INSERT INTO shares (grp, episode_id, at) VALUES (?, ?, ?)", (group, episode_id, now))
+            return True
 
         return await self._db.write(work)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from healer.healing.model import (
@@ -18,15 +19,18 @@ from healer.healing.model import (
     Escalation,
     Event,
     Finish,
+    Flap,
+    FlapPolicy,
     HealingCounts,
     InboxPosition,
     NewAction,
     Opened,
     OpenRequest,
     Resolution,
+    Suspension,
 )
 from healer.healing.payload import WebhookAlert
-from healer.healing.rules import after_resolved, after_step, defer_for_cooldown
+from healer.healing.rules import after_resolved, after_step, defer_for_cooldown, flapping, flapping_reason
 from healer.storage.rows import action as _action
 from healer.storage.rows import (
     action_filter_terms,
@@ -36,6 +40,7 @@ from healer.storage.rows import (
     new_episode,
     plan_json,
     scheduled,
+    suspensions,
 )
 from healer.storage.rows import episode as _episode
 from healer.storage.rows import escalation as _escalation
@@ -89,6 +94,10 @@ class SQLiteHealingRecords:
         episode = new_episode(int(cursor.lastrowid or 0), request, now)
         for kind, detail in request.events:
             self._db.event(db, kind, detail, episode.id)
+        if request.first is not None and request.flapping is not None:
+            flapped = self._flapping(db, episode, request.first.rule, request.flapping, now)
+            if flapped is not None:
+                return flapped
         deferred_until = None
         if request.first is not None:
             cooldown = db.execute(
@@ -101,6 +110,40 @@ class SQLiteHealingRecords:
                 self._db.event(db, "deferred", {"reason": "cooldown", "until": deferred_until}, episode.id)
             self._insert_action(db, episode.id, deferral.first, now)
         return Opened(episode, True, deferred_until)
+
+    def _flapping(
+        self, db: sqlite3.Connection, episode: Episode, rule: str, policy: FlapPolicy, now: float
+    ) -> Opened | None:
+        """End a new episode unacted on when its alert flaps (`healing.rules.flapping`); None when it does not."""
+        earlier = int(
+            db.execute(
+                "SELECT count(*) FROM episodes WHERE fingerprint = ? AND rule = ? AND created_at >= ? AND id != ?",
+                (episode.fingerprint, rule, now - policy.window, episode.id),
+            ).fetchone()[0]
+        )
+        row = db.execute(
+            "SELECT until FROM flapping WHERE rule = ? AND fingerprint = ?", (rule, episode.fingerprint)
+        ).fetchone()
+        judged = flapping(policy, earlier, float(row[0]) if row else None, now)
+        if judged.flap is None:
+            return None
+        db.execute(
+            "INSERT INTO flapping (rule, fingerprint, until) VALUES (?, ?, ?)"
+            " ON CONFLICT (rule, fingerprint) DO UPDATE SET until = excluded.until",
+            (rule, episode.fingerprint, judged.until),
+        )
+        state = EpisodeState.ESCALATED if judged.flap is Flap.ESCALATE else EpisodeState.FLAPPING
+        db.execute("UPDATE episodes SET state = ?, ended_at = ? WHERE id = ?", (state.value, now, episode.id))
+        reason = flapping_reason(policy)
+        self._db.event(db, "flapping", {"episodes": earlier + 1, "until": judged.until}, episode.id)
+        if judged.flap is Flap.ESCALATE:
+            self._db.event(db, "escalated", {"reason": reason}, episode.id)
+            db.execute(
+                "INSERT OR IGNORE INTO escalations (episode_id, rule, reason, created_at, next_send)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (episode.id, rule, reason, now, now),
+            )
+        return Opened(replace(episode, state=state, ended_at=now), True, None, judged.flap)
 
     async def resolve_episode(self, position: InboxPosition, alert: WebhookAlert) -> Resolution:
         def work(db: sqlite3.Connection) -> Resolution:
@@ -139,9 +182,7 @@ class SQLiteHealingRecords:
             ]
             end_as = after_resolved(EpisodeState(row["state"]), bool(running))
             if end_as is not None:
-                db.execute(
-                    "UPDATE episodes SET state = ?, ended_at = ? WHERE id = ?", (end_as.value, now, episode_id)
-                )
+                db.execute("UPDATE episodes SET state = ?, ended_at = ? WHERE id = ?", (end_as.value, now, episode_id))
             refreshed = db.execute("SELECT * FROM episodes WHERE id = ?", (episode_id,)).fetchone()
             return Resolution(_episode(refreshed), [a for a in cancelled if a is not None], running)
 
@@ -213,12 +254,14 @@ class SQLiteHealingRecords:
 
     async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
         return await self._db.write(
-            lambda db: db.execute(
-                "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
-                " AND (replica IS NULL OR replica = ? OR lease_until < ?)",
-                (replica, until, action_id, replica, now),
-            ).rowcount
-            == 1
+            lambda db: (
+                db.execute(
+                    "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
+                    " AND (replica IS NULL OR replica = ? OR lease_until < ?)",
+                    (replica, until, action_id, replica, now),
+                ).rowcount
+                == 1
+            )
         )
 
     async def give_back(self, action_id: int, replica: str) -> None:
@@ -281,12 +324,41 @@ class SQLiteHealingRecords:
             return self._move(
                 db,
                 action_id,
-                "state = 'running', started_at = ?, plan = ?, replica = ?",
+                "state = 'running', started_at = ?, plan = ?, replica = ?, skip_reason = NULL",
                 (self._db.clock(), plan_json(plan), replica),
                 ActionState.PENDING,
                 ("started", {"strategy": strategy[0] if strategy else None, "replica": replica}),
                 replica,
             )
+
+        return await self._db.write(work)
+
+    async def hold(self, action_id: int, replica: str, reason: str, detail: str) -> None:
+        await self._db.write(
+            lambda db: self._move(
+                db,
+                action_id,
+                "skip_reason = ?, detail = ?",
+                (reason, detail),
+                ActionState.PENDING,
+                ("held", {"reason": reason, "detail": detail, "replica": replica}),
+                replica,
+            )
+        )
+
+    async def suspensions(self, since: float) -> list[Suspension]:
+        def work(db: sqlite3.Connection) -> list[Suspension]:
+            ended = db.execute(
+                "SELECT a.skip_reason, a.rule, count(*) FROM actions a JOIN episodes e ON e.id = a.episode_id"
+                " WHERE e.state = 'suspended' AND a.state = 'done' AND a.finished_at >= ? AND a.skip_reason IS NOT NULL"
+                " GROUP BY a.skip_reason, a.rule",
+                (since,),
+            ).fetchall()
+            held = db.execute(
+                "SELECT skip_reason, rule, count(*) FROM actions WHERE state = 'pending' AND skip_reason IS NOT NULL"
+                " GROUP BY skip_reason, rule"
+            ).fetchall()
+            return suspensions(ended, held)
 
         return await self._db.write(work)
 

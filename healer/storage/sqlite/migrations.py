@@ -227,6 +227,41 @@ def _inbox_per_delivery(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE inbox_per_alert")
 
 
+RAILS_SCHEMA = """
+-- Operators' pauses: alerts their matchers select are recorded, not acted on, until ends_at or ended_at.
+CREATE TABLE IF NOT EXISTS pauses (
+    id INTEGER PRIMARY KEY,
+    matchers TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ends_at REAL NOT NULL,
+    ended_at REAL,
+    ended_by TEXT
+);
+-- Rules' own budgets beside the global one (scope '').
+ALTER TABLE budget ADD COLUMN scope TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS budget_scope ON budget(scope, started_at);
+-- A label group's slot (blast radius) rather than a strategy's: grp is set, strategy is ''.
+ALTER TABLE slots ADD COLUMN grp TEXT;
+-- Episodes acted on per label group, for blast_radius's share of a fleet within a window.
+CREATE TABLE IF NOT EXISTS shares (
+    grp TEXT NOT NULL,
+    episode_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (grp, episode_id)
+);
+-- Alerts that flap, until they have been quiet for the rule's flapping window.
+CREATE TABLE IF NOT EXISTS flapping (
+    rule TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (rule, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS episodes_fingerprint ON episodes(fingerprint, created_at);
+CREATE INDEX IF NOT EXISTS actions_held ON actions(skip_reason) WHERE state = 'pending';
+"""
+
 Migration = migration.Migration[Callable[[sqlite3.Connection], None]]
 
 MIGRATIONS: tuple[Migration, ...] = migration.numbered(
@@ -237,6 +272,7 @@ MIGRATIONS: tuple[Migration, ...] = migration.numbered(
         _execute_script(GOALS_SCHEMA),
         _execute_script(TRIALS_SCHEMA),
         _execute_script(REPLICAS_SCHEMA),
+        _execute_script(RAILS_SCHEMA),
     )
 )
 
