@@ -12,6 +12,7 @@ from healer.storage.postgres.database import POOL_TIMEOUT, PostgresDatabase
 from healer.storage.postgres.goals import PostgresGoalRecords
 from healer.storage.postgres.healing import PostgresHealingRecords
 from healer.storage.postgres.inbox import PostgresInbox
+from healer.storage.postgres.pauses import PostgresPauseRecords
 from healer.storage.postgres.trials import PostgresTrialRecords
 
 
@@ -25,6 +26,7 @@ class PostgresStorage:
         self._goals = PostgresGoalRecords(database)
         self._trials = PostgresTrialRecords(database)
         self._coordination = PostgresCoordination(database)
+        self._pauses = PostgresPauseRecords(database)
 
     @classmethod
     async def open(
@@ -65,6 +67,10 @@ class PostgresStorage:
     @property
     def coordination(self) -> PostgresCoordination:
         return self._coordination
+
+    @property
+    def pauses(self) -> PostgresPauseRecords:
+        return self._pauses
 
     async def close(self) -> None:
         await self.database.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from psycopg import sql
@@ -23,15 +24,18 @@ from healer.healing.model import (
     Escalation,
     Event,
     Finish,
+    Flap,
+    FlapPolicy,
     HealingCounts,
     InboxPosition,
     NewAction,
     Opened,
     OpenRequest,
     Resolution,
+    Suspension,
 )
 from healer.healing.payload import WebhookAlert
-from healer.healing.rules import after_resolved, after_step, defer_for_cooldown
+from healer.healing.rules import after_resolved, after_step, defer_for_cooldown, flapping, flapping_reason
 from healer.storage.postgres.database import PostgresDatabase, Transaction
 from healer.storage.postgres.inbox import advance
 from healer.storage.rows import action as _action
@@ -43,6 +47,7 @@ from healer.storage.rows import (
     new_episode,
     plan_json,
     scheduled,
+    suspensions,
 )
 from healer.storage.rows import episode as _episode
 from healer.storage.rows import escalation as _escalation
@@ -51,6 +56,26 @@ from healer.storage.rows import event as _event
 
 def _episode_key(request: OpenRequest) -> tuple[str, str]:
     return request.alert.fingerprint, request.alert.starts_at
+
+
+@dataclass(frozen=True)
+class _Flapped:
+    """A new episode whose alert flaps: what follows, how many came before it in the window, until when."""
+
+    flap: Flap
+    earlier: int
+    until: float
+    reason: str
+
+
+def _first(request: OpenRequest) -> NewAction:
+    assert request.first is not None
+    return request.first
+
+
+def _policy(request: OpenRequest) -> FlapPolicy:
+    assert request.flapping is not None
+    return request.flapping
 
 
 class PostgresHealingRecords:
@@ -111,6 +136,7 @@ class PostgresHealingRecords:
             if (first := requests[i].first) is not None
         }
         events: list[tuple[str, dict[str, Any], int, int | None]] = []
+        flaps = await self._flapping(tx, requests, created, now)
         opened: list[Opened] = []
         for i, request in enumerate(requests):
             if i not in created:
@@ -118,6 +144,15 @@ class PostgresHealingRecords:
                 continue
             episode_id = created[i]
             events += [(kind, detail, episode_id, None) for kind, detail in request.events]
+            if (flap := flaps.get(i)) is not None:
+                deferrals.pop(i, None)
+                state = EpisodeState.ESCALATED if flap.flap is Flap.ESCALATE else EpisodeState.FLAPPING
+                events.append(("flapping", {"episodes": flap.earlier + 1, "until": flap.until}, episode_id, None))
+                if flap.flap is Flap.ESCALATE:
+                    events.append(("escalated", {"reason": flap.reason}, episode_id, None))
+                episode = replace(new_episode(episode_id, request, now), state=state, ended_at=now)
+                opened.append(Opened(episode, True, None, flap.flap))
+                continue
             deferred_until = None
             if (deferral := deferrals.get(i)) is not None:
                 deferred_until = deferral.deferred_until
@@ -130,6 +165,69 @@ class PostgresHealingRecords:
         await self._insert_first_steps(tx, {created[i]: d.first for i, d in deferrals.items()}, now)
         await advance(tx, [request.position for request in requests], now)
         return opened
+
+    @staticmethod
+    async def _flapping(
+        tx: Transaction, requests: Sequence[OpenRequest], created: dict[int, int], now: float
+    ) -> dict[int, _Flapped]:
+        """Judge the new episodes whose alert flaps (`healing.rules.flapping`), end them, and return them by
+        request index. Episodes of one alert in the batch are judged in the order they were inserted."""
+        asked = sorted(
+            (created[i], i) for i, r in enumerate(requests) if i in created and r.first is not None and r.flapping
+        )
+        if not asked:
+            return {}
+        rows = await tx.rows(
+            "SELECT u.i, (SELECT count(*) FROM episodes e WHERE e.fingerprint = u.f AND e.rule = u.r"
+            " AND e.created_at >= u.since AND e.id < u.id) AS earlier,"
+            " (SELECT until FROM flapping fl WHERE fl.rule = u.r AND fl.fingerprint = u.f) AS until"
+            " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::float8[], %s::int[]) AS u(id, f, r, since, i)",
+            (
+                [episode_id for episode_id, _ in asked],
+                [requests[i].alert.fingerprint for _, i in asked],
+                [_first(requests[i]).rule for _, i in asked],
+                [now - _policy(requests[i]).window for _, i in asked],
+                [i for _, i in asked],
+            ),
+        )
+        found = {int(row["i"]): (int(row["earlier"]), row["until"]) for row in rows}
+        spells: dict[tuple[str, str], float | None] = {}  # as the batch leaves them
+        flapped: dict[int, _Flapped] = {}
+        for _, i in asked:
+            request, policy = requests[i], _policy(requests[i])
+            key = (_first(request).rule, request.alert.fingerprint)
+            earlier, stored_until = found[i]
+            judged = flapping(policy, earlier, spells.get(key, stored_until), now)
+            if judged.flap is None or judged.until is None:
+                continue
+            spells[key] = judged.until
+            flapped[i] = _Flapped(judged.flap, earlier, judged.until, flapping_reason(policy))
+        if not flapped:
+            return {}
+        ids = [created[i] for i in flapped]
+        ends = {Flap.ESCALATE: EpisodeState.ESCALATED.value, Flap.SUPPRESS: EpisodeState.FLAPPING.value}
+        states = [ends[f.flap] for f in flapped.values()]
+        await tx.send(
+            "UPDATE episodes SET state = u.st, ended_at = %s FROM unnest(%s::bigint[], %s::text[]) AS u(id, st)"
+            " WHERE episodes.id = u.id",
+            (now, ids, states),
+        )
+        await tx.send(
+            "INSERT INTO flapping (rule, fingerprint, until) SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[])"
+            " ON CONFLICT (rule, fingerprint) DO UPDATE SET until = excluded.until",
+            ([rule for rule, _ in spells], [fingerprint for _, fingerprint in spells], list(spells.values())),
+        )
+        escalating = [
+            (created[i], _first(requests[i]).rule, f.reason) for i, f in flapped.items() if f.flap is Flap.ESCALATE
+        ]
+        if escalating:
+            await tx.send(
+                "INSERT INTO escalations (episode_id, rule, reason, created_at, next_send)"
+                " SELECT ep, r, why, %s, %s FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(ep, r, why)"
+                " ON CONFLICT (episode_id) DO NOTHING",
+                (now, now, [e[0] for e in escalating], [e[1] for e in escalating], [e[2] for e in escalating]),
+            )
+        return flapped
 
     @staticmethod
     async def _existing_episodes(tx: Transaction, requests: Sequence[OpenRequest]) -> dict[tuple[str, str], Episode]:
@@ -384,7 +482,7 @@ class PostgresHealingRecords:
             [
                 (
                     "WITH moved AS (UPDATE actions SET state = 'running', started_at = %(now)s, plan = %(plan)s,"
-                    " replica = %(replica)s WHERE id = %(id)s AND state = 'pending'"
+                    " replica = %(replica)s, skip_reason = NULL WHERE id = %(id)s AND state = 'pending'"
                     " AND (replica IS NULL OR replica = %(replica)s) RETURNING id, episode_id, strategy)"
                     " INSERT INTO events (ts, episode_id, action_id, kind, detail)"
                     " SELECT %(now)s, episode_id, id, 'started',"
@@ -394,6 +492,35 @@ class PostgresHealingRecords:
             ]
         )
         return claimed.rowcount == 1
+
+    async def hold(self, action_id: int, replica: str, reason: str, detail: str) -> None:
+        await self._db.write(
+            lambda tx: self._move(
+                tx,
+                action_id,
+                sql.SQL("skip_reason = %s, detail = %s"),
+                (reason, detail),
+                ActionState.PENDING,
+                ("held", {"reason": reason, "detail": detail, "replica": replica}),
+                replica,
+            )
+        )
+
+    async def suspensions(self, since: float) -> list[Suspension]:
+        ended = await self._db.read(
+            "SELECT a.skip_reason, a.rule, count(*) FROM actions a JOIN episodes e ON e.id = a.episode_id"
+            " WHERE e.state = 'suspended' AND a.state = 'done' AND a.finished_at >= %s AND a.skip_reason IS NOT NULL"
+            " GROUP BY a.skip_reason, a.rule",
+            (since,),
+        )
+        held = await self._db.read(
+            "SELECT skip_reason, rule, count(*) FROM actions WHERE state = 'pending' AND skip_reason IS NOT NULL"
+            " GROUP BY skip_reason, rule"
+        )
+        return suspensions(
+            [(r["skip_reason"], r["rule"], r["count"]) for r in ended],
+            [(r["skip_reason"], r["rule"], r["count"]) for r in held],
+        )
 
     async def await_approval(self, action_id: int, deadline: float, plan: dict[str, Any] | None) -> bool:
         return await self._db.write(

@@ -184,6 +184,41 @@ CREATE TABLE IF NOT EXISTS leader (
 );
 """
 
+RAILS_SCHEMA = """
+-- Operators' pauses: alerts their matchers select are recorded, not acted on, until ends_at or ended_at.
+CREATE TABLE IF NOT EXISTS pauses (
+    id BIGSERIAL PRIMARY KEY,
+    matchers TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    ends_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION,
+    ended_by TEXT
+);
+-- Rules' own budgets beside the global one (scope '').
+ALTER TABLE budget ADD COLUMN IF NOT EXISTS scope TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS budget_scope ON budget(scope, started_at);
+-- A label group's slot (blast radius) rather than a strategy's: grp is set, strategy is ''.
+ALTER TABLE slots ADD COLUMN IF NOT EXISTS grp TEXT;
+-- Episodes acted on per label group, for blast_radius's share of a fleet within a window.
+CREATE TABLE IF NOT EXISTS shares (
+    grp TEXT NOT NULL,
+    episode_id BIGINT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (grp, episode_id)
+);
+-- Alerts that flap, until they have been quiet for the rule's flapping window.
+CREATE TABLE IF NOT EXISTS flapping (
+    rule TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (rule, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS episodes_fingerprint ON episodes(fingerprint, created_at);
+CREATE INDEX IF NOT EXISTS actions_held ON actions(skip_reason) WHERE state = 'pending';
+"""
+
 
 def _execute_script(script: str) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
     async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -206,6 +241,7 @@ MIGRATIONS: tuple[Migration, ...] = migration.numbered(
         _execute_script(GOALS_SCHEMA),
         _execute_script(TRIALS_SCHEMA),
         _execute_script(REPLICAS_SCHEMA),
+        _execute_script(RAILS_SCHEMA),
     )
 )
 
