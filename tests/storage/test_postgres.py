@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from healer.config import StoreConfig
-from healer.healing.model import Action, ActionFilter, EpisodeState, Finish, OpenRequest, Outcome
+from healer.healing.model import Action, ActionFilter, Charge, EpisodeState, Finish, OpenRequest, Outcome
 from healer.healing.payload import WebhookAlert
 from healer.storage import StoreUnavailableError
 from healer.storage.postgres import PostgresStorage, migrations
@@ -221,11 +221,11 @@ async def test_the_budget_holds_across_replicas(open_replica: Opener, clock: Fak
     charges = await asyncio.gather(
         *(stores[i % 3].coordination.charge_budget(clock.now, 5, 3600.0, 600.0) for i in range(30))
     )
-    assert charges.count(True) == 5
+    assert charges.count(Charge.CHARGED) == 5
     assert [await store.coordination.circuit_open(clock.now) for store in stores] == [True, True, True]
     clock.advance(601)
     assert not await stores[1].coordination.circuit_open(clock.now)
-    assert await stores[2].coordination.charge_budget(clock.now, 5, 3600.0, 600.0)
+    assert await stores[2].coordination.charge_budget(clock.now, 5, 3600.0, 600.0) is Charge.CHARGED
 
 
 async def test_slots_are_limited_across_replicas(open_replica: Opener, clock: FakeClock) -> None:
@@ -321,7 +321,7 @@ async def test_the_budget_window_and_the_breaker_reset(open_replica: Opener, clo
     coordination = store.coordination
 
     async def charge() -> bool:
-        return await coordination.charge_budget(clock.now, 2, 10.0, 60.0)
+        return await coordination.charge_budget(clock.now, 2, 10.0, 60.0) is Charge.CHARGED
 
     assert [await charge(), await charge()] == [True, True]
     clock.advance(11)  # both charges left the window
