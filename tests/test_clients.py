@@ -344,25 +344,25 @@ async def test_verify_resolved_needs_an_answer_at_the_deadline() -> None:
 
 async def test_verify_resolved_waits_for_prometheus_to_come_back() -> None:
     """Past the deadline, polling goes on within the grace while Prometheus cannot answer; its first answer decides."""
-    for later, expected in ((False, "healed"), (True, "not_healed")):
+    down = [PrometheusUnavailableError("down")] * 14
+    for answers, grace, expected in (
+        ([True, *down, False], 30.0, "healed"),
+        ([True, *down, True], 30.0, "not_healed"),
+        ([True], 5.0, "unverified"),
+    ):
         now = [0.0]
 
-        async def fake_sleep(seconds: float) -> None:
+        async def fake_sleep(seconds: float, now: list[float] = now) -> None:
             now[0] += seconds
 
-        down = [PrometheusUnavailableError("down")] * 14
-        client = scripted_client([True, *down, later])
-        outcome = await client.verify_resolved(ALERT, 10.0, 1.0, grace=30.0, clock=lambda: now[0], sleep=fake_sleep)
+        client = scripted_client(list(answers))
+        outcome = await client.verify_resolved(
+            ALERT, 10.0, 1.0, grace=grace, clock=lambda now=now: now[0], sleep=fake_sleep
+        )
         assert outcome == expected
-        assert now[0] == 15.0  # the sixteenth poll, five seconds past the deadline
+        # The sixteenth poll, five seconds past the deadline, answered, or the grace ran out there.
+        assert now[0] == 15.0
         client.close()
-    now = [0.0]
-    client = scripted_client([True])
-    assert await client.verify_resolved(ALERT, 10.0, 1.0, grace=5.0, clock=lambda: now[0], sleep=fake_sleep) == (
-        "unverified"
-    )
-    assert now[0] == 15.0  # the grace ran out
-    client.close()
 
 
 # --- AlertmanagerClient ---------------------------------------------------------------------

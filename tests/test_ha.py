@@ -301,7 +301,8 @@ def test_leader_failover_moves_escalation_and_approval_expiry(
 
 
 def test_budget_and_circuit_are_shared(tmp_path: Path, postgres_db: PostgresDatabase, servers: list[Server]) -> None:
-    """Three replicas with a budget of 5 actions run 5 strategies for 20 failing episodes; the circuit opens on all."""
+    """Three replicas with a budget of 5 actions run 5 strategies for 20 failing episodes; the circuit opens on all,
+    and the 15 episodes it held back end suspended (one HealingSuspended for them), not escalated one by one."""
     settings = ha_config(
         tmp_path,
         postgres_db,
@@ -329,7 +330,7 @@ def test_budget_and_circuit_are_shared(tmp_path: Path, postgres_db: PostgresData
     for replica in replicas:
         healing_status(replica)  # the status refreshes the gauge from the store
         assert metric(replica, "healer_circuit_open") == 1
-        assert http_json(replica.url + "/api/v1/status")["healing"]["episodes"] == {"escalated": 20}
+        assert http_json(replica.url + "/api/v1/status")["healing"]["episodes"] == {"escalated": 5, "suspended": 15}
 
 
 def test_global_concurrency_limit_holds_across_replicas(

@@ -24,6 +24,7 @@ from healer.healing.model import (
     Action,
     ActionState,
     Agenda,
+    Episode,
     EpisodeState,
     Event,
     Finish,
@@ -53,6 +54,8 @@ BATCH_UNDER_LOAD = 25
 SHARED_POLL_SECONDS = 0.5
 # How often the work loop looks for steps this replica holds but no longer works on.
 ORPHAN_CHECK_SECONDS = 5.0
+# With a shared store, how often the inbox's depth is read from it.
+DEPTH_CHECK_SECONDS = 1.0
 # After the inbox failed to process, how long before it is tried again.
 INTAKE_RETRY_SECONDS = 1.0
 # At shutdown, what an escalation or a silence expiry in flight may take beyond the steps' deadline.
@@ -92,6 +95,7 @@ class Engine:
         self._discarded_counted = 0
         self._next_orphan_check = 0.0
         self._next_reclaim = 0.0
+        self._next_depth = 0.0
         # Alerts accepted and not yet processed; the webhook refuses deliveries at store.max_backlog.
         self.backlog = 0
 
@@ -263,6 +267,7 @@ class Engine:
                 if self.replica.shared:
                     # Other replicas schedule steps and let claims lapse without waking this loop.
                     delay = min(delay, SHARED_POLL_SECONDS)
+                    await self._refresh_depth()
             except Exception:
                 log.exception("healing loop failed; retrying")
                 delay = 1.0
@@ -289,13 +294,19 @@ class Engine:
         await self._open_all(firing)
         discarded = self.inbox.discarded_alerts - self._discarded_counted
         self._discarded_counted += discarded
-        if self.replica.shared:
-            # Other replicas accept and process deliveries too: only the store knows the backlog.
-            self.backlog = await self.inbox.depth()
-        else:
-            self.backlog -= len(items) + discarded
+        # With a shared store other replicas take in deliveries too; the work loop reads the true depth
+        # from the store now and then (`_refresh_depth`), off the way of a step from the inbox to its start.
+        self.backlog = max(0, self.backlog - len(items) - discarded)
         self.metrics.inbox_depth.set(self.backlog)
         return len(items) == size
+
+    async def _refresh_depth(self) -> None:
+        """Read the inbox's depth from a shared store, at most once per DEPTH_CHECK_SECONDS."""
+        if self._clock() < self._next_depth:
+            return
+        self._next_depth = self._clock() + DEPTH_CHECK_SECONDS
+        self.backlog = await self.inbox.depth()
+        self.metrics.inbox_depth.set(self.backlog)
 
     def _plan_first_step(self, item: InboxItem) -> tuple[OpenRequest, Decision]:
         alert = item.alert
@@ -325,7 +336,10 @@ class Engine:
         if not items:
             return
         planned = [self._plan_first_step(item) for item in items]
-        opened = await self.records.open_episodes([request for request, _ in planned])
+        # The first steps due at once come back taken by this replica, ready to start without a round trip.
+        opened = await self.records.open_episodes(
+            [request for request, _ in planned], self.replica.name, self.replica.until()
+        )
         for (request, decision), result in zip(planned, opened, strict=True):
             if not result.created:
                 self.metrics.skipped.labels(SkipReason.DUPLICATE).inc()
@@ -336,6 +350,8 @@ class Engine:
                 self.metrics.skipped.labels(decision.skip_reason).inc()
             if result.deferred_until is not None:
                 self.metrics.skipped.labels(SkipReason.COOLDOWN).inc()
+            if result.first is not None:
+                self._start(result.first, result.episode)
             if result.flap is not None:
                 self.metrics.skipped.labels(SkipReason.FLAPPING).inc()
                 if result.flap is Flap.ESCALATE and request.flapping is not None:
@@ -388,10 +404,7 @@ class Engine:
         if self.steps.stopping:
             return 1.0
         for action in agenda.due:
-            if action.id not in self._inflight:
-                task = asyncio.create_task(self.episode_steps.execute(action), name=f"action-{action.id}")
-                self._inflight[action.id] = task
-                task.add_done_callback(functools.partial(self._forget, action.id))
+            self._start(action)
         if self.replica.leader:
             self.escalator.send_due(agenda)
             self.escalator.sweep_when_due()
@@ -399,6 +412,14 @@ class Engine:
         if agenda.next_wake is None:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))
+
+    def _start(self, action: Action, taken_for: Episode | None = None) -> None:
+        """Start a due step's task unless it runs here already; `taken_for` when this replica holds it already."""
+        if action.id in self._inflight or self.steps.stopping:
+            return
+        task = asyncio.create_task(self.episode_steps.execute(action, taken_for), name=f"action-{action.id}")
+        self._inflight[action.id] = task
+        task.add_done_callback(functools.partial(self._forget, action.id))
 
     def _forget(self, action_id: int, _task: asyncio.Task[None]) -> None:
         self._inflight.pop(action_id, None)

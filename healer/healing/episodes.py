@@ -43,6 +43,9 @@ from healer.strategies.runner import AlertContext, StepResult
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A first step due within this long of its alert's arrival runs without asking Prometheus whether the
+# alert still fires: the notification is as recent as Prometheus's last evaluation.
+FRESH_ALERT_SECONDS = 5.0
 # After a step ran, how soon recording its outcome is tried again while the store is unavailable.
 DURABLE_RETRY_SECONDS = 0.5
 DURABLE_RETRY_MAX_SECONDS = 5.0
@@ -156,16 +159,18 @@ class EpisodeSteps:
         self.metrics.skipped.labels(reason).inc()
         self.metrics.actions.labels(strategy, outcome).inc()
 
-    async def execute(self, action: Action) -> None:
+    async def execute(self, action: Action, taken_for: Episode | None = None) -> None:
         """Take a due step as far as it goes; nothing it meets is left pending or running forever.
 
-        The step is first reserved for this replica, so that of several replicas one runs it.
+        The step is first reserved for this replica, so that of several replicas one runs it, unless
+        it came reserved already (`taken_for`: its episode, which this replica opened with it).
         """
         replica = self.steps.replica
-        if not await self.records.take(action.id, replica.name, self._clock(), replica.until()):
+        episode = taken_for or await self.records.take(action.id, replica.name, self._clock(), replica.until())
+        if episode is None:
             return
         try:
-            await self._execute_step(action)
+            await self._execute_step(action, episode)
         except asyncio.CancelledError:
             raise
         except StoreUnavailableError as exc:
@@ -189,9 +194,7 @@ class EpisodeSteps:
                         f"internal error: {exc!r}",
                     )
 
-    async def _execute_step(self, action: Action) -> None:
-        episode = await self.records.get_episode(action.episode_id)
-        assert episode is not None
+    async def _execute_step(self, action: Action, episode: Episode) -> None:
         rule = self._rules.get(action.rule)
         if rule is None or action.strategy not in self.config.strategies:
             detail = f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"
@@ -220,7 +223,10 @@ class EpisodeSteps:
                 self.metrics.skipped.labels(SkipReason.APPROVAL_PENDING).inc()
                 self._wake()
             return
-        if await self.escalator.still_firing(episode) is False:
+        # Alertmanager's word that the alert fires, seconds old, is as fresh as Prometheus's ALERTS:
+        # only a step that waited (a cooldown, a backoff, an approval) asks Prometheus again.
+        fresh = action.attempt == 1 and self._clock() - episode.created_at < FRESH_ALERT_SECONDS
+        if not fresh and await self.escalator.still_firing(episode) is False:
             detail = "Prometheus no longer reports the alert firing"
             await self._end_unrun(
                 action, SkipReason.RESOLVED, Outcome.CANCELLED, EpisodeState.RESOLVED, detail, step.plan

@@ -183,6 +183,8 @@ class Opened:
     deferred_until: float | None
     # Set when the alert flaps: the episode is not acted on.
     flap: Flap | None = None
+    # The first step when it is due at once, created taken by the replica that opened the episode.
+    first: Action | None = None
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,14 @@ class Inbox(Protocol):
 class HealingRecords(Protocol):
     """Episodes, their steps, cooldowns, escalations and the audit trail."""
 
-    async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
+    async def open_episodes(
+        self, requests: Sequence[OpenRequest], replica: str | None = None, until: float = 0.0
+    ) -> list[Opened]:
         """Create the episodes of firing alerts with their first steps, and move the inbox past them.
+
+        With `replica`, a first step due at once is created taken by that replica until `until` and
+        returned (`Opened.first`), so that the replica that opened the episode starts it without asking
+        the store for it again.
 
         An episode that exists already is left alone (Alertmanager re-sends); a first step waits out
         its rule's cooldown for that alert (`healing.rules.defer_for_cooldown`); an alert that flaps
@@ -89,8 +95,9 @@ class HealingRecords(Protocol):
         and when to look again, in one read."""
         ...
 
-    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
-        """Reserve a pending step for one replica until `until`; False when another replica holds it."""
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> Episode | None:
+        """Reserve a pending step for one replica until `until` and return its episode; None when another
+        replica holds it (or it is no longer pending)."""
         ...
 
     async def give_back(self, action_id: int, replica: str) -> None:

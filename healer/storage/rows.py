@@ -115,6 +115,16 @@ def new_episode(episode_id: int, request: OpenRequest, now: float) -> Episode:
     )  # fmt: skip
 
 
+def new_action(
+    action_id: int, episode_id: int, spec: NewAction, now: float, replica: str | None, until: float | None
+) -> Action:
+    """The pending step a spec has just inserted (taken by `replica` until `until`, when given)."""
+    return Action(
+        action_id, episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, ActionState.PENDING, None, None,
+        spec.not_before, None, False, now, None, None, None, None, None, None, replica, until,
+    )  # fmt: skip
+
+
 def action(row: Row) -> Action:
     """The step of an `actions` row."""
     return Action(

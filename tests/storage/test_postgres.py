@@ -143,7 +143,8 @@ async def test_take_is_exclusive_across_replicas(open_replica: Opener, clock: Fa
         first.healing.take(action.id, REPLICA, clock.now, until),
         second.healing.take(action.id, OTHER, clock.now, until),
     )
-    assert sorted(won) == [False, True]
+    assert sorted(episode is not None for episode in won) == [False, True]
+    assert [episode.id for episode in won if episode is not None] == [action.episode_id]
     winner, loser = (REPLICA, OTHER) if won[0] else (OTHER, REPLICA)
     assert (await second.healing.agenda(clock.now, loser)).due == []
     assert not await first.healing.claim(action.id, None, loser)

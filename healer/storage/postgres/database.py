@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from healer.storage.errors import StoreUnavailableError
 
 T = TypeVar("T")
+U = TypeVar("U")
 Row = DictRow
 Query = str | sql.Composed | sql.SQL
 Connection = psycopg.AsyncConnection[Any]
@@ -249,6 +250,13 @@ class PostgresDatabase:
         return await self._run(self.pool, work, durable)
 
     write = transaction
+
+    async def transaction_then(
+        self, work: Callable[[Transaction], Awaitable[T]], after: Callable[[T], Awaitable[U]]
+    ) -> U:
+        """Like `transaction`, then `after` on what `work` returned, still holding the connection: it may
+        read the rows of cursors `work` queued, which came back with the COMMIT."""
+        return await self._run(self.pool, work, True, after)
 
     async def lease_write(self, work: Callable[[Transaction], Awaitable[T]], *, durable: bool = True) -> T:
         """Like `transaction`, on the connections kept for renewing claims and leadership."""

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from healer.healing.model import (
@@ -36,7 +37,7 @@ from healer.healing.model import (
 )
 from healer.healing.payload import WebhookAlert
 from healer.healing.rules import after_resolved, after_step, defer_for_cooldown, flapping, flapping_reason
-from healer.storage.postgres.database import PostgresDatabase, Transaction
+from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
 from healer.storage.postgres.inbox import advance
 from healer.storage.rows import action as _action
 from healer.storage.rows import (
@@ -44,6 +45,7 @@ from healer.storage.rows import (
     finish_refused,
     finish_values,
     finished,
+    new_action,
     new_episode,
     plan_json,
     scheduled,
@@ -68,6 +70,17 @@ class _Flapped:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """What opening a batch of episodes did, before the COMMIT's answer brings the first steps' ids."""
+
+    opened: list[Opened]
+    # Per episode, the first step created taken by the replica that opened it.
+    taken: dict[int, NewAction]
+    inserted: psycopg.AsyncCursor[Row] | None
+    now: float
+
+
 def _first(request: OpenRequest) -> NewAction:
     assert request.first is not None
     return request.first
@@ -86,10 +99,28 @@ class PostgresHealingRecords:
 
     # -- episodes ------------------------------------------------------------------------------
 
-    async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
-        return await self._db.write(lambda tx: self._open_episodes(tx, requests))
+    async def open_episodes(
+        self, requests: Sequence[OpenRequest], replica: str | None = None, until: float = 0.0
+    ) -> list[Opened]:
+        async def with_first_steps(opening: _Opening) -> list[Opened]:
+            # The ids of the steps created taken come back with the COMMIT's round trip, not one of their own.
+            if opening.inserted is None or not opening.taken:
+                return opening.opened
+            ids = {int(row["episode_id"]): int(row["action_id"]) for row in await opening.inserted.fetchall()}
+            return [
+                replace(o, first=new_action(ids[o.episode.id], o.episode.id, spec, opening.now, replica, until))
+                if o.created and (spec := opening.taken.get(o.episode.id)) is not None and o.episode.id in ids
+                else o
+                for o in opening.opened
+            ]
 
-    async def _open_episodes(self, tx: Transaction, requests: Sequence[OpenRequest]) -> list[Opened]:
+        return await self._db.transaction_then(
+            lambda tx: self._open_episodes(tx, requests, replica, until), with_first_steps
+        )
+
+    async def _open_episodes(
+        self, tx: Transaction, requests: Sequence[OpenRequest], replica: str | None, lease_until: float
+    ) -> _Opening:
         # A statement per kind of row for the whole batch, not per alert: a round trip to the server
         # costs more than SQLite's whole insert.
         now = self._db.clock()
@@ -162,9 +193,12 @@ class PostgresHealingRecords:
         # Only queued: the COMMIT's round trip carries them. Each step's "scheduled" event comes after
         # its episode's other events, as it would one by one.
         await tx.events(events)
-        await self._insert_first_steps(tx, {created[i]: d.first for i, d in deferrals.items()}, now)
+        firsts = {created[i]: d.first for i, d in deferrals.items()}
+        # The replica that opened an episode takes its first step when it is due at once.
+        taken = {} if replica is None else {e: spec for e, spec in firsts.items() if spec.not_before <= now}
+        first_steps = await self._insert_first_steps(tx, firsts, now, taken, replica, lease_until)
         await advance(tx, [request.position for request in requests], now)
-        return opened
+        return _Opening(opened, taken, first_steps, now)
 
     @staticmethod
     async def _flapping(
@@ -258,21 +292,31 @@ class PostgresHealingRecords:
         return rows
 
     @staticmethod
-    async def _insert_first_steps(tx: Transaction, steps: dict[int, NewAction], now: float) -> None:
-        """Queue the insert of one pending step per episode, each with its "scheduled" event."""
+    async def _insert_first_steps(
+        tx: Transaction,
+        steps: dict[int, NewAction],
+        now: float,
+        taken: dict[int, NewAction],
+        replica: str | None,
+        until: float,
+    ) -> psycopg.AsyncCursor[Row] | None:
+        """Queue the insert of one pending step per episode, each with its "scheduled" event, those of
+        `taken` held by `replica` until `until`; the cursor returned yields (episode_id, action_id) of each."""
         if not steps:
-            return
+            return None
         specs = list(steps.items())
         events = [scheduled(spec) for spec in steps.values()]
         # One statement, whose result nobody waits for: the event takes its step's id inside it.
-        await tx.send(
+        return await tx.query(
             "WITH specs AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[], %s::text[],"
-            " %s::float8[], %s::text[], %s::text[]) WITH ORDINALITY AS u(ep, at, st, r, s, nb, kind, detail, i)),"
-            " steps AS (INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
-            " SELECT ep, at, st, r, s, 'pending', nb, %s FROM specs ORDER BY i RETURNING id, episode_id)"
+            " %s::float8[], %s::text[], %s::text[], %s::text[], %s::float8[])"
+            " WITH ORDINALITY AS u(ep, at, st, r, s, nb, kind, detail, rep, lease, i)),"
+            " steps AS (INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at,"
+            " replica, lease_until) SELECT ep, at, st, r, s, 'pending', nb, %s, rep, lease FROM specs ORDER BY i"
+            " RETURNING id, episode_id)"
             " INSERT INTO events (ts, episode_id, action_id, kind, detail)"
             " SELECT %s, specs.ep, steps.id, specs.kind, specs.detail FROM specs"
-            " JOIN steps ON steps.episode_id = specs.ep ORDER BY specs.i",
+            " JOIN steps ON steps.episode_id = specs.ep ORDER BY specs.i RETURNING episode_id, action_id",
             (
                 [episode_id for episode_id, _ in specs],
                 [spec.attempt for _, spec in specs],
@@ -282,6 +326,8 @@ class PostgresHealingRecords:
                 [spec.not_before for _, spec in specs],
                 [kind for kind, _ in events],
                 [json.dumps(detail) for _, detail in events],
+                [replica if episode_id in taken else None for episode_id, _ in specs],
+                [until if episode_id in taken else None for episode_id, _ in specs],
                 now,
                 now,
             ),
@@ -399,23 +445,25 @@ class PostgresHealingRecords:
             min(wakes, default=None),
         )
 
-    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> Episode | None:
         # One conditional UPDATE: of replicas taking the same step at once, the row lock lets one
-        # through and the others re-check the condition against its result, and fail.
+        # through and the others re-check the condition against its result, and fail. The episode
+        # comes back in the same round trip.
         # Not durable (see PostgresDatabase.batch): a reservation lost in a server crash leaves the step
         # pending and free, as a lapsed one would; the claim that runs the step is durable, and its
         # commit flushes this one with it.
-        [taken] = await self._db.batch(
+        taken, episode = await self._db.batch(
             [
                 (
                     "UPDATE actions SET replica = %s, lease_until = %s WHERE id = %s AND state = 'pending'"
                     " AND (replica IS NULL OR replica = %s OR lease_until < %s)",
                     (replica, until, action_id, replica, now),
-                )
+                ),
+                ("SELECT e.* FROM episodes e JOIN actions a ON a.episode_id = e.id WHERE a.id = %s", (action_id,)),
             ],
             durable=False,
         )
-        return taken.rowcount == 1
+        return _episode(episode.rows[0]) if taken.rowcount == 1 and episode.rows else None
 
     async def give_back(self, action_id: int, replica: str) -> None:
         await self._db.write(

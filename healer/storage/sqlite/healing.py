@@ -37,6 +37,7 @@ from healer.storage.rows import (
     finish_refused,
     finish_values,
     finished,
+    new_action,
     new_episode,
     plan_json,
     scheduled,
@@ -57,16 +58,20 @@ class SQLiteHealingRecords:
 
     # -- episodes ------------------------------------------------------------------------------
 
-    async def open_episodes(self, requests: Sequence[OpenRequest]) -> list[Opened]:
+    async def open_episodes(
+        self, requests: Sequence[OpenRequest], replica: str | None = None, until: float = 0.0
+    ) -> list[Opened]:
         def work(db: sqlite3.Connection) -> list[Opened]:
             now = self._db.clock()
-            opened = [self._open_episode(db, request, now) for request in requests]
+            opened = [self._open_episode(db, request, now, replica, until) for request in requests]
             advance(db, [request.position for request in requests], now)
             return opened
 
         return await self._db.write(work)
 
-    def _open_episode(self, db: sqlite3.Connection, request: OpenRequest, now: float) -> Opened:
+    def _open_episode(
+        self, db: sqlite3.Connection, request: OpenRequest, now: float, replica: str | None, until: float
+    ) -> Opened:
         alert = request.alert
         starts_at = alert.starts_at
         ended_at = None if request.state is EpisodeState.OPEN else now
@@ -108,6 +113,10 @@ class SQLiteHealingRecords:
             deferred_until = deferral.deferred_until
             if deferred_until is not None:
                 self._db.event(db, "deferred", {"reason": "cooldown", "until": deferred_until}, episode.id)
+            if replica is not None and deferral.first.not_before <= now:
+                action_id = self._insert_action(db, episode.id, deferral.first, now, replica, until)
+                first = new_action(action_id, episode.id, deferral.first, now, replica, until)
+                return Opened(episode, True, deferred_until, first=first)
             self._insert_action(db, episode.id, deferral.first, now)
         return Opened(episode, True, deferred_until)
 
@@ -203,11 +212,19 @@ class SQLiteHealingRecords:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _insert_action(self, db: sqlite3.Connection, episode_id: int, spec: NewAction, now: float) -> int:
+    def _insert_action(
+        self,
+        db: sqlite3.Connection,
+        episode_id: int,
+        spec: NewAction,
+        now: float,
+        replica: str | None = None,
+        until: float | None = None,
+    ) -> int:
         cursor = db.execute(
-            "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at)"
-            " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now),
+            "INSERT INTO actions (episode_id, attempt, step, rule, strategy, state, not_before, created_at, replica,"
+            " lease_until) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (episode_id, spec.attempt, spec.step, spec.rule, spec.strategy, spec.not_before, now, replica, until),
         )
         action_id = int(cursor.lastrowid or 0)
         self._db.event(db, *scheduled(spec), episode_id, action_id)
@@ -252,17 +269,21 @@ class SQLiteHealingRecords:
         wakes = [float(t) for t in (later, next_send) if t is not None]
         return Agenda(due, expired, escalations, min(wakes, default=None))
 
-    async def take(self, action_id: int, replica: str, now: float, until: float) -> bool:
-        return await self._db.write(
-            lambda db: (
-                db.execute(
-                    "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
-                    " AND (replica IS NULL OR replica = ? OR lease_until < ?)",
-                    (replica, until, action_id, replica, now),
-                ).rowcount
-                == 1
-            )
-        )
+    async def take(self, action_id: int, replica: str, now: float, until: float) -> Episode | None:
+        def work(db: sqlite3.Connection) -> Episode | None:
+            taken = db.execute(
+                "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'pending'"
+                " AND (replica IS NULL OR replica = ? OR lease_until < ?)",
+                (replica, until, action_id, replica, now),
+            ).rowcount
+            if taken != 1:
+                return None
+            row = db.execute(
+                "SELECT e.* FROM episodes e JOIN actions a ON a.episode_id = e.id WHERE a.id = ?", (action_id,)
+            ).fetchone()
+            return _episode(row) if row is not None else None
+
+        return await self._db.write(work)
 
     async def give_back(self, action_id: int, replica: str) -> None:
         await self._db.write(
