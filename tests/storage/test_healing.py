@@ -299,3 +299,25 @@ async def test_resolution_during_a_firing_post_is_sent_next(
     await storage.healing.escalation_sent(episode_id, next_send=clock.now + 60)  # that post completes
     [queued] = (await storage.healing.agenda(clock.now, REPLICA)).escalations
     assert queued.episode_id == episode_id and queued.resolved_at is not None
+
+
+async def test_the_opener_takes_a_first_step_due_at_once(
+    storage: Storage, clock: FakeClock, firing: WebhookAlert
+) -> None:
+    """Opened with a replica, a first step due now comes back taken by it; other replicas do not see it due."""
+    [position] = await deliver(storage, firing)
+    request = OpenRequest(position, firing, RULE, EpisodeState.OPEN, first_step(clock.now))
+    [opened] = await storage.healing.open_episodes([request], REPLICA, clock.now + 10)
+    first = opened.first
+    assert first is not None and first.replica == REPLICA and first.lease_until == clock.now + 10
+    assert first.episode_id == opened.episode.id and first.state is ActionState.PENDING
+    assert (await storage.healing.agenda(clock.now, "replica-b")).due == []
+    assert [a.id for a in await due(storage, clock.now)] == [first.id]
+    assert await storage.healing.claim(first.id, None, REPLICA)
+    # A step that waits (here, for a later not_before) is not taken: whichever replica is free then runs it.
+    later = msgspec.structs.replace(firing, fingerprint="0000000000000009")
+    [position] = await deliver(storage, later)
+    request = OpenRequest(position, later, RULE, EpisodeState.OPEN, first_step(clock.now + 60))
+    [opened] = await storage.healing.open_episodes([request], REPLICA, clock.now + 10)
+    assert opened.first is None
+    assert [a.replica for a in await due(storage, clock.now + 60)] == [None]
