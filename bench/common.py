@@ -376,3 +376,29 @@ def serve_exposition(port: int, body: Callable[[], bytes]) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.serve_forever()
+
+
+# --------------------------------------------------------------------------- Prometheus's Alertmanager
+
+
+def start_alertmanager(keeper: Keeper, directory: Path, config: dict[str, Any]) -> Child:
+    """Start Alertmanager with `config` in `directory` on a free loopback port, clustering off; wait until ready."""
+    import shutil
+
+    binary = (
+        shutil.which("prometheus-alertmanager") or shutil.which("alertmanager") or "/usr/bin/prometheus-alertmanager"
+    )
+    directory.mkdir(parents=True)
+    write_yaml(directory / "alertmanager.yml", config)
+    port = free_port()
+    argv = [
+        binary,
+        f"--config.file={directory / 'alertmanager.yml'}",
+        f"--storage.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+    child = keeper.start("alertmanager", argv)
+    wait_ready(child, f"http://127.0.0.1:{port}")
+    return child

@@ -394,3 +394,22 @@ def alert_prometheus(prometheus: Server, alertmanagers: list[Server], rule_files
         return sorted(urllib.parse.urlparse(am["url"]).netloc for am in found) == sorted(targets)
 
     wait_for(active, 10, what="Prometheus posting to every Alertmanager")
+
+
+def restart_server(server: Server, timeout: float = 30.0) -> Server:
+    """Start a server that has exited again with its own command line (same port, same data directory).
+
+    Its output is appended to the same log; `server.process` becomes the new process, so `stop` and
+    `pid` follow it.
+    """
+    if server.process.poll() is None:
+        raise RuntimeError(f"{server.name} (pid {server.pid}) is still running")
+    with server.log_path.open("ab") as log_file:
+        server.process = subprocess.Popen(
+            list(server.process.args),  # type: ignore[arg-type]
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=server.log_path.parent,
+        )
+    return _await_ready(server, timeout=timeout)
