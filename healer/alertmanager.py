@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 RUNBOOK_URL = "https://github.com/healer-project/healer/blob/main/docs/runbook.md#healingfailed"
 HEALING_FAILED = "HealingFailed"
+# The escalation reason of a ladder that ran out while the alert still fired.
+STILL_FIRES = "the alert still fires"
 
 
 class AlertmanagerUnavailableError(Exception):
@@ -91,10 +93,12 @@ def healing_failed_alert(
     if episode is not None:
         labels["healer_episode"] = str(episode)
     tried = ", ".join(strategies_tried) if strategies_tried else "none"
+    # Whether the alert still fires is known only when the escalation says so: an unverified step, a
+    # guard, flapping or a rejection are other reasons to hand over.
+    outcome = f"and {alertname} still fires" if reason == STILL_FIRES else f"without healing {alertname}"
     description = (
         f"healer rule {rule!r} tried {len(strategies_tried)} "
-        f"strateg{'y' if len(strategies_tried) == 1 else 'ies'} ({tried}) "
-        f"and {alertname} still fires: {reason}"
+        f"strateg{'y' if len(strategies_tried) == 1 else 'ies'} ({tried}) {outcome}: {reason}"
     )
     merged = {f"healed_{name}": value for name, value in annotations.items()}
     merged.update(

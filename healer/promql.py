@@ -265,24 +265,47 @@ class PromQLClient:
         """
         return await asyncio.to_thread(self._rules_evaluated_sync)
 
+    def _alerts_sync(self) -> list[dict[str, Any]]:
+        import requests
+
+        self._connect()
+        try:
+            response = self._session.get(f"{self.url}/api/v1/alerts", timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PrometheusUnavailableError(
+                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        if response.status_code != 200:
+            raise PrometheusUnavailableError(f"Prometheus answered HTTP {response.status_code} to /api/v1/alerts")
+        try:
+            alerts = response.json()["data"]["alerts"]
+            return [alert for alert in alerts if isinstance(alert, dict)]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrometheusUnavailableError(f"unreadable alerts from Prometheus at {self.url}: {exc}") from None
+
     async def alert_firing(self, labels: Mapping[str, str]) -> bool:
-        """Tell whether `ALERTS{alertstate="firing"}` has a series carrying all of `labels` exactly.
+        """Tell whether Prometheus's rule manager has a firing alert carrying all of `labels` exactly.
 
         `labels` are the alert's labels as Alertmanager shows them. Labels equal to one of
-        Prometheus's external labels (name and value) are left out of the selector, since
-        `ALERTS` does not carry them. Raises ValueError for an invalid label name and
+        Prometheus's external labels (name and value) are left out, since Prometheus adds them only
+        on the way to Alertmanager. The rule manager's own state (`/api/v1/alerts`) is asked rather
+        than the `ALERTS` series: after a restart, ALERTS still shows the last sample written before
+        it for minutes, as if the alert fired. Raises ValueError for an invalid label name and
         PrometheusUnavailableError when Prometheus cannot answer.
         """
         external = await self.external_labels()
-        matchers = {"alertstate": "firing"}
+        wanted: dict[str, str] = {}
         for name, value in labels.items():
+            if not LABEL_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid Prometheus label name")
             if name != "alertstate" and external.get(name) != value:
-                matchers[name] = value
-        try:
-            samples = await self.query(label_selector("ALERTS", matchers))
-        except PromQLError as exc:  # our own selector cannot be wrong; the server is
-            raise PrometheusUnavailableError(f"Prometheus rejected the ALERTS query: {exc}") from None
-        return bool(samples)
+                wanted[name] = value
+        for alert in await asyncio.to_thread(self._alerts_sync):
+            found = alert.get("labels") or {}
+            # As in a PromQL selector, a label that is absent matches an empty value.
+            if alert.get("state") == "firing" and all(found.get(name, "") == value for name, value in wanted.items()):
+                return True
+        return False
 
     async def query_healthy(self, expr: str, healthy_when: HealthyWhen | None = None) -> bool:
         """Tell whether a verification query says healed: any result, or with `healthy_when` every value within it."""

@@ -260,6 +260,8 @@ class Engine:
                     self._next_reclaim = self._clock() + self.replica.lease / RENEWALS_PER_LEASE
                     await self._reclaim(self._clock())
                 await self._settle_own_orphans()
+                # Keeps healer_paused current when no step asks (at most once per pause_check_interval).
+                await self.episode_steps.pauses.refresh()
                 agenda = await self.records.agenda(self._clock(), self.replica.name)
                 if self.replica.leader:
                     await self._expire_approvals(agenda.expired_approvals)

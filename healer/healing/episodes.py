@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from healer.alertmanager import STILL_FIRES
 from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig, HealingRule
 from healer.healing.escalator import Escalator, SideTasks
@@ -234,6 +235,11 @@ class EpisodeSteps:
             return
         resolved = self._resolved.setdefault(episode.id, asyncio.Event())
         turn = await self._wait_until_clear(action, rule, episode, resolved)
+        if isinstance(turn, Hold) and turn.reason is SkipReason.RESOLVED:
+            await self._end_unrun(
+                action, SkipReason.RESOLVED, Outcome.CANCELLED, EpisodeState.RESOLVED, turn.detail, step.plan
+            )
+            return
         if isinstance(turn, Hold):
             reason = f"guard: {turn.detail}"
             await self.cancel_and_escalate(action, episode, turn.reason, turn.detail, reason, step.plan)
@@ -340,14 +346,18 @@ class EpisodeSteps:
 
         Each reason is counted once per step and recorded on it. A pause and the blast radius hold for
         as long as they last; a guard for up to the rule's guard_timeout, after which the guard's Hold is
-        returned to end the step. STOPPING when healer stops meanwhile, NOT_CLAIMED when the step was
-        cancelled (its alert resolved).
+        returned to end the step. A step that was held runs only if Prometheus does not say its alert
+        stopped meanwhile (else a RESOLVED Hold). STOPPING when healer stops meanwhile, NOT_CLAIMED when
+        the step was cancelled (its alert resolved).
         """
         counted: set[SkipReason] = set()
         guard_failing_since: float | None = None
         resolution_seen = False
         while True:
             hold = await self._hold(rule, episode)
+            if hold is None and counted and await self.escalator.still_firing(episode) is False:
+                # Held a while (a pause, a guard, the blast radius): the alert may have stopped meanwhile.
+                return Hold(SkipReason.RESOLVED, "Prometheus no longer reports the alert firing")
             if hold is None:
                 turn = await self._take_turn(rule, episode)
                 if isinstance(turn, Turn):
@@ -528,7 +538,7 @@ class EpisodeSteps:
             # Nobody knows whether the fault is still there: a person looks, rather than the episode
             # closing quietly or the ladder running its next strategy blind.
             return Verdict(base, UNVERIFIED_REASON, next_rung=False)
-        return Verdict(base, "the alert still fires")
+        return Verdict(base, STILL_FIRES)
 
     async def _record_verdict(self, action: Action, rule: HealingRule, episode: Episode, verdict: Verdict) -> None:
         """End the episode as judged, go on with the ladder (escalating when it is spent), or escalate."""

@@ -137,8 +137,8 @@ class Escalator:
         self._circuit_open = circuit_open
         self._next_storm_check = 0.0
         self._checking_storms = False
-        # HealingSuspended alerts this leader posted: (reason, rule) → when it began, last posted.
-        self._storms: dict[tuple[str, str], tuple[float, float]] = {}
+        # HealingSuspended alerts this leader posted: (reason, rule) → when it began, when and what was posted.
+        self._storms: dict[tuple[str, str], tuple[float, float, Suspension]] = {}
 
     async def count(self, episode: Episode, reason: str) -> None:
         """Count and log an escalation the store has queued; the work loop sends HealingFailed."""
@@ -192,15 +192,16 @@ class Escalator:
                 firing[(suspension.reason, suspension.rule)] = suspension
         resend = self.config.alertmanager.resend_interval
         alerts = []
-        posted: dict[tuple[str, str], tuple[float, float]] = {}
+        posted: dict[tuple[str, str], tuple[float, float, Suspension]] = {}
         for key, suspension in firing.items():
-            began, last = self._storms.get(key, (now, float("-inf")))
-            if now - last < resend:
+            began, last, told = self._storms.get(key, (now, float("-inf"), suspension))
+            # Again every resend interval, and whenever the counts people read have changed.
+            if now - last < resend and told == suspension:
                 continue
             audit = f"{self.external_url}/api/v1/actions?rule={suspension.rule}&since={since:.0f}"
             starts, ends = datetime.fromtimestamp(began, UTC), datetime.fromtimestamp(now + 4 * resend, UTC)
             alerts.append(healing_suspended_alert(suspension, audit, starts, ends))
-            posted[key] = (began, now)
+            posted[key] = (began, now, suspension)
         ended = [key for key in self._storms if key not in firing]
         for key in ended:
             gone = Suspension(key[0], key[1], 0, 0)
