@@ -413,3 +413,18 @@ def restart_server(server: Server, timeout: float = 30.0) -> Server:
             cwd=server.log_path.parent,
         )
     return _await_ready(server, timeout=timeout)
+
+
+def http_send(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """Send any method with an optional JSON body; return the status and the decoded answer, also for errors."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw else None

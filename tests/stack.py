@@ -183,3 +183,13 @@ def dump(stack: HealingStack) -> str:
         + "\n--- actions\n"
         + json.dumps(stack.actions(), indent=1)[-4000:]
     )
+
+
+def remove_fault_strategy(faults: Path) -> dict[str, Any]:
+    """The exec strategy that heals a fault by deleting its file (remove_fault_command), for plain fault names."""
+    return {
+        "type": "exec",
+        "command": remove_fault_command(faults),
+        "allow_labels": {"fault": "^[a-z]+$"},
+        "timeout": "10s",
+    }
