@@ -193,3 +193,19 @@ def remove_fault_strategy(faults: Path) -> dict[str, Any]:
         "allow_labels": {"fault": "^[a-z]+$"},
         "timeout": "10s",
     }
+
+
+def wait_resolved(stack: HealingStack, action: dict[str, Any]) -> None:
+    """Wait until healer has the resolved notification of an action's episode.
+
+    A fault injected again before Alertmanager sent it could be deduplicated by Alertmanager (the
+    group's firing alerts look unchanged) and never reach healer.
+    """
+
+    def resolved() -> bool:
+        return any(event["kind"] == "resolved" for event in stack.action(action["id"])["events"])
+
+    try:
+        wait_for(resolved, 30, interval=0.2, what=f"episode {action['episode']['id']} resolved")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{dump(stack)}") from None

@@ -18,7 +18,7 @@ import pytest
 
 from healer.config.model import WEEKDAYS
 from tests.servers import http_get, http_json, http_send, wait_for
-from tests.stack import TOKEN, HealingStack, dump, remove_fault_strategy, start_stack
+from tests.stack import TOKEN, HealingStack, dump, remove_fault_strategy, start_stack, wait_resolved
 from tests.test_healing_e2e import rule, wait_episode_end
 
 pytestmark = pytest.mark.slow
@@ -74,22 +74,6 @@ def wait_held(stack: HealingStack, rule_name: str, reason: str) -> dict[str, Any
 
     try:
         return wait_for(held, 30, interval=0.2, what=f"a step of {rule_name} held for {reason}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{dump(stack)}") from None
-
-
-def wait_resolved(stack: HealingStack, action: dict[str, Any]) -> None:
-    """Wait until healer has the resolved notification of an action's episode.
-
-    A fault injected again before Alertmanager sent it could be deduplicated by Alertmanager (the
-    group's firing alerts look unchanged) and never reach healer.
-    """
-
-    def resolved() -> bool:
-        return any(event["kind"] == "resolved" for event in stack.action(action["id"])["events"])
-
-    try:
-        wait_for(resolved, 30, interval=0.2, what=f"episode {action['episode']['id']} resolved")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{dump(stack)}") from None
 
