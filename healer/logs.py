@@ -50,14 +50,38 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# What a client that went away mid-request looks like to the server: not healer's fault, not news.
+HUNG_UP = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class ClientHungUp(logging.Filter):
+    """Turns the traceback aiohttp logs when a client goes away mid-request into one short debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HUNG_UP) and type(exc).__name__ != "ClientConnectionResetError":
+            return True
+        record.msg, record.args, record.exc_info, record.exc_text = "client hung up", None, None, None
+        record.fields = {"error": type(exc).__name__}
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("healer").isEnabledFor(logging.DEBUG)
+
+
 def configure_logging(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
-    """Send healer's logs to stderr in the chosen format."""
+    """Send healer's logs, and those of the libraries it runs on (aiohttp, asyncio), to stderr in the
+    chosen format: in JSON mode every line is one JSON object, a traceback included as a field."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ClientHungUp())
     root = logging.getLogger("healer")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Libraries log through the root logger; without a handler there Python prints their records as
+    # bare text (tracebacks over many lines), which breaks a JSON log pipeline.
+    libraries = logging.getLogger()
+    libraries.handlers[:] = [handler]
+    libraries.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
 def fields(**values: Any) -> dict[str, Any]:
