@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from healer.config import HealerConfig
-from healer.healing.episodes import UNVERIFIED_REASON, EpisodeSteps
+from healer.healing.episodes import EpisodeSteps
 from healer.healing.escalator import SideTasks
 from healer.healing.ladder import Decision
 from healer.healing.model import (
@@ -118,6 +118,12 @@ class Engine:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        # Only a strategy that is running deserves the stop's grace: a step waiting for its turn, held by
+        # a pause or guard, or being verified stops at once and is taken up again after the restart
+        # (anywhere, with a shared store), verification included.
+        for action_id, task in self._inflight.items():
+            if not self.episode_steps.must_finish(action_id):
+                task.cancel()
         running = list(self._inflight.values())
         if running:
             _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
@@ -184,25 +190,19 @@ class Engine:
             await self._settle(action, abandoned_before)
 
     async def _settle(self, action: Action, abandoned_before: float) -> None:
-        """Settle one abandoned step: unverified once it ran, else interrupted and retried."""
+        """Settle one abandoned step: a step that ran is verified here (never run again); one that was
+        running is recorded interrupted and retried."""
         if action.state is not ActionState.VERIFYING:
             await self._interrupted(action, abandoned_before)
             return
-        # Whether the fault is gone nobody knows: a person looks rather than the episode closing quietly.
-        reason = f"{UNVERIFIED_REASON} (healer stopped while verifying)"
-        finish = Finish(
-            outcome=Outcome.UNVERIFIED,
-            detail=f"healer stopped while verifying; the step ran: {action.detail}",
-            episode_state=EpisodeState.ESCALATED,
-            escalation=reason,
-            events=[("escalated", {"reason": reason})],
-        )
-        if await self.records.finish(action.id, finish, abandoned_before=abandoned_before):
-            self.metrics.actions.labels(action.strategy, Outcome.UNVERIFIED).inc()
-            episode = await self.records.get_episode(action.episode_id)
-            if episode is not None:
-                await self.escalator.count(episode, reason)
-            await self.episode_steps.episode_ended(action.episode_id)
+        if action.id in self._inflight:
+            return
+        adopted = await self.records.adopt(action.id, self.replica.name, self.replica.until(), abandoned_before)
+        if adopted is None:
+            return  # another replica adopted it, or it ended meanwhile
+        task = asyncio.create_task(self.episode_steps.resume(adopted), name=f"verify-{action.id}")
+        self._inflight[action.id] = task
+        task.add_done_callback(functools.partial(self._forget, action.id))
 
     async def _interrupted(self, action: Action, abandoned_before: float) -> None:
         """Record a step that was running when its replica stopped, and retry it within its attempt limit."""

@@ -142,12 +142,19 @@ class EpisodeSteps:
         self._rules = {rule.name: rule for rule in config.healing.rules}
         # Steps whose strategy is running now (a resolution may stop those, not those verifying).
         self._in_runner: set[int] = set()
+        # Steps whose strategy has run and that are not yet recorded as having run.
+        self._unrecorded: set[int] = set()
         # Per open episode, set when its alert resolves, so that a verification in progress ends early.
         self._resolved: dict[int, asyncio.Event] = {}
 
     def in_runner(self, action_id: int) -> bool:
         """Whether the step's strategy is running now."""
         return action_id in self._in_runner
+
+    def must_finish(self, action_id: int) -> bool:
+        """Whether a stop must let the step's task go on: its strategy runs, or ran and the store does not
+        know yet (cut short there, the step would be retried as interrupted: run twice)."""
+        return action_id in self._in_runner or action_id in self._unrecorded
 
     def alert_resolved(self, episode_id: int) -> None:
         """Tell a verification in progress that the episode's alert has resolved."""
@@ -290,6 +297,7 @@ class EpisodeSteps:
             scope = BudgetScope(key, rule.budget.actions, rule.budget.window)
         try:
             result = await self.steps.run(step, claim=claim, before_slot=silence, scope=scope)
+            self._unrecorded.add(action.id)
         except StepRefusedError as refused:
             if refused.reason in (SkipReason.CIRCUIT_OPEN, SkipReason.BUDGET):
                 await self._suspend(action, episode, refused, step.plan)
@@ -441,12 +449,42 @@ class EpisodeSteps:
         """Record that a step ran, verify it once, and record its outcome, the two writes retried through
         an outage of the store: given up, the step would be settled as interrupted and run a second time."""
         name = self.steps.replica.name
-        # From here a restart must not run the step again: it ran; only its verification is left.
-        if not await self._durably(action, lambda: self.records.mark_verifying(action.id, result.detail, name)):
+        failed = None if result.ok else (Outcome.TIMEOUT if result.timed_out else Outcome.FAILED)
+        # From here a restart must not run the step again: it ran; only its verification is left (or,
+        # when it failed to act, recording that), which whoever settles the step does after a crash.
+        try:
+            marked = await self._durably(
+                action, lambda: self.records.mark_verifying(action.id, result.detail, name, failed)
+            )
+        finally:
+            self._unrecorded.discard(action.id)
+        if not marked:
             # Fencing: this replica's claim ran out while the strategy ran and another replica has
             # settled the step; its outcome is not this replica's to record.
             log.warning("step finished after its claim was lost", extra=fields(action=action.id))
             return
+        verdict = await self._judge(action, rule, episode, result, resolved, started)
+        await self._durably(action, lambda: self._record_verdict(action, rule, episode, verdict))
+
+    async def resume(self, action: Action) -> None:
+        """Verify a step that ran, whose verification was cut short (healer stopped or its replica died),
+        and record what follows; the step was adopted by this replica (`HealingRecords.adopt`)."""
+        episode = await self.records.get_episode(action.episode_id)
+        rule = self._rules.get(action.rule)
+        if episode is None:
+            return
+        if rule is None:
+            detail = f"rule {action.rule!r} is no longer configured; the step ran: {action.detail}"
+            finish = Finish(outcome=Outcome.UNVERIFIED, detail=detail)
+            await self._end_with_escalation(action, episode, finish, f"{UNVERIFIED_REASON} (configuration changed)")
+            return
+        log.info("verification resumed", extra=fields(action=action.id, strategy=action.strategy))
+        failed = action.outcome in (Outcome.FAILED, Outcome.TIMEOUT)
+        result = StepResult(
+            ok=not failed, detail=action.detail or "", timed_out=action.outcome is Outcome.TIMEOUT
+        )
+        resolved = self._resolved.setdefault(episode.id, asyncio.Event())
+        started = action.started_at if action.started_at is not None else self._clock()
         verdict = await self._judge(action, rule, episode, result, resolved, started)
         await self._durably(action, lambda: self._record_verdict(action, rule, episode, verdict))
 

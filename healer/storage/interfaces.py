@@ -28,6 +28,7 @@ from healer.healing.model import (
     Resolution,
     Suspension,
 )
+from healer.healing.model import Outcome as StepOutcome
 from healer.healing.payload import WebhookAlert
 from healer.optimizer.model import CandidateRecord, Outcome, Trial
 from healer.planner.model import Goal, GoalState, NewGoal
@@ -125,9 +126,18 @@ class HealingRecords(Protocol):
         """Return an awaiting step to pending with its approval recorded."""
         ...
 
-    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+    async def mark_verifying(
+        self, action_id: int, detail: str, replica: str, failed: StepOutcome | None = None
+    ) -> bool:
         """Record that a step's strategy has run and only its verification is left (again, harmlessly,
-        when it was recorded already); False when the replica's claim was lost (fencing)."""
+        when it was recorded already), or with `failed` how it failed to act, recorded as its outcome
+        until the step ends; False when the replica's claim was lost (fencing)."""
+        ...
+
+    async def adopt(self, action_id: int, replica: str, until: float, abandoned_before: float) -> Action | None:
+        """Take over a verifying step whose replica's claim ended before `abandoned_before` (or that an
+        earlier process of this replica held), to verify it here until `until`; None when another replica
+        holds it or it has ended."""
         ...
 
     async def abandoned(self, now: float) -> list[Action]:

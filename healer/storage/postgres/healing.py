@@ -32,6 +32,7 @@ from healer.healing.model import (
     NewAction,
     Opened,
     OpenRequest,
+    Outcome,
     Resolution,
     Suspension,
 )
@@ -474,19 +475,31 @@ class PostgresHealingRecords:
             )
         )
 
-    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+    async def mark_verifying(
+        self, action_id: int, detail: str, replica: str, failed: Outcome | None = None
+    ) -> bool:
         # A replica whose claim another replica settled finds the step done (or not its own): refused.
         # A claim that only lapsed (the store was out, nobody settled it) is still its own.
         return (
             await self._db.write(
                 lambda tx: tx.execute(
-                    "UPDATE actions SET state = 'verifying', detail = %s WHERE id = %s"
+                    "UPDATE actions SET state = 'verifying', detail = %s, outcome = %s WHERE id = %s"
                     " AND state IN ('running', 'verifying') AND replica = %s",
-                    (detail, action_id, replica),
+                    (detail, failed.value if failed else None, action_id, replica),
                 )
             )
             == 1
         )
+
+    async def adopt(self, action_id: int, replica: str, until: float, abandoned_before: float) -> Action | None:
+        row = await self._db.write(
+            lambda tx: tx.row(
+                "UPDATE actions SET replica = %s, lease_until = %s WHERE id = %s AND state = 'verifying'"
+                " AND (replica = %s OR coalesce(lease_until, 0) < %s) RETURNING *",
+                (replica, until, action_id, replica, abandoned_before),
+            )
+        )
+        return _action(row) if row is not None else None
 
     async def abandoned(self, now: float) -> list[Action]:
         rows = await self._db.read(

@@ -26,6 +26,7 @@ from healer.healing.model import (
     NewAction,
     Opened,
     OpenRequest,
+    Outcome,
     Resolution,
     Suspension,
 )
@@ -294,15 +295,28 @@ class SQLiteHealingRecords:
             )
         )
 
-    async def mark_verifying(self, action_id: int, detail: str, replica: str) -> bool:
+    async def mark_verifying(
+        self, action_id: int, detail: str, replica: str, failed: Outcome | None = None
+    ) -> bool:
         return await self._db.write(
             lambda db: db.execute(
-                "UPDATE actions SET state = 'verifying', detail = ? WHERE id = ? AND state IN ('running', 'verifying')"
-                " AND replica = ?",
-                (detail, action_id, replica),
+                "UPDATE actions SET state = 'verifying', detail = ?, outcome = ? WHERE id = ?"
+                " AND state IN ('running', 'verifying') AND replica = ?",
+                (detail, failed.value if failed else None, action_id, replica),
             ).rowcount
             == 1
         )
+
+    async def adopt(self, action_id: int, replica: str, until: float, abandoned_before: float) -> Action | None:
+        def work(db: sqlite3.Connection) -> Action | None:
+            row = db.execute(
+                "UPDATE actions SET replica = ?, lease_until = ? WHERE id = ? AND state = 'verifying'"
+                " AND (replica = ? OR coalesce(lease_until, 0) < ?) RETURNING *",
+                (replica, until, action_id, replica, abandoned_before),
+            ).fetchone()
+            return _action(row) if row is not None else None
+
+        return await self._db.write(work)
 
     async def abandoned(self, now: float) -> list[Action]:
         rows = await self._db.read(
