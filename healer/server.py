@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from healer.alertmanager import AlertmanagerClient
 from healer.annotations import GrafanaAnnotator
 from healer.config import HealerConfig
+from healer.console import add_console_routes
 from healer.exporter.host import HostCollector
 from healer.exporter.own import OwnMetrics
 from healer.exporter.probes import ProbeMetrics, Prober
@@ -261,6 +262,7 @@ def create_app(
     add_goal_routes(app)
     add_optimization_routes(app)
     app.router.add_get("/api/v1/status", status_handler)
+    add_console_routes(app, config)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -6,8 +6,9 @@
 #                         two worker processes through pytest-xdist unless they say -n/--numprocesses,
 #                         --dist or -p no:xdist)
 # Installs what is missing: python3-venv, Debian's prometheus and prometheus-alertmanager (for `test`,
-# also postgresql, whose servers the tests start themselves), and a virtual environment in .venv with
-# healer and its dependencies (for `test`, the dev tools too).
+# also postgresql, whose servers the tests start themselves, and chromium for the console's browser
+# tests), and a virtual environment in .venv with healer and its dependencies (for `test`, the dev
+# tools too, Playwright among them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,9 @@ ensure_tools() {
   local packages=(prometheus prometheus-alertmanager)
   python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
   if [ "${1:-}" = test ]; then
-    packages+=(postgresql)
+    # chromium: the console's browser tests (tests/test_console.py) drive Debian's build through
+    # Playwright (pip-installed with the test extra); Playwright's own browser download is not used.
+    packages+=(postgresql chromium)
     # The tests start their own PostgreSQL servers (tests/postgres.py) on free loopback ports.
     # Told before the package is installed, Debian creates no cluster of its own, so none is
     # started on port 5432 either.

@@ -1,0 +1,5 @@
+"""The on-call console: one server-rendered page at `/` over the JSON API, with its script and style sheet."""
+
+from healer.console.routes import CONSOLE_ACCESS, ConsoleAccess, add_console_routes
+
+__all__ = ["CONSOLE_ACCESS", "ConsoleAccess", "add_console_routes"]

@@ -1,0 +1,261 @@
+"""The on-call console in a real headless Chromium (Debian's `chromium`, driven by Playwright) against a
+healer that a real Prometheus and Alertmanager feed: approve and reject with a click, pause from the page,
+live updates without a reload, labelled controls, and a page that weighs less than 200 kB.
+
+Screenshots go to a temporary directory; with HEALER_CONSOLE_SCREENSHOTS=docs they replace the README's
+docs/console-healing.png and docs/console-approval.png.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import REPO, wait_for
+from tests.stack import TOKEN, HealingStack, dump, remove_fault_strategy, start_stack
+from tests.test_healing_e2e import rule
+from tests.test_safety import wait_held
+
+pytestmark = pytest.mark.slow
+
+sync_api = pytest.importorskip("playwright.sync_api")
+Browser = sync_api.Browser
+Page = sync_api.Page
+expect = sync_api.expect
+
+CHROMIUM = Path("/usr/bin/chromium")
+MAX_TRANSFER_BYTES = 200 * 1000
+# Long enough for a fault to fire through Prometheus and Alertmanager and a step to run and be verified.
+STEP_TIMEOUT_MS = 60_000
+SLOW_REMOVE = "import os, sys, time; time.sleep(4); os.remove(os.path.join(sys.argv[1], sys.argv[2]))"
+# Roles whose nodes a person operates, and so must have an accessible name.
+CONTROL_ROLES = frozenset(
+    {"button", "link", "textbox", "checkbox", "radio", "combobox", "listbox", "slider", "spinbutton", "progressbar"}
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
+    """One stack for the module; each test uses its own fault and rule."""
+    workdir = tmp_path_factory.mktemp("console")
+    faults = workdir / "faults"
+    remove = remove_fault_strategy(faults)
+    strategies = {
+        "remove-fault": remove,
+        "gated-remove": {**remove, "approval": "required"},
+        "slow-remove": {"type": "exec", "command": [sys.executable, "-c", SLOW_REMOVE, str(faults), "{labels.fault}"]},
+    }
+    healing = {
+        "pause_check_interval": "200ms",
+        "rules": [
+            rule("approved", "approved", ["gated-remove"]),
+            rule("rejected", "rejected", ["gated-remove"]),
+            rule("paused", "paused", ["remove-fault"]),
+            rule("healing", "healing", ["slow-remove"]),
+        ],
+    }
+    stack = start_stack(workdir, healing, strategies)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/dev.sh test installs Debian's chromium package")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context whose requests carry the stack's bearer token, as an operator's would."""
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, extra_http_headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    page = context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    target = os.environ.get("HEALER_CONSOLE_SCREENSHOTS")
+    directory = REPO / target if target else tmp_path
+    return directory / name
+
+
+def open_console(page: Page, stack: HealingStack) -> None:
+    page.goto(stack.healer.url + "/")
+    expect(page.locator("#connection")).to_contain_text("Up to date")
+
+
+def newest_action(stack: HealingStack, rule_name: str, state: str) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        actions = stack.actions(rule=rule_name)
+        return actions[0] if actions and actions[0]["state"] == state else None
+
+    try:
+        return wait_for(found, STEP_TIMEOUT_MS / 1000, interval=0.2, what=f"a step of {rule_name} {state}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{dump(stack)}") from None
+
+
+def test_the_console_loads_light_from_healer_alone(stack: HealingStack, page: Page) -> None:
+    """The page, its script and style sheet and its first poll of the API come from healer only and weigh
+    under 200 kB; it shows health, the circuit breaker and links to Prometheus and Alertmanager."""
+    responses: list[Any] = []
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("response", lambda response: responses.append(response))
+    open_console(page, stack)
+    page.wait_for_load_state("networkidle")
+
+    origin = urllib.parse.urlsplit(stack.healer.url).netloc
+    assert {urllib.parse.urlsplit(url).netloc for url in requested} == {origin}, requested
+    assert all(response.ok for response in responses), [(r.url, r.status) for r in responses if not r.ok]
+    transfer = 0
+    for response in responses:
+        sizes = response.request.sizes()
+        transfer += sizes["responseBodySize"] + sizes["responseHeadersSize"]
+    assert any(url.endswith(".js") or ".js?" in url for url in requested)
+    assert 0 < transfer < MAX_TRANSFER_BYTES, transfer
+
+    expect(page.get_by_role("heading", name="Health", exact=True)).to_be_visible()
+    expect(page.locator("#health-body")).to_contain_text("Alerts received")
+    expect(page.locator("#circuit")).to_contain_text("closed")
+    expect(page.get_by_role("link", name="Prometheus alerts")).to_have_attribute(
+        "href", stack.prometheus.url + "/alerts"
+    )
+    expect(page.get_by_role("link", name="Alertmanager")).to_have_attribute(
+        "href", stack.alertmanager.url + "/#/alerts"
+    )
+    # No Grafana URL is configured, so no dashboard is linked.
+    expect(page.get_by_role("link", name="Grafana", exact=False)).to_have_count(0)
+    # The Content-Security-Policy allows nothing from elsewhere.
+    answer = page.request.get(stack.healer.url + "/")
+    assert "default-src 'none'" in answer.headers["content-security-policy"]
+
+
+def accessibility_problems(page: Page) -> list[str]:
+    """Controls without an accessible name, in Chromium's own accessibility tree."""
+    session = page.context.new_cdp_session(page)
+    tree = session.send("Accessibility.getFullAXTree")
+    problems = []
+    for node in tree["nodes"]:
+        if node.get("ignored"):
+            continue
+        role = node.get("role", {}).get("value")
+        name = str(node.get("name", {}).get("value", "")).strip()
+        if role in CONTROL_ROLES and not name:
+            problems.append(f"a {role} without an accessible name (node {node.get('backendDOMNodeId')})")
+    return problems
+
+
+def test_approve_with_a_click_runs_the_step_and_shows_it_healed(
+    stack: HealingStack, page: Page, tmp_path: Path
+) -> None:
+    """A step of a strategy with `approval: required` shows under Pending approvals, with its rendered plan;
+    Approve runs it, and the page shows it healed without a reload. Every control is labelled."""
+    open_console(page, stack)
+    stack.inject("approved")
+    action = newest_action(stack, "approved", "awaiting_approval")
+    approve = page.get_by_role("button", name=f"Approve step {action['id']}: gated-remove")
+    expect(approve).to_be_visible()
+    item = page.locator("#approvals-list li").filter(has=approve)
+    expect(item).to_contain_text('fault="approved"')
+    expect(item.locator("details.plan")).to_contain_text("Rendered plan")
+    expect(item.locator("details.plan pre")).to_contain_text('"approved"')
+    expect(page.get_by_role("textbox", name=f"Reason to reject step {action['id']}")).to_be_visible()
+    assert accessibility_problems(page) == []
+    page.screenshot(path=screenshot_path(tmp_path, "console-approval.png"))
+
+    approve.click()
+    timeline = page.locator("#timeline-body")
+    expect(timeline).to_contain_text(f"episode {action['episode']['id']}")
+    expect(timeline.locator(".steps .badge").first).to_have_text("healed")
+    expect(timeline).to_contain_text("Exit code")
+    expect(page.locator("#approvals-list li")).to_have_count(0)
+    done = stack.action(action["id"])
+    assert (done["outcome"], done["approved"]) == ("healed", True), dump(stack)
+    assert not stack.fault_present("approved")
+
+
+def test_reject_with_a_reason_from_the_keyboard_escalates(stack: HealingStack, page: Page) -> None:
+    """The reject form is filled and sent with the keyboard alone; the episode escalates with the reason."""
+    open_console(page, stack)
+    stack.inject("rejected")
+    action = newest_action(stack, "rejected", "awaiting_approval")
+    reason = page.get_by_role("textbox", name=f"Reason to reject step {action['id']}")
+    reject = page.get_by_role("button", name=f"Reject step {action['id']}: gated-remove")
+    # An empty reason is refused in the page before any request.
+    reject.click()
+    expect(page.locator("#approvals-list")).to_contain_text("Say why the step is rejected.")
+    reason.focus()
+    page.keyboard.type("a deploy is rolling out")
+    page.keyboard.press("Enter")
+
+    timeline = page.locator("#timeline-body")
+    expect(timeline).to_contain_text("Escalated:")
+    expect(timeline).to_contain_text("a deploy is rolling out")
+    expect(timeline.locator(".steps .badge").first).to_have_text("cancelled")
+    expect(page.locator("#recent-list")).to_contain_text(f"episode {action['episode']['id']}")
+    done = stack.action(action["id"])
+    assert (done["outcome"], done["skip_reason"], done["episode"]["state"]) == ("cancelled", "rejected", "escalated")
+    assert stack.fault_present("rejected"), "a rejected step must not run"
+
+
+def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: HealingStack, page: Page) -> None:
+    """A pause made with the form holds the matching alert's step (recorded, not run); ending it from the page
+    lets the step run and heal."""
+    open_console(page, stack)
+    page.get_by_label("Matchers, one per line").fill('fault="paused"')
+    page.get_by_label("Reason", exact=True).fill("database migration")
+    page.get_by_label("Duration").fill("10m")
+    page.get_by_role("button", name="Pause healing").click()
+    expect(page.locator("#pause-status")).to_contain_text("Paused")
+    pauses = page.locator("#pauses-list")
+    expect(pauses).to_contain_text('fault="paused"')
+    expect(pauses).to_contain_text("database migration")
+
+    stack.inject("paused")
+    held = wait_held(stack, "paused", "paused")
+    firing = page.locator("#firing-list li").filter(has_text='fault="paused"')
+    expect(firing).to_contain_text("paused")
+    assert stack.fault_present("paused"), "a paused alert must not be acted on"
+    assert stack.actions(rule="paused")[0]["started_at"] is None
+
+    page.get_by_role("button", name="End pause", exact=False).click()
+    expect(pauses.locator("li")).to_have_count(0)
+    recent = page.locator("#recent-list li").filter(has_text=f"episode {held['episode']['id']}")
+    expect(recent.locator(".badge").first).to_have_text("healed")
+    assert not stack.fault_present("paused")
+
+
+def test_a_running_step_shows_live_and_the_page_fits_a_phone(stack: HealingStack, page: Page, tmp_path: Path) -> None:
+    """The timeline follows the firing episode as its step runs and heals, without a reload; on a phone-sized
+    screen nothing is wider than the screen."""
+    open_console(page, stack)
+    stack.inject("healing")
+    firing = page.locator("#firing-list li").filter(has_text='fault="healing"')
+    expect(firing).to_contain_text("running")
+    timeline = page.locator("#timeline-body")
+    expect(timeline).to_contain_text("slow-remove")
+    expect(timeline.locator(".steps .badge").first).to_have_text("running")
+    page.screenshot(path=screenshot_path(tmp_path, "console-healing.png"))
+    expect(timeline.locator(".steps .badge").first).to_have_text("healed")
+    expect(firing).to_have_count(0)
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(page.get_by_role("heading", name="Episode timeline")).to_be_visible()
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
