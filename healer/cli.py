@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from healer import __version__
+from healer.auth import Access, WebConfigError, load_access
 from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
 from healer.config.loading import config_warnings
 from healer.logs import configure_logging, fields
@@ -25,6 +26,12 @@ log = logging.getLogger("healer.cli")
 EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
+
+
+WEB_CONFIG_HELP = (
+    "exporter-toolkit web configuration file (basic_auth_users, tls_server_config, healer_roles, healer_tokens),"
+    " overriding server.web_config_file"
+)
 
 
 class StartupError(Exception):
@@ -40,9 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", type=Path, required=True, help="path to healer.yml")
     serve.add_argument("--listen", help="HOST:PORT to listen on, overriding server.listen")
     serve.add_argument("--log-format", choices=["text", "json"], help="overrides server.log_format")
+    serve.add_argument("--web.config.file", dest="web_config_file", type=Path, help=WEB_CONFIG_HELP)
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("config", type=Path, help="path to healer.yml")
+    check.add_argument("--web.config.file", dest="web_config_file", type=Path, help=WEB_CONFIG_HELP)
 
     status = commands.add_parser("status", help="print the unified status report of a running healer")
     status.add_argument("--url", default="http://127.0.0.1:9877", help="healer's base URL")
@@ -135,29 +144,45 @@ def _load_or_report(path: Path) -> HealerConfig | None:
         return None
 
 
-def check_config(path: Path) -> int:
-    """Print every fault and warning of a config file, one per line; return the exit code."""
+def _access_or_report(config: HealerConfig, path: Path, web_config_file: Path | None) -> Access | None:
+    """Load the credentials, or print each fault (file and key path, never a secret) to stderr and return None."""
+    try:
+        return load_access(config, path, web_config_file)
+    except WebConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def check_config(path: Path, web_config_file: Path | None = None) -> int:
+    """Print every fault and warning of a config file and its credentials, one per line; return the exit code
+    (EXIT_USAGE when healer would refuse to start for its credentials, as `serve` does)."""
     config = _load_or_report(path)
     if config is None:
         return EXIT_CONFIG
+    access = _access_or_report(config, path, web_config_file)
+    if access is None:
+        return EXIT_USAGE
     # Warnings do not fail the check: the config runs, only not as its author probably meant.
     for warning in config_warnings(config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    for warning in access.warnings:
         print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
 
 
-def _listen_address(config: HealerConfig, override: str | None) -> tuple[str, int]:
+def _listen_address(config: HealerConfig, override: str | None, access: Access) -> tuple[str, int]:
     host, port = split_listen(override or config.server.listen)
-    if not is_loopback(host) and config.server.auth.resolve_token() is None:
+    if not is_loopback(host) and access.no_credentials:
         raise StartupError(
-            f"refusing to listen on {host}:{port} without a bearer token: set "
-            "server.auth.bearer_token_file or the HEALER_TOKEN environment variable, or listen on 127.0.0.1"
+            f"refusing to listen on {host}:{port} without a bearer token or any other credential: give users or"
+            " tokens in a web config file (--web.config.file), or listen on 127.0.0.1"
         )
     return host, port
 
 
-async def _serve(config: HealerConfig, host: str, port: int) -> None:
+async def _serve(config: HealerConfig, host: str, port: int, access: Access) -> None:
     from prometheus_client import disable_created_metrics
 
     from healer.healing.routes import ENGINE
@@ -169,7 +194,7 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
     # The address actually served (--listen may override the config) also names the replica by default.
     server = config.server.model_copy(update={"listen": f"{host}:{port}"})
     config = config.model_copy(update={"server": server})
-    app = create_app(config, storage=await open_storage(config.store))
+    app = create_app(config, storage=await open_storage(config.store), access=access)
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -194,21 +219,24 @@ async def _serve(config: HealerConfig, host: str, port: int) -> None:
     log.info("stopped")
 
 
-def serve(path: Path, listen: str | None, log_format: str | None) -> int:
+def serve(path: Path, listen: str | None, log_format: str | None, web_config_file: Path | None = None) -> int:
     """Run healer until SIGTERM or SIGINT; return the exit code."""
     config = _load_or_report(path)
     if config is None:
         return EXIT_CONFIG
+    access = _access_or_report(config, path, web_config_file)
+    if access is None:
+        return EXIT_USAGE
     configure_logging(log_format or config.server.log_format, config.server.log_level)
     try:
-        host, port = _listen_address(config, listen)
+        host, port = _listen_address(config, listen, access)
     except (StartupError, ValueError, OSError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
     from healer.storage import StoreUnavailableError
 
     try:
-        asyncio.run(_serve(config, host, port))
+        asyncio.run(_serve(config, host, port, access))
     except (OSError, StoreUnavailableError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
@@ -237,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `healer` console script."""
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, args.web_config_file)
     if args.command == "status":
         return status(args.url, args.json)
     if args.command == "demo":
@@ -247,5 +275,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "test-alert":
         return test_alert(args.config, args.payload, args.json)
     if args.command == "serve":
-        return serve(args.config, args.listen, args.log_format)
+        return serve(args.config, args.listen, args.log_format, args.web_config_file)
     raise AssertionError(f"unhandled command {args.command}")

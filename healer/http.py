@@ -1,17 +1,14 @@
-"""What every route module of healer's HTTP API shares: authentication, error bodies and request parsing."""
+"""What every route module of healer's HTTP API shares: error bodies and request parsing (access control is
+healer.auth's middleware)."""
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
-TOKEN = web.AppKey("token", SecretStr)
-# Names people use to pass tokens in URLs; a token there ends up in access logs, so it is refused.
-QUERY_TOKEN_NAMES = frozenset({"token", "access_token", "bearer", "auth", "authorization", "api_key"})
 # The most a list endpoint returns at once.
 MAX_LIMIT = 1000
 
@@ -26,28 +23,6 @@ def problem(status: int, message: str, **extra: Any) -> web.Response:
 def bad_request(message: str) -> web.HTTPBadRequest:
     """A 400 to raise from a parser, with the same JSON body as `problem`."""
     return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def authenticate(request: web.Request) -> web.Response | None:
-    """Return an error response unless the request carries the configured bearer token."""
-    if QUERY_TOKEN_NAMES & {name.lower() for name in request.query}:
-        return problem(
-            401,
-            "send the token in the Authorization header, never in the URL",
-            headers_hint="Authorization: Bearer <token>",
-        )
-    token = request.app.get(TOKEN)
-    if token is None:
-        return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if not header:
-        return problem(401, "missing Authorization header; expected 'Bearer <token>'")
-    if scheme.lower() != "bearer" or not presented:
-        return problem(401, "Authorization header must use the Bearer scheme")
-    if not hmac.compare_digest(presented.strip().encode(), token.get_secret_value().encode()):
-        return problem(403, "the bearer token is not valid")
-    return None
 
 
 def require_json(request: web.Request) -> web.Response | None:

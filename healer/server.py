@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from healer.alertmanager import AlertmanagerClient
 from healer.annotations import GrafanaAnnotator
+from healer.auth import ACCESS, Access, access_control, load_access
 from healer.config import HealerConfig
 from healer.console import add_console_routes
 from healer.exporter.host import HostCollector
@@ -29,7 +30,6 @@ from healer.healing.pauses import PauseBoard
 from healer.healing.replica import Replica, replica_name
 from healer.healing.routes import ENGINE, LADDER, add_routes
 from healer.healing.steps import StepRunner
-from healer.http import TOKEN
 from healer.logs import fields
 from healer.optimizer.optimizer import Optimizer, OptimizerMetrics
 from healer.optimizer.routes import OPTIMIZER, add_optimization_routes
@@ -239,20 +239,24 @@ def create_app(
     registry: CollectorRegistry | None = None,
     strategies: StrategyRegistry | None = None,
     storage: Storage | None = None,
+    access: Access | None = None,
 ) -> web.Application:
     """Build the healer web application for a validated config, on `storage` when given (a PostgreSQL
-    store is opened asynchronously, with `await open_storage(config.store)`), else on its SQLite file."""
-    app = web.Application(client_max_size=config.server.max_request_bytes)
+    store is opened asynchronously, with `await open_storage(config.store)`), else on its SQLite file;
+    with the credentials of `access` when given, else those the config names (`load_access`)."""
+    access = access if access is not None else load_access(config)
+    # Every request passes access control first, so no route can be reached without its role.
+    app = web.Application(client_max_size=config.server.max_request_bytes, middlewares=[access_control])
+    app[ACCESS] = access
     app[SERVICES] = build_services(config, registry, strategies)
     app[STORAGE] = storage if storage is not None else open_local_storage(config.store)
     app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
     app[LADDER] = app[ENGINE].ladder
     app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])
     app[OPTIMIZER] = build_optimizer(app[SERVICES], app[STORAGE], app[ENGINE])
-    token = config.server.auth.resolve_token()
-    if token is not None:
-        app[TOKEN] = token
-    else:
+    for warning in access.warnings:
+        log.warning("access control", extra=fields(warning=warning))
+    if access.no_credentials:
         log.warning("the webhook and operator endpoints accept requests without a token (loopback only)")
     # Healing first, so that readiness (set by the exporter's lifecycle) implies an open store.
     app.cleanup_ctx.append(_healing)

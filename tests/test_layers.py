@@ -18,7 +18,8 @@ PACKAGE_DIR = Path(healer.__file__).resolve().parent
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations",
-        # healer.http: authentication, error bodies and request parsing that every route module shares.
+        # healer.http: error bodies and request parsing that every route module shares; healer.auth: access
+        # control, whose identity every route module that records who acted reads.
         (
             "healer",
             "healer.durations",
@@ -27,6 +28,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
             "healer.logs",
             "healer.config",
             "healer.http",
+            "healer.auth",
         ),
     ),
     1: (

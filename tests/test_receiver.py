@@ -92,7 +92,7 @@ def test_accepted_alert_is_on_disk_before_2xx(tmp_path: Path, servers: list[Serv
     ("headers", "url_suffix", "status", "says"),
     [
         ({}, "", 401, "missing Authorization"),
-        ({"Authorization": "Bearer wrong"}, "", 403, "not valid"),
+        ({"Authorization": "Bearer wrong"}, "", 401, "not valid"),
         ({"Authorization": f"Basic {TOKEN}"}, "", 401, "Bearer scheme"),
         ({}, f"?token={TOKEN}", 401, "never in the URL"),
         (AUTH, f"?access_token={TOKEN}", 401, "never in the URL"),

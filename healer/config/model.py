@@ -101,10 +101,15 @@ def _secret(variable: str, path: Path | None, environ: dict[str, str] | None) ->
 
 
 class AuthConfig(_Strict):
+    # Deprecated: one shared token with the alertmanager and operator roles; prefer the web config file.
     bearer_token_file: Path | None = None
+    # Prometheus users expect to scrape without a login: when true, /metrics answers without a
+    # credential even when credentials are configured (it holds no secrets, only healer's state).
+    metrics_open: bool = False
 
     def resolve_token(self, environ: dict[str, str] | None = None) -> SecretStr | None:
-        """Return the bearer token: the environment variable first, then the file."""
+        """Return the bearer token: the environment variable first, then the file (a blank one counts as none;
+        healer.auth, which serves requests, refuses a blank file instead)."""
         return _secret(TOKEN_ENV, self.bearer_token_file, environ)
 
 
@@ -115,6 +120,9 @@ class ServerConfig(_Strict):
     replica: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     external_url: Url | None = None
     auth: AuthConfig = AuthConfig()
+    # The exporter-toolkit web configuration file (basic_auth_users, tls_server_config and healer's
+    # roles and tokens), as node_exporter and Prometheus read it; `--web.config.file` overrides it.
+    web_config_file: Path | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)

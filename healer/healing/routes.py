@@ -9,12 +9,13 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from healer.auth import actor
 from healer.config.model import MatcherField
 from healer.healing.engine import Engine
 from healer.healing.ladder import Ladder
 from healer.healing.model import Action, ActionFilter, Episode
 from healer.healing.payload import InvalidPayloadError, decode_webhook
-from healer.http import authenticate, invalid_body, path_id, problem, query_limit, query_number, require_json
+from healer.http import invalid_body, path_id, problem, query_limit, query_number, require_json
 from healer.logs import fields
 from healer.storage import StoreUnavailableError
 from healer.types import PositiveDuration
@@ -37,7 +38,7 @@ async def alertmanager_webhook(request: web.Request) -> web.Response:
 
 async def _receive(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    refused = authenticate(request) or require_json(request)
+    refused = require_json(request)
     if refused is not None:
         return refused
     try:
@@ -126,12 +127,9 @@ async def get_action(request: web.Request) -> web.Response:
 
 async def approve_action(request: web.Request) -> web.Response:
     """Approve a step that waits for approval; it runs at once."""
-    refused = authenticate(request)
-    if refused is not None:
-        return refused
     engine = request.app[ENGINE]
     action_id = path_id(request, "action")
-    approver = _who(request)
+    approver = actor(request)
     if not await engine.approve(action_id, approver):
         return problem(409, f"action {action_id} is not waiting for approval")
     return web.json_response({"approved": action_id})
@@ -147,7 +145,7 @@ class RejectRequest(BaseModel):
 
 async def reject_action(request: web.Request) -> web.Response:
     """Reject a step that waits for approval, saying why; it ends cancelled and its episode escalates at once."""
-    refused = authenticate(request) or require_json(request)
+    refused = require_json(request)
     if refused is not None:
         return refused
     engine = request.app[ENGINE]
@@ -158,8 +156,8 @@ async def reject_action(request: web.Request) -> web.Response:
         return invalid_body(exc, "not a valid rejection")
     if await engine.records.get_action(action_id) is None:
         return problem(404, f"no action {action_id}")
-    # The same source of the operator's name as approval, so the audit trail names both alike.
-    who = _who(request)
+    # The authenticated caller, as for approval, so the audit trail names both alike.
+    who = actor(request)
     if not await engine.reject(action_id, who, body.reason):
         return problem(409, f"action {action_id} is not waiting for approval")
     return web.json_response({"rejected": action_id, "by": who, "reason": body.reason})
@@ -167,17 +165,10 @@ async def reject_action(request: web.Request) -> web.Response:
 
 async def close_circuit(request: web.Request) -> web.Response:
     """Close the circuit breaker and reset the action budget."""
-    refused = authenticate(request)
-    if refused is not None:
-        return refused
     await request.app[ENGINE].close_circuit()
-    log.info("circuit closed by operator")
-    return web.json_response({"circuit_open": False})
-
-
-def _who(request: web.Request) -> str:
-    """The operator an action is recorded for."""
-    return request.headers.get("X-Healer-Approver", "api")
+    who = actor(request)
+    log.info("circuit closed by operator", extra=fields(by=who))
+    return web.json_response({"circuit_open": False, "by": who})
 
 
 class PauseRequest(BaseModel):
@@ -200,7 +191,7 @@ class PauseRequest(BaseModel):
 
 async def create_pause(request: web.Request) -> web.Response:
     """Pause healing for the alerts the matchers select: they are recorded, not acted on, until it ends."""
-    refused = authenticate(request) or require_json(request)
+    refused = require_json(request)
     if refused is not None:
         return refused
     try:
@@ -208,7 +199,7 @@ async def create_pause(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return invalid_body(exc, "not a valid pause")
     board = request.app[ENGINE].episode_steps.pauses
-    pause = await board.pause([str(m) for m in body.matchers], body.reason, _who(request), body.duration)
+    pause = await board.pause([str(m) for m in body.matchers], body.reason, actor(request), body.duration)
     return web.json_response({"id": pause.id, "pause": pause.to_json(pause.created_at)}, status=201)
 
 
@@ -224,11 +215,8 @@ async def list_pauses(request: web.Request) -> web.Response:
 
 async def end_pause(request: web.Request) -> web.Response:
     """End an operator's pause before it expires; matching alerts still firing are healed."""
-    refused = authenticate(request)
-    if refused is not None:
-        return refused
     pause_id = path_id(request, "pause")
-    ended = await request.app[ENGINE].episode_steps.pauses.unpause(pause_id, _who(request))
+    ended = await request.app[ENGINE].episode_steps.pauses.unpause(pause_id, actor(request))
     if ended is None:
         return problem(404, f"no pause {pause_id} in force")
     return web.json_response({"pause": ended.to_json(time.time())})

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from pydantic import Field, ValidationError
 
+from healer.auth import actor
 from healer.config import GoalSpec, plan_problems
-from healer.http import authenticate, invalid_body, path_id, problem, query_limit, require_json
+from healer.http import invalid_body, path_id, problem, query_limit, require_json
+from healer.logs import fields
 from healer.planner.model import GoalEndedError, GoalNotFoundError, GoalState
 from healer.planner.planner import Planner, render_target_query
 from healer.promql import PrometheusUnavailableError, PromQLError
+
+log = logging.getLogger(__name__)
 
 PLANNER = web.AppKey("planner", Planner)
 
@@ -48,9 +54,6 @@ async def get_goal(request: web.Request) -> web.Response:
 
 async def create_goal(request: web.Request) -> web.Response:
     """Open a goal as an operator: 201 with the goal, 409 when the same one is open, 422 for a bad one."""
-    refused = authenticate(request)
-    if refused is not None:
-        return refused
     planner = request.app[PLANNER]
     if not planner.config.planner.enabled:
         return problem(503, "the planner is disabled (planner.enabled: false); a goal opened now would never run")
@@ -71,6 +74,8 @@ async def create_goal(request: web.Request) -> web.Response:
     goal = await planner.add(spec, spec.name, spec.labels)
     if goal is None:
         return problem(409, f"a goal {spec.name!r} with these labels is open already")
+    # The goal's record names its source (operator), not the person: the log line keeps who opened it.
+    log.info("goal opened by operator", extra=fields(goal=goal.id, name=spec.name, by=actor(request)))
     return web.json_response({"goal": goal.to_json()}, status=201)
 
 
@@ -87,12 +92,9 @@ async def _query_rejected(planner: Planner, spec: GoalRequest) -> str | None:
 
 async def cancel_goal(request: web.Request) -> web.Response:
     """Cancel an open goal and stop its running step."""
-    refused = authenticate(request)
-    if refused is not None:
-        return refused
     planner = request.app[PLANNER]
     goal_id = path_id(request, "goal")
-    who = request.headers.get("X-Healer-Operator", "an operator")
+    who = actor(request)
     try:
         goal = await planner.cancel(goal_id, who)
     except GoalNotFoundError:
