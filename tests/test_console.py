@@ -8,21 +8,26 @@ docs/console-healing.png and docs/console-approval.png.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import sys
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.servers import REPO, wait_for
+from healer.config import HealerConfig
+from healer.console import CONSOLE_ACCESS, ConsoleAccess, add_console_routes
+from tests.servers import REPO, http_send, wait_for
 from tests.stack import TOKEN, HealingStack, dump, remove_fault_strategy, start_stack
 from tests.test_healing_e2e import rule
 from tests.test_safety import wait_held
-
-pytestmark = pytest.mark.slow
 
 sync_api = pytest.importorskip("playwright.sync_api")
 Browser = sync_api.Browser
@@ -50,13 +55,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
         "remove-fault": remove,
         "gated-remove": {**remove, "approval": "required"},
         "slow-remove": {"type": "exec", "command": [sys.executable, "-c", SLOW_REMOVE, str(faults), "{labels.fault}"]},
+        "wait": {"type": "exec", "command": ["sleep", "60"], "timeout": "2m"},
     }
     healing = {
         "pause_check_interval": "200ms",
         "rules": [
             rule("approved", "approved", ["gated-remove"]),
             rule("rejected", "rejected", ["gated-remove"]),
-            rule("paused", "paused", ["remove-fault"]),
+            rule("paused", "paused", ["remove-fault"], order="learned"),
             rule("healing", "healing", ["slow-remove"]),
         ],
     }
@@ -110,6 +116,7 @@ def newest_action(stack: HealingStack, rule_name: str, state: str) -> dict[str, 
         raise AssertionError(f"{exc}\n{dump(stack)}") from None
 
 
+@pytest.mark.slow
 def test_the_console_loads_light_from_healer_alone(stack: HealingStack, page: Page) -> None:
     """The page, its script and style sheet and its first poll of the API come from healer only and weigh
     under 200 kB; it shows health, the circuit breaker and links to Prometheus and Alertmanager."""
@@ -141,6 +148,9 @@ def test_the_console_loads_light_from_healer_alone(stack: HealingStack, page: Pa
     )
     # No Grafana URL is configured, so no dashboard is linked.
     expect(page.get_by_role("link", name="Grafana", exact=False)).to_have_count(0)
+    expect(page.locator("#ladders")).to_contain_text("Rule paused")
+    expect(page.locator("#ladders")).to_contain_text("remove-fault")
+    expect(page.locator("#candidates")).to_contain_text("No candidates.")
     # The Content-Security-Policy allows nothing from elsewhere.
     answer = page.request.get(stack.healer.url + "/")
     assert "default-src 'none'" in answer.headers["content-security-policy"]
@@ -161,6 +171,7 @@ def accessibility_problems(page: Page) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 def test_approve_with_a_click_runs_the_step_and_shows_it_healed(
     stack: HealingStack, page: Page, tmp_path: Path
 ) -> None:
@@ -190,6 +201,7 @@ def test_approve_with_a_click_runs_the_step_and_shows_it_healed(
     assert not stack.fault_present("approved")
 
 
+@pytest.mark.slow
 def test_reject_with_a_reason_from_the_keyboard_escalates(stack: HealingStack, page: Page) -> None:
     """The reject form is filled and sent with the keyboard alone; the episode escalates with the reason."""
     open_console(page, stack)
@@ -214,6 +226,7 @@ def test_reject_with_a_reason_from_the_keyboard_escalates(stack: HealingStack, p
     assert stack.fault_present("rejected"), "a rejected step must not run"
 
 
+@pytest.mark.slow
 def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: HealingStack, page: Page) -> None:
     """A pause made with the form holds the matching alert's step (recorded, not run); ending it from the page
     lets the step run and heal."""
@@ -227,6 +240,7 @@ def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: Heali
     expect(pauses).to_contain_text('fault="paused"')
     expect(pauses).to_contain_text("database migration")
 
+    assert accessibility_problems(page) == []
     stack.inject("paused")
     held = wait_held(stack, "paused", "paused")
     firing = page.locator("#firing-list li").filter(has_text='fault="paused"')
@@ -241,6 +255,7 @@ def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: Heali
     assert not stack.fault_present("paused")
 
 
+@pytest.mark.slow
 def test_a_running_step_shows_live_and_the_page_fits_a_phone(stack: HealingStack, page: Page, tmp_path: Path) -> None:
     """The timeline follows the firing episode as its step runs and heals, without a reload; on a phone-sized
     screen nothing is wider than the screen."""
@@ -259,3 +274,73 @@ def test_a_running_step_shows_live_and_the_page_fits_a_phone(stack: HealingStack
     expect(page.get_by_role("heading", name="Episode timeline")).to_be_visible()
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
+
+
+@pytest.mark.slow
+def test_a_goal_shows_its_progress_and_is_cancelled_from_the_page(stack: HealingStack, page: Page) -> None:
+    """An operator's goal shows with its state and a labelled progress bar; Cancel goal ends it."""
+    goal = {
+        "name": "console-goal",
+        "type": "performance",
+        "target": {"query": "vector(1)", "below": 0},
+        "plan": ["wait"],
+    }
+    status, body = http_send("POST", stack.healer.url + "/api/v1/goals", goal, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 201, body
+    goal_id = body["goal"]["id"]
+    open_console(page, stack)
+    item = page.locator("#goals-list li").filter(has_text="console-goal")
+    expect(item.locator(".badge")).to_have_text("in progress")
+    expect(page.get_by_role("progressbar", name="Progress of goal console-goal")).to_be_visible()
+    assert accessibility_problems(page) == []
+    page.get_by_role("button", name=f"Cancel goal {goal_id} (console-goal)").click()
+    expect(item.locator(".badge")).to_have_text("cancelled")
+    expect(page.locator("#goals-summary")).to_contain_text("1 cancelled")
+
+
+async def _fetch_console(app: web.Application, paths: list[str]) -> list[tuple[int, dict[str, str], str]]:
+    """Each path's status, headers and body from `app` served on a loopback port."""
+    async with TestClient(TestServer(app)) as client:
+        answers = []
+        for path in paths:
+            response = await client.get(path)
+            answers.append((response.status, dict(response.headers), await response.text()))
+        return answers
+
+
+def test_the_page_renders_the_access_hooks_as_text_and_no_credentials_of_urls() -> None:
+    """What access control hands the page (CSRF token, identity, whether to show operator controls) is
+    rendered escaped; user names and passwords in configured URLs never reach the page."""
+    config = HealerConfig.model_validate(
+        {
+            "prometheus": {"url": "http://scraper:s3cret-prom@prometheus.example:9090"},
+            "alertmanager": {"url": "https://am.example/"},
+            "grafana": {"url": "https://admin:s3cret-grafana@grafana.example/"},
+        }
+    )
+    app = web.Application()
+    add_console_routes(app, config)
+    app[CONSOLE_ACCESS] = ConsoleAccess(
+        csrf_token=lambda request: 'tok"<en>', can_operate=lambda request: False, identity=lambda request: "<alice>"
+    )
+    paths = ["/", "/console/console.js", "/console/console.css", "/console/index.html"]
+    # Its own thread: Playwright's synchronous API may hold this thread's event loop.
+    with ThreadPoolExecutor(1) as pool:
+        answers = pool.submit(asyncio.run, _fetch_console(app, paths)).result()
+    (status, headers, page), script, style, template = answers
+    assert status == 200
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert '<meta name="healer-csrf-token" content="tok&quot;&lt;en&gt;">' in page
+    assert "signed in as &lt;alice&gt;" in page
+    assert "s3cret" not in page and "scraper" not in page and "admin" not in page
+    settings = json.loads(page.split('id="console-settings">', 1)[1].split("</script>", 1)[0])
+    assert settings["canOperate"] is False
+    assert settings["links"]["prometheus"] == "http://prometheus.example:9090"
+    assert settings["links"]["alertmanager"] == "https://am.example"
+    assert [d["url"] for d in settings["links"]["dashboards"]] == [
+        "https://grafana.example/d/healer-overview",
+        "https://grafana.example/d/healer-host-app",
+    ]
+    assert script[0] == 200 and "X-CSRF-Token" in script[2]
+    assert style[0] == 200 and style[2]
+    assert template[0] == 404
