@@ -6,7 +6,9 @@
   const settings = JSON.parse(document.getElementById("console-settings").textContent);
   const POLL_MS = (settings.pollSeconds || 2) * 1000;
   const OUTPUT_LIMIT = 2000;
-  const STEPS_LIMIT = 200;
+  // The newest steps read each poll, for approvals, firing and recent episodes. The API cannot yet list
+  // steps by state (awaiting_approval) or open episodes alone, so a step older than these is not seen.
+  const STEPS_LIMIT = 50;
 
   // --- Access control integration point -------------------------------------------------------
   // The server renders the session's CSRF token into <meta name="healer-csrf-token"> (empty when no
