@@ -194,7 +194,7 @@ def alertmanager_config(ports: Ports, token_file: Path) -> dict[str, Any]:
             "group_wait": "0s",
             "group_interval": "1s",
             "repeat_interval": "1h",
-            "routes": [{"matchers": ['alertname=~"HealingFailed|Healer.*"'], "receiver": "humans"}],
+            "routes": [{"matchers": ['alertname=~"Healing(Failed|Suspended)|Healer.*"'], "receiver": "humans"}],
         },
         "receivers": [
             {

@@ -136,6 +136,8 @@ class PromQLClient:
         self._session: Any = None
         self._prom: Any = None
         self._external_labels: dict[str, str] | None = None
+        # Whether the backend serves the rule manager's alerts (Prometheus does; some compatible ones do not).
+        self._alerts_api = True
 
     def _connect(self) -> Any:
         """Create the library's client on first use, in the worker thread.
@@ -265,7 +267,7 @@ class PromQLClient:
         """
         return await asyncio.to_thread(self._rules_evaluated_sync)
 
-    def _alerts_sync(self) -> list[dict[str, Any]]:
+    def _alerts_sync(self) -> list[dict[str, Any]] | None:
         import requests
 
         self._connect()
@@ -275,6 +277,8 @@ class PromQLClient:
             raise PrometheusUnavailableError(
                 f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
             ) from None
+        if response.status_code in (400, 404, 405, 501):
+            return None
         if response.status_code != 200:
             raise PrometheusUnavailableError(f"Prometheus answered HTTP {response.status_code} to /api/v1/alerts")
         try:
@@ -300,12 +304,29 @@ class PromQLClient:
                 raise ValueError(f"{name!r} is not a valid Prometheus label name")
             if name != "alertstate" and external.get(name) != value:
                 wanted[name] = value
-        for alert in await asyncio.to_thread(self._alerts_sync):
+        alerts = await asyncio.to_thread(self._alerts_sync) if self._alerts_api else None
+        if alerts is None:  # a Prometheus-compatible backend without the rule manager's API
+            self._alerts_api = False
+            return await self._alert_series_firing(wanted)
+        for alert in alerts:
             found = alert.get("labels") or {}
-            # As in a PromQL selector, a label that is absent matches an empty value.
-            if alert.get("state") == "firing" and all(found.get(name, "") == value for name, value in wanted.items()):
+            # Pending counts: after a restart Prometheus shows an alert that fired as pending again until
+            # its `for` has passed anew, while the condition holds all along. A fix that works removes it.
+            if alert.get("state") in ("firing", "pending") and all(
+                # As in a PromQL selector, a label that is absent matches an empty value.
+                found.get(name, "") == value
+                for name, value in wanted.items()
+            ):
                 return True
         return False
+
+    async def _alert_series_firing(self, wanted: Mapping[str, str]) -> bool:
+        """The same question asked of the `ALERTS` series, for backends without /api/v1/alerts."""
+        try:
+            samples = await self.query(label_selector("ALERTS", {**wanted, "alertstate": "firing"}))
+        except PromQLError as exc:  # our own selector cannot be wrong; the server is
+            raise PrometheusUnavailableError(f"Prometheus rejected the ALERTS query: {exc}") from None
+        return bool(samples)
 
     async def query_healthy(self, expr: str, healthy_when: HealthyWhen | None = None) -> bool:
         """Tell whether a verification query says healed: any result, or with `healthy_when` every value within it."""

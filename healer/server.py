@@ -122,7 +122,10 @@ def build_engine(services: Services, storage: Storage) -> Engine:
     replica = Replica(
         replica_name(config), storage.coordination, config.store.lease, storage.shared, services.registry
     )
-    steps = StepRunner(config, services.strategies, services.healing_metrics, storage.coordination, replica)
+    pauses = PauseBoard(config, storage.pauses, promql, services.registry)
+    steps = StepRunner(
+        config, services.strategies, services.healing_metrics, storage.coordination, replica, pauses
+    )
     side = SideTasks()
     # The escalator wakes the engine's work loop when a post ends; both share this event.
     wakeup = asyncio.Event()
@@ -147,7 +150,6 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         services.healing_metrics,
         promql,
         GrafanaAnnotator(config.grafana, services.registry),
-        PauseBoard(config, storage.pauses, promql, services.registry),
         wakeup.set,
     )
     return Engine(config, wakeup, storage.inbox, episode_steps, side)

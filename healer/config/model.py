@@ -476,7 +476,7 @@ class HealingConfig(_Strict):
     # While any of these queries returns a result (a deploy in progress, say), no step runs.
     pause_when: list[Annotated[str, AfterValidator(_plain_query)]] = Field(default_factory=list)
     # How often pause_when is asked, and how often a held step looks again at pauses.
-    pause_check_interval: PositiveDuration = 5.0
+    pause_check_interval: Annotated[PositiveDuration, Field(ge=0.1)] = 5.0
     maintenance: Annotated[list[MaintenanceWindow], _unique_names_of("maintenance window")] = Field(
         default_factory=list
     )

@@ -260,6 +260,7 @@ class Engine:
                     self._next_reclaim = self._clock() + self.replica.lease / RENEWALS_PER_LEASE
                     await self._reclaim(self._clock())
                 await self._settle_own_orphans()
+                await self.steps.release_leftovers()
                 # Keeps healer_paused current when no step asks (at most once per pause_check_interval).
                 await self.episode_steps.pauses.refresh()
                 agenda = await self.records.agenda(self._clock(), self.replica.name)
@@ -342,7 +343,7 @@ class Engine:
         opened = await self.records.open_episodes(
             [request for request, _ in planned], self.replica.name, self.replica.until()
         )
-        for (request, decision), result in zip(planned, opened, strict=True):
+        for item, (request, decision), result in zip(items, planned, opened, strict=True):
             if not result.created:
                 self.metrics.skipped.labels(SkipReason.DUPLICATE).inc()
                 continue
@@ -353,7 +354,7 @@ class Engine:
             if result.deferred_until is not None:
                 self.metrics.skipped.labels(SkipReason.COOLDOWN).inc()
             if result.first is not None:
-                self._start(result.first, result.episode)
+                self._start(result.first, result.episode, item.received_at)
             if result.flap is not None:
                 self.metrics.skipped.labels(SkipReason.FLAPPING).inc()
                 if result.flap is Flap.ESCALATE and request.flapping is not None:
@@ -415,11 +416,13 @@ class Engine:
             return 5.0
         return max(0.01, min(5.0, agenda.next_wake - self._clock()))
 
-    def _start(self, action: Action, taken_for: Episode | None = None) -> None:
-        """Start a due step's task unless it runs here already; `taken_for` when this replica holds it already."""
+    def _start(self, action: Action, taken_for: Episode | None = None, arrived_at: float | None = None) -> None:
+        """Start a due step's task unless it runs here already; `taken_for` when this replica holds it already
+        (a first step, whose alert arrived at `arrived_at`)."""
         if action.id in self._inflight or self.steps.stopping:
             return
-        task = asyncio.create_task(self.episode_steps.execute(action, taken_for), name=f"action-{action.id}")
+        work = self.episode_steps.execute(action, taken_for, arrived_at)
+        task = asyncio.create_task(work, name=f"action-{action.id}")
         self._inflight[action.id] = task
         task.add_done_callback(functools.partial(self._forget, action.id))
 

@@ -123,7 +123,6 @@ class EpisodeSteps:
         metrics: HealingMetrics,
         promql: PromQLClient,
         annotator: GrafanaAnnotator,
-        pauses: PauseBoard,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -136,7 +135,7 @@ class EpisodeSteps:
         self.metrics = metrics
         self.promql = promql
         self.annotator = annotator
-        self.pauses = pauses
+        self.pauses: PauseBoard = steps.pauses
         self._wake = wake
         self._clock = clock
         self._rules = {rule.name: rule for rule in config.healing.rules}
@@ -167,18 +166,21 @@ class EpisodeSteps:
         self.metrics.skipped.labels(reason).inc()
         self.metrics.actions.labels(strategy, outcome).inc()
 
-    async def execute(self, action: Action, taken_for: Episode | None = None) -> None:
+    async def execute(
+        self, action: Action, taken_for: Episode | None = None, arrived_at: float | None = None
+    ) -> None:
         """Take a due step as far as it goes; nothing it meets is left pending or running forever.
 
         The step is first reserved for this replica, so that of several replicas one runs it, unless
-        it came reserved already (`taken_for`: its episode, which this replica opened with it).
+        it came reserved already (`taken_for`: its episode, which this replica opened with it from an
+        alert that arrived at `arrived_at`).
         """
         replica = self.steps.replica
         episode = taken_for or await self.records.take(action.id, replica.name, self._clock(), replica.until())
         if episode is None:
             return
         try:
-            await self._execute_step(action, episode)
+            await self._execute_step(action, episode, arrived_at)
         except asyncio.CancelledError:
             raise
         except StoreUnavailableError as exc:
@@ -202,7 +204,7 @@ class EpisodeSteps:
                         f"internal error: {exc!r}",
                     )
 
-    async def _execute_step(self, action: Action, episode: Episode) -> None:
+    async def _execute_step(self, action: Action, episode: Episode, arrived_at: float | None) -> None:
         rule = self._rules.get(action.rule)
         if rule is None or action.strategy not in self.config.strategies:
             detail = f"rule {action.rule!r} or strategy {action.strategy!r} is no longer configured"
@@ -233,7 +235,7 @@ class EpisodeSteps:
             return
         # Alertmanager's word that the alert fires, seconds old, is as fresh as Prometheus's ALERTS:
         # only a step that waited (a cooldown, a backoff, an approval) asks Prometheus again.
-        fresh = action.attempt == 1 and self._clock() - episode.created_at < FRESH_ALERT_SECONDS
+        fresh = arrived_at is not None and self._clock() - arrived_at < FRESH_ALERT_SECONDS
         if not fresh and await self.escalator.still_firing(episode) is False:
             detail = "Prometheus no longer reports the alert firing"
             await self._end_unrun(
@@ -247,9 +249,9 @@ class EpisodeSteps:
                 action, SkipReason.RESOLVED, Outcome.CANCELLED, EpisodeState.RESOLVED, turn.detail, step.plan
             )
             return
-        if isinstance(turn, Hold):
+        if isinstance(turn, Hold):  # a guard that held past guard_timeout, counted when it began to hold
             reason = f"guard: {turn.detail}"
-            await self.cancel_and_escalate(action, episode, turn.reason, turn.detail, reason, step.plan)
+            await self.cancel_and_escalate(action, episode, turn.reason, turn.detail, reason, step.plan, counted=True)
             return
         if turn is STOPPING:  # the step stays pending and runs after the restart, anywhere
             await self.records.give_back(action.id, self.steps.replica.name)
@@ -360,7 +362,6 @@ class EpisodeSteps:
         """
         counted: set[SkipReason] = set()
         guard_failing_since: float | None = None
-        resolution_seen = False
         while True:
             hold = await self._hold(rule, episode)
             if hold is None and counted and await self.escalator.still_firing(episode) is False:
@@ -387,15 +388,16 @@ class EpisodeSteps:
                 guard_failing_since = None
             if self.steps.stopping:
                 return STOPPING
-            wake_on = [] if resolution_seen else [resolved]
+            wake_on = [] if resolved.is_set() else [resolved]
             if hold.reason is SkipReason.BLAST_RADIUS:
                 wake_on.append(self.steps.group_freed)
             await _wait_any(wake_on, wait)
-            if resolved.is_set() and not resolution_seen:
-                resolution_seen = True
-                current = await self.records.get_action(action.id)
-                if current is None or current.state is not ActionState.PENDING:
-                    return NOT_CLAIMED
+            # The store says whether the step still waits: a resolution another replica took in, or its
+            # claim lapsed during a store outage and another replica took the step over.
+            current = await self.records.get_action(action.id)
+            ours = current is not None and current.replica == self.steps.replica.name
+            if current is None or current.state is not ActionState.PENDING or not ours:
+                return NOT_CLAIMED
 
     async def _take_turn(self, rule: HealingRule, episode: Episode) -> Turn | Hold:
         """Count the episode within its group's share of the fleet and take its group's slot, or say why not."""
@@ -513,10 +515,11 @@ class EpisodeSteps:
         detail: str,
         plan: dict[str, object],
     ) -> None:
-        """End a step that did not run, and its episode with it, counting why."""
-        self.count_skip(action.strategy, reason, outcome)
+        """End a step that did not run, and its episode with it, counting why (once: not when another
+        replica or a resolution ended it first)."""
         finish = Finish(outcome=outcome, skip_reason=reason, plan=plan, episode_state=episode_state, detail=detail)
-        await self.finish(action, finish)
+        if await self.finish(action, finish):
+            self.count_skip(action.strategy, reason, outcome)
 
     async def _judge(
         self,
@@ -626,11 +629,17 @@ class EpisodeSteps:
         detail: str,
         escalation_reason: str,
         plan: dict[str, object] | None = None,
+        counted: bool = False,
     ) -> None:
-        """End a step that a safety rail stopped, count why, and hand the episode to people."""
-        self.count_skip(action.strategy, skip_reason)
+        """End a step that a safety rail stopped, count why (unless `counted` already), and hand the episode
+        to people."""
         finish = Finish(outcome=Outcome.CANCELLED, skip_reason=skip_reason, detail=detail, plan=plan)
-        await self._end_with_escalation(action, episode, finish, escalation_reason)
+        if not await self._end_with_escalation(action, episode, finish, escalation_reason):
+            return
+        if counted:
+            self.metrics.actions.labels(action.strategy, Outcome.CANCELLED).inc()
+        else:
+            self.count_skip(action.strategy, skip_reason)
 
     async def reject(self, action_id: int, who: str, reason: str) -> bool:
         """End a step that awaits approval as rejected and hand its episode to people; False when it no longer waits."""
@@ -659,7 +668,8 @@ class EpisodeSteps:
         await self.escalator.count(episode, escalation)
         return True
 
-    async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> None:
+    async def _end_with_escalation(self, action: Action, episode: Episode, finish: Finish, reason: str) -> bool:
+        """End the step and hand its episode to people; False when the step had ended already."""
         done = await self.finish(
             action,
             replace(
@@ -671,6 +681,7 @@ class EpisodeSteps:
         )
         if done:
             await self.escalator.count(episode, reason)
+        return done
 
     async def episode_ended(self, episode_id: int) -> None:
         """Drop what an episode held in memory and expire its silence, once it is no longer open."""

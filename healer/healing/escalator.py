@@ -57,10 +57,12 @@ SUSPENDED_RUNBOOK_URL = "https://github.com/healer-project/healer/blob/main/docs
 STORM_CHECK_SECONDS = 5.0
 # Steps a blast-radius limit holds back at once before people are told.
 STORM_HELD = 10
+# How far back suspended episodes whose alert still fires are reported.
+SUSPENSION_MEMORY_SECONDS = 86400.0
 # Why healing was suspended, as people read it.
 SUSPENSION_REASONS = {
-    "circuit_open": "the global action budget is spent and the circuit breaker is open",
-    "budget": "the rule's own action budget is spent",
+    "circuit_open": "the global action budget was spent (circuit breaker open) when they fired",
+    "budget": "the rule's own action budget was spent when they fired",
     "blast_radius": "the rule's blast radius holds them back",
 }
 
@@ -70,7 +72,7 @@ def healing_suspended_alert(
 ) -> dict[str, Any]:
     """The one alert that stands for every episode a storm left unacted on, for one reason and rule."""
     why = SUSPENSION_REASONS.get(suspension.reason, suspension.reason)
-    counts = f"{suspension.suspended} alerts not acted on" + (
+    counts = f"{suspension.suspended} alerts not acted on and still firing" + (
         f", {suspension.held} held back now" if suspension.held else ""
     )
     return {
@@ -94,12 +96,10 @@ def healing_suspended_alert(
     }
 
 
-def _storm(suspension: Suspension, circuit_open: bool) -> bool:
-    """Whether people should hear of a suspension: episodes ended unacted on while a budget is spent, or
-    many held back by a blast radius now (paused and guarded steps are held on purpose)."""
-    if suspension.reason == "circuit_open":
-        return circuit_open and suspension.suspended > 0
-    if suspension.reason == "budget":
+def _storm(suspension: Suspension) -> bool:
+    """Whether people should hear of a suspension: alerts that a spent budget left unacted on and that still
+    fire, or many held back by a blast radius now (paused and guarded steps are held on purpose)."""
+    if suspension.reason in ("circuit_open", "budget"):
         return suspension.suspended > 0
     return suspension.reason == "blast_radius" and suspension.held >= STORM_HELD
 
@@ -181,14 +181,13 @@ class Escalator:
             self._checking_storms = False
 
     async def _post_storms(self) -> None:
-        healing = self.config.healing
         now = self._clock()
-        windows = [rule.budget.window for rule in healing.rules if rule.budget is not None]
-        since = now - max([healing.circuit_reset, *windows])
-        circuit_open = await self._circuit_open()
+        # Alerts left unacted on stay news while they fire (nobody healed them), up to a day back.
+        since = now - SUSPENSION_MEMORY_SECONDS
+        await self._circuit_open()  # keeps healer_circuit_open current on the leader
         firing: dict[tuple[str, str], Suspension] = {}
         for suspension in await self.records.suspensions(since):
-            if _storm(suspension, circuit_open):
+            if _storm(suspension):
                 firing[(suspension.reason, suspension.rule)] = suspension
         resend = self.config.alertmanager.resend_interval
         alerts = []
@@ -305,7 +304,8 @@ class Escalator:
     async def silence(self, episode: Episode, rule: HealingRule) -> Episode:
         """Silence the episode's alert for as long as every attempt could take; return the episode as recorded."""
         longest_step = max((self.config.strategies[name].timeout for name in rule.strategies), default=0.0)
-        duration = (longest_step + rule.verify.within + rule.max_backoff) * rule.max_attempts
+        verifying = rule.verify.within + rule.verify.wait_for_prometheus
+        duration = (longest_step + verifying + rule.max_backoff) * rule.max_attempts
         try:
             silence_id = await self.alertmanager.create_silence(
                 episode.labels, duration, comment=f"healer is healing episode {episode.id} (rule {rule.name})"

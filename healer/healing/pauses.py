@@ -105,7 +105,11 @@ class PauseBoard:
     async def _ask(self, query: str) -> ActivePause | None:
         try:
             samples = await self._promql.query(query)
-        except (PrometheusUnavailableError, PromQLError) as exc:
+        except PromQLError as exc:
+            # A query Prometheus rejects will never answer: say so loudly, and still hold (fail closed).
+            log.error("pause_when query rejected; healing stays paused", extra=fields(query=query, error=str(exc)))
+            return ActivePause("pause_when", query, f"Prometheus rejected the query ({exc}); pause_when holds", None)
+        except PrometheusUnavailableError as exc:
             # Like a guard, pause_when fails closed: not knowing whether a deploy runs is not "no deploy".
             return ActivePause("pause_when", query, f"Prometheus could not answer ({exc}); pause_when holds", None)
         if samples:

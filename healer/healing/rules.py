@@ -47,11 +47,16 @@ def flapping(policy: FlapPolicy, earlier: int, flapping_until: float | None, now
     return Flapping(None, None)
 
 
+# How a flapping escalation's reason begins. Its HealingFailed does not resolve with the alert, which
+# resolves within seconds by nature; it resolves once Prometheus no longer reports the alert firing.
+FLAPPING_REASON_PREFIX = "flapping:"
+
+
 def flapping_reason(policy: FlapPolicy) -> str:
     """What people read about an alert that flaps."""
     return (
-        f"flapping: the alert opened {policy.episodes} episodes within {policy.window:g}s; healer does not"
-        f" act on it again until it has been quiet for {policy.window:g}s"
+        f"{FLAPPING_REASON_PREFIX} the alert had opened {policy.episodes} episodes within {policy.window:g}s before"
+        f" this one; healer does not act on it again until it has been quiet for {policy.window:g}s"
     )
 
 

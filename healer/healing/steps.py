@@ -20,6 +20,7 @@ from typing import Any
 from healer.config import HealerConfig
 from healer.healing.metrics import HealingMetrics
 from healer.healing.model import BudgetScope, Charge, SkipReason
+from healer.healing.pauses import PauseBoard
 from healer.healing.replica import Replica
 from healer.storage import Coordination, StoreUnavailableError
 from healer.strategies.base import StrategyParams, StrategyRegistry
@@ -76,6 +77,7 @@ class StepRunner:
         metrics: HealingMetrics,
         coordination: Coordination,
         replica: Replica,
+        pauses: PauseBoard,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -83,11 +85,14 @@ class StepRunner:
         self.metrics = metrics
         self._coordination = coordination
         self.replica = replica
+        self.pauses = pauses
         self._clock = clock
         # Set whenever this replica frees a slot, so that a step waiting here looks again at once.
         self._slot_freed = asyncio.Event()
         # Set whenever this replica frees a label group's slot (blast radius).
         self.group_freed = asyncio.Event()
+        # Slots whose release the store could not take; released again from the work loop.
+        self._unreleased: set[int] = set()
         self._global_gate = asyncio.Semaphore(config.healing.max_concurrent)
         self._local_slots = {
             name: asyncio.Semaphore(params.max_concurrent) for name, params in config.strategies.items()
@@ -170,6 +175,10 @@ class StepRunner:
             step = self.plan(strategy, context)
             if self.config.healing.dry_run:
                 raise StepRefusedError(SkipReason.DRY_RUN, "dry run: would have run " + json.dumps(step.plan)[:300])
+            # A deploy or a maintenance window holds goals' steps and optimizer changes too (by their labels).
+            pause = await self.pauses.covering(context.labels)
+            if pause is not None:
+                raise StepRefusedError(SkipReason.PAUSED, f"paused by {pause.source} {pause.name}: {pause.reason}")
             return await self.run(step)
         except StepRefusedError as refused:
             if refused.reason != STOPPING:
@@ -216,10 +225,8 @@ class StepRunner:
             try:
                 yield
             finally:
-                # Shielded: a step cancelled while it ran must still give its slot back. A store that
-                # cannot take it now lets the slot's claim lapse instead; the step's outcome matters more.
-                with contextlib.suppress(StoreUnavailableError):
-                    await asyncio.shield(self._coordination.release_slot(slot))
+                # Shielded: a step cancelled while it ran must still give its slot back.
+                await asyncio.shield(self._release(slot))
                 self._slot_freed.set()
 
     async def _execute(self, step: PlannedStep) -> StepResult:
@@ -245,8 +252,24 @@ class StepRunner:
     async def release_group_slot(self, slot: int) -> None:
         """Give a label group's slot back; the steps of this replica waiting for one look again at once."""
         try:
-            await self._coordination.release_slot(slot)
+            await self._release(slot)
         finally:
+            self.group_freed.set()
+
+    async def _release(self, slot: int) -> None:
+        """Release a slot, or keep it to release later when the store cannot take it now: the replica's
+        renewals keep every slot of its name alive, so a slot not released would never lapse."""
+        try:
+            await self._coordination.release_slot(slot)
+        except StoreUnavailableError:
+            self._unreleased.add(slot)
+
+    async def release_leftovers(self) -> None:
+        """Release the slots that the store could not take when their step ended (called by the work loop)."""
+        for slot in list(self._unreleased):
+            await self._coordination.release_slot(slot)
+            self._unreleased.discard(slot)
+            self._slot_freed.set()
             self.group_freed.set()
 
     async def take_share(self, group: str, episode_id: int, window: float, limit: int) -> bool:

@@ -37,7 +37,14 @@ from healer.healing.model import (
     Suspension,
 )
 from healer.healing.payload import WebhookAlert
-from healer.healing.rules import after_resolved, after_step, defer_for_cooldown, flapping, flapping_reason
+from healer.healing.rules import (
+    FLAPPING_REASON_PREFIX,
+    after_resolved,
+    after_step,
+    defer_for_cooldown,
+    flapping,
+    flapping_reason,
+)
 from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
 from healer.storage.postgres.inbox import advance
 from healer.storage.rows import action as _action
@@ -212,6 +219,14 @@ class PostgresHealingRecords:
         )
         if not asked:
             return {}
+        # Replicas opening episodes of one alert at once count them one after another (SQLite has one
+        # writer); queued, so the lock costs no wait of its own. In key order: no deadlock.
+        keys = sorted({f"{_first(requests[i]).rule}:{requests[i].alert.fingerprint}" for _, i in asked})
+        await tx.send(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest(%s::text[]) WITH ORDINALITY AS u(k, n)"
+            " ORDER BY n",
+            (keys,),
+        )
         rows = await tx.rows(
             "SELECT u.i, (SELECT count(*) FROM episodes e WHERE e.fingerprint = u.f AND e.rule = u.r"
             " AND e.created_at >= u.since AND e.id < u.id) AS earlier,"
@@ -350,7 +365,7 @@ class PostgresHealingRecords:
             if row["resolved_at"] is None:
                 await tx.execute("UPDATE episodes SET resolved_at = %s WHERE id = %s", (now, episode_id))
                 await tx.event("resolved", {"fingerprint": alert.fingerprint}, episode_id)
-            await self._resolve_escalation(tx, episode_id, now)
+            await self._resolve_escalation(tx, episode_id, now, alert_resolved=True)
             cancelled = [
                 _action(r)
                 for r in await tx.rows(
@@ -570,7 +585,8 @@ class PostgresHealingRecords:
     async def suspensions(self, since: float) -> list[Suspension]:
         ended = await self._db.read(
             "SELECT a.skip_reason, a.rule, count(*) FROM actions a JOIN episodes e ON e.id = a.episode_id"
-            " WHERE e.state = 'suspended' AND a.state = 'done' AND a.finished_at >= %s AND a.skip_reason IS NOT NULL"
+            " WHERE e.state = 'suspended' AND e.resolved_at IS NULL AND a.state = 'done' AND a.finished_at >= %s"
+                " AND a.skip_reason IS NOT NULL"
             " GROUP BY a.skip_reason, a.rule",
             (since,),
         )
@@ -725,11 +741,12 @@ class PostgresHealingRecords:
         await self._db.write(lambda tx: self._resolve_escalation(tx, episode_id, self._db.clock()))
 
     @staticmethod
-    async def _resolve_escalation(tx: Transaction, episode_id: int, now: float) -> None:
+    async def _resolve_escalation(tx: Transaction, episode_id: int, now: float, alert_resolved: bool = False) -> None:
+        # A flapping alert's resolution is no news: its HealingFailed stays until Prometheus says it stopped.
         await tx.execute(
             "UPDATE escalations SET resolved_at = %s, next_send = %s WHERE episode_id = %s AND resolved_at IS NULL"
-            " AND next_send IS NOT NULL",
-            (now, now, episode_id),
+            " AND next_send IS NOT NULL AND NOT (%s AND reason LIKE %s)",
+            (now, now, episode_id, alert_resolved, FLAPPING_REASON_PREFIX + "%"),
         )
 
     # -- audit ---------------------------------------------------------------------------------

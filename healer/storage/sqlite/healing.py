@@ -31,7 +31,14 @@ from healer.healing.model import (
     Suspension,
 )
 from healer.healing.payload import WebhookAlert
-from healer.healing.rules import after_resolved, after_step, defer_for_cooldown, flapping, flapping_reason
+from healer.healing.rules import (
+    FLAPPING_REASON_PREFIX,
+    after_resolved,
+    after_step,
+    defer_for_cooldown,
+    flapping,
+    flapping_reason,
+)
 from healer.storage.rows import action as _action
 from healer.storage.rows import (
     action_filter_terms,
@@ -168,7 +175,7 @@ class SQLiteHealingRecords:
             if row["resolved_at"] is None:
                 db.execute("UPDATE episodes SET resolved_at = ? WHERE id = ?", (now, episode_id))
                 self._db.event(db, "resolved", {"fingerprint": alert.fingerprint}, episode_id)
-            self._resolve_escalation(db, episode_id, now)
+            self._resolve_escalation(db, episode_id, now, alert_resolved=True)
             open_ids = [
                 r[0]
                 for r in db.execute(
@@ -385,7 +392,8 @@ class SQLiteHealingRecords:
         def work(db: sqlite3.Connection) -> list[Suspension]:
             ended = db.execute(
                 "SELECT a.skip_reason, a.rule, count(*) FROM actions a JOIN episodes e ON e.id = a.episode_id"
-                " WHERE e.state = 'suspended' AND a.state = 'done' AND a.finished_at >= ? AND a.skip_reason IS NOT NULL"
+                " WHERE e.state = 'suspended' AND e.resolved_at IS NULL AND a.state = 'done' AND a.finished_at >= ?"
+                " AND a.skip_reason IS NOT NULL"
                 " GROUP BY a.skip_reason, a.rule",
                 (since,),
             ).fetchall()
@@ -532,11 +540,12 @@ class SQLiteHealingRecords:
         await self._db.write(lambda db: self._resolve_escalation(db, episode_id, self._db.clock()))
 
     @staticmethod
-    def _resolve_escalation(db: sqlite3.Connection, episode_id: int, now: float) -> None:
+    def _resolve_escalation(db: sqlite3.Connection, episode_id: int, now: float, alert_resolved: bool = False) -> None:
+        # A flapping alert's resolution is no news: its HealingFailed stays until Prometheus says it stopped.
         db.execute(
             "UPDATE escalations SET resolved_at = ?, next_send = ? WHERE episode_id = ? AND resolved_at IS NULL"
-            " AND next_send IS NOT NULL",
-            (now, now, episode_id),
+            " AND next_send IS NOT NULL AND NOT (? AND reason LIKE ?)",
+            (now, now, episode_id, alert_resolved, FLAPPING_REASON_PREFIX + "%"),
         )
 
     # -- audit ---------------------------------------------------------------------------------
