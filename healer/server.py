@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,6 +30,7 @@ from healer.healing.pauses import PauseBoard
 from healer.healing.replica import Replica, replica_name
 from healer.healing.routes import ENGINE, LADDER, add_routes
 from healer.healing.steps import StepRunner
+from healer.http import problem
 from healer.logs import fields
 from healer.optimizer.optimizer import Optimizer, OptimizerMetrics
 from healer.optimizer.routes import OPTIMIZER, add_optimization_routes
@@ -235,6 +236,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+# How long a client told that the store cannot answer should wait before it asks again.
+STORE_RETRY_AFTER_SECONDS = 5
+
+
+@web.middleware
+async def store_unavailable(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Any route whose store cannot answer now says so with 503 and Retry-After, never a 500."""
+    try:
+        return await handler(request)
+    except StoreUnavailableError as exc:
+        log.error("store unavailable", extra=fields(path=request.path, reason=str(exc)))
+        answer = problem(503, "the store cannot answer now; retry", reason=str(exc))
+        answer.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+        return answer
+
+
 def create_app(
     config: HealerConfig,
     *,
@@ -248,7 +267,9 @@ def create_app(
     with the credentials of `access` when given, else those the config names (`load_access`)."""
     access = access if access is not None else load_access(config)
     # Every request passes access control first, so no route can be reached without its role.
-    app = web.Application(client_max_size=config.server.max_request_bytes, middlewares=[access_control])
+    app = web.Application(
+        client_max_size=config.server.max_request_bytes, middlewares=[access_control, store_unavailable]
+    )
     app[ACCESS] = access
     app[SERVICES] = build_services(config, registry, strategies)
     app[STORAGE] = storage if storage is not None else open_local_storage(config.store)

@@ -396,6 +396,10 @@ def test_database_outage_answers_503_and_loses_nothing(
             postgres_db.server.stop("fast")
             down_at = time.monotonic()
             wait_for(lambda: codes()[503] >= 1, 10, what="503 during the outage")
+            # The audit trail too says 503 with when to retry, never 500.
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(replicas[0].url + "/api/v1/actions", timeout=10)
+            assert refused.value.code == 503 and refused.value.headers.get("Retry-After") == "5"
             while time.monotonic() - down_at < 10:
                 for replica in replicas:
                     assert http_get(replica.url + "/-/healthy", timeout=3)[0] == 200
