@@ -13,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from healer.alertmanager import AlertmanagerClient
 from healer.annotations import GrafanaAnnotator
-from healer.auth import ACCESS, Access, access_control, load_access
+from healer.auth import ACCESS, Access, access_control, add_login_routes, load_access
 from healer.config import HealerConfig
-from healer.console import add_console_routes
+from healer.console import CONSOLE_ACCESS, SIGNED_IN_ACCESS, add_console_routes
 from healer.exporter.host import HostCollector
 from healer.exporter.own import OwnMetrics
 from healer.exporter.probes import ProbeMetrics, Prober
@@ -290,6 +290,8 @@ def create_app(
     add_optimization_routes(app)
     app.router.add_get("/api/v1/status", status_handler)
     add_console_routes(app, config)
+    add_login_routes(app, config.server.external_url)
+    app[CONSOLE_ACCESS] = SIGNED_IN_ACCESS
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_get("/metrics", metrics)

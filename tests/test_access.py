@@ -29,13 +29,23 @@ ROLES = {"alice": "operator"}
 Answer = tuple[int, bytes, dict[str, str]]
 
 
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer to check (the console sends a browser without credentials to /login)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+NO_REDIRECTS = urllib.request.build_opener(_KeepRedirects)
+
+
 def call(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Answer:
     """One request; the status, body and headers, also for an error status."""
     request = urllib.request.Request(
         url, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})}
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with NO_REDIRECTS.open(request, timeout=10) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
@@ -96,6 +106,10 @@ ENDPOINTS: list[tuple[str, str, bytes | None, str | None, int]] = [
     ("GET", "/api/v1/goals", None, "viewer", 200),
     ("GET", "/api/v1/goals/999999", None, "viewer", 404),
     ("GET", "/api/v1/optimizations", None, "viewer", 200),
+    ("GET", "/", None, "viewer", 200),
+    ("GET", "/console/console.js", None, None, 200),
+    ("GET", "/login", None, None, 200),
+    ("GET", "/login/basic", None, "viewer", 303),
     ("POST", "/api/v1/alertmanager", UNMATCHED, "alertmanager", 200),
     ("POST", "/api/v1/actions/999999/approve", b"", "operator", 409),
     ("POST", "/api/v1/actions/999999/reject", b'{"reason": "no"}', "operator", 404),
@@ -105,6 +119,8 @@ ENDPOINTS: list[tuple[str, str, bytes | None, str | None, int]] = [
     ("POST", "/api/v1/goals", b"{}", "operator", 422),
     ("POST", "/api/v1/goals/999999/cancel", b"", "operator", 404),
     ("POST", "/api/v1/optimizations/nothing/acknowledge", b"", "operator", 404),
+    ("POST", "/login", b"", None, 400),
+    ("POST", "/logout", b"", None, 303),
 ]
 # Each column: the headers sent, the query string appended, and the roles the credential has.
 CALLERS: dict[str, tuple[dict[str, str], str, frozenset[str]]] = {
@@ -117,13 +133,20 @@ CALLERS: dict[str, tuple[dict[str, str], str, frozenset[str]]] = {
 }
 
 
-def expected(needed: str | None, caller: str, ok: int) -> int:
+# Where a caller without any credential is answered otherwise than 401: a browser opening the console is sent
+# to the login form.
+WITHOUT_CREDENTIAL = {("GET", "/"): 303}
+
+
+def expected(needed: str | None, caller: str, ok: int, route: tuple[str, str] = ("", "")) -> int:
     """The documented status: 401 for a credential in the URL or none that is valid, 403 for a role too low."""
     _, query, roles = CALLERS[caller]
     if query:
         return 401
     if needed is None or needed in roles:
         return ok
+    if caller == "none" and route in WITHOUT_CREDENTIAL:
+        return WITHOUT_CREDENTIAL[route]
     return 401 if not roles else 403
 
 
@@ -134,8 +157,8 @@ def test_access_matrix(healer: Server, caller: str) -> None:
     wrong = []
     for method, path, body, needed, ok in ENDPOINTS:
         status, answer, answer_headers = call(method, healer.url + path + query, body, headers)
-        if status != expected(needed, caller, ok):
-            wrong.append((method, path, status, expected(needed, caller, ok), answer[:200]))
+        if status != expected(needed, caller, ok, (method, path)):
+            wrong.append((method, path, status, expected(needed, caller, ok, (method, path)), answer[:200]))
         if status == 401:
             assert json.loads(answer)["error"], (method, path)
             if not query:  # the challenge tells a browser or a client which scheme to use
@@ -155,8 +178,10 @@ def test_the_documented_table_is_the_tested_one() -> None:
         if len(cells) == 2 + len(CALLERS) and cells[0] in {"GET", "POST", "DELETE"}:
             rows[(cells[0], cells[1])] = [int(cell) for cell in cells[2:]]
     for method, path, _, needed, ok in ENDPOINTS:
-        documented = rows.get((method, path.replace("999999", "{id}").replace("nothing", "{candidate}")))
-        assert documented == [expected(needed, caller, ok) for caller in CALLERS], (method, path, documented)
+        generic = path.replace("999999", "{id}").replace("nothing", "{candidate}").replace("console.js", "{name}")
+        documented = rows.get((method, generic))
+        statuses = [expected(needed, caller, ok, (method, path)) for caller in CALLERS]
+        assert documented == statuses, (method, path, documented)
 
 
 def test_a_password_in_the_url_is_refused_whatever_the_parameter(healer: Server) -> None:

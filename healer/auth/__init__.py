@@ -5,23 +5,29 @@ What other modules use: `IDENTITY` (who a request is, set on every request), `Ro
 (raise 401/403 unless the caller's role allows it), `allowed(request, role)`, `actor(request)` (the name the
 audit trail records), `set_route_role` (a route whose role is not its method's default) and
 `SESSION_AUTHENTICATOR` (how a request without an Authorization header proves who it is, e.g. a cookie).
+`add_login_routes` installs the console's login form and sessions; `csrf_token(request)` is the token a
+browser's page must send back in X-CSRF-Token.
 """
 
 from healer.auth.access import LEGACY_TOKEN_NAME, Access, load_access, loose_permissions, read_secret_file
+from healer.auth.login import add_login_routes
 from healer.auth.middleware import (
     ACCESS,
     IDENTITY,
     QUERY_CREDENTIAL_NAMES,
     SESSION_AUTHENTICATOR,
+    SESSIONS,
     access_control,
     actor,
     allowed,
+    csrf_token,
     identity,
     require,
     route_role,
     set_route_role,
 )
 from healer.auth.roles import LOOPBACK_ANYONE, NOBODY, CredentialKind, Identity, Role
+from healer.auth.sessions import COOKIE_NAME, CSRF_HEADER, Sessions
 from healer.auth.webconfig import (
     ClientAuthType,
     TLSServerConfig,
@@ -35,17 +41,21 @@ from healer.auth.webconfig import (
 
 __all__ = [
     "ACCESS",
+    "COOKIE_NAME",
+    "CSRF_HEADER",
     "IDENTITY",
     "LEGACY_TOKEN_NAME",
     "LOOPBACK_ANYONE",
     "NOBODY",
     "QUERY_CREDENTIAL_NAMES",
+    "SESSIONS",
     "SESSION_AUTHENTICATOR",
     "Access",
     "ClientAuthType",
     "CredentialKind",
     "Identity",
     "Role",
+    "Sessions",
     "TLSServerConfig",
     "TLSVersion",
     "TokenSpec",
@@ -53,7 +63,9 @@ __all__ = [
     "WebConfigError",
     "access_control",
     "actor",
+    "add_login_routes",
     "allowed",
+    "csrf_token",
     "identity",
     "load_access",
     "load_web_config",

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from healer.auth.access import Access
-from healer.auth.roles import LOOPBACK_ANYONE, NOBODY, Identity, Role
+from healer.auth.roles import LOOPBACK_ANYONE, NOBODY, CredentialKind, Identity, Role
+from healer.auth.sessions import CSRF_HEADER, Sessions
 from healer.http import problem
 from healer.logs import fields
 
@@ -27,6 +30,12 @@ IDENTITY = web.RequestKey("identity", Identity)
 # the app may set one function that answers the identity or None.
 SessionAuthenticator = Callable[[web.Request], Awaitable[Identity | None]]
 SESSION_AUTHENTICATOR: web.AppKey[SessionAuthenticator] = web.AppKey("session_authenticator")
+# The console's sessions (installed with the login routes): the CSRF tokens that browser requests send back.
+SESSIONS = web.AppKey("sessions", Sessions)
+# Where a browser that opens the console without any credential is sent to log in.
+LOGIN_PATH = "/login"
+# Posted before a session exists (or to end one): protected by an Origin check instead of a CSRF token.
+ORIGIN_CHECKED = frozenset({"/login", "/logout"})
 # Routes whose role is not the default (see `route_role`): (method, canonical path) -> role, None for open.
 ROUTE_ROLES: web.AppKey[dict[tuple[str, str], Role | None]] = web.AppKey("route_roles")
 
@@ -130,6 +139,68 @@ async def _authenticate(request: web.Request, access: Access) -> tuple[Identity 
     return None, f"Authorization header must use the {'Bearer or Basic' if access.users else 'Bearer'} scheme"
 
 
+def _from_browser(request: web.Request) -> bool:
+    """A browser sends Origin with every POST, PUT and DELETE, and Sec-Fetch-Site with every request; curl,
+    Alertmanager and scripts send neither."""
+    return "Origin" in request.headers or "Sec-Fetch-Site" in request.headers
+
+
+def same_origin(request: web.Request) -> bool:
+    """Tell whether a request comes from healer's own pages: its Origin names this host (or the host of
+    server.external_url), or, without Origin, Sec-Fetch-Site does not say another site sent it."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        sessions = request.app.get(SESSIONS)
+        hosts = {request.host.lower(), *(sessions.hosts if sessions is not None else ())}
+        return origin != "null" and urllib.parse.urlsplit(origin).netloc.lower() in hosts
+    return request.headers.get("Sec-Fetch-Site", "same-origin") in {"same-origin", "none"}
+
+
+def csrf_token(request: web.Request) -> str | None:
+    """The CSRF token the caller's browser must send back in X-CSRF-Token with every POST, PUT and DELETE
+    (rendered into the console's page); None when its credential needs none (a bearer token)."""
+    sessions = request.app.get(SESSIONS)
+    return sessions.csrf_token(request, identity(request)) if sessions is not None else None
+
+
+def _forgery_refusal(request: web.Request, who: Identity, path: str | None) -> web.Response | None:
+    """403 for a state-changing request that a browser may have been tricked into sending: one that the
+    session cookie authenticates, or HTTP Basic from a browser, without its CSRF token; a login or logout
+    from another site's page. Bearer tokens are never sent by a browser on its own, so they are not asked."""
+    if request.method in READ_METHODS:
+        return None
+    if path in ORIGIN_CHECKED:
+        if same_origin(request):
+            return None
+        return problem(403, f"{request.method} {path} is accepted from healer's own pages only (Origin)")
+    if who.kind is not CredentialKind.SESSION and not (who.kind is CredentialKind.BASIC and _from_browser(request)):
+        return None
+    sessions = request.app.get(SESSIONS)
+    expected = sessions.csrf_token(request, who) if sessions is not None else None
+    presented = request.headers.get(CSRF_HEADER, "")
+    if expected is not None and presented and hmac.compare_digest(presented.encode(), expected.encode()):
+        return None
+    log.info(
+        "request refused without its CSRF token",
+        extra=fields(who=who.name, method=request.method, path=request.path, token_sent=bool(presented)),
+    )
+    if presented:
+        message = f"the {CSRF_HEADER} header is not this session's token; reload the console"
+    else:
+        message = f"missing {CSRF_HEADER} header: a browser's {request.method} needs the token of the console's page"
+    return problem(403, message, needed_header=CSRF_HEADER)
+
+
+def _wants_login_page(request: web.Request) -> bool:
+    """A browser opening the console without any credential is sent to the login form."""
+    return (
+        request.method == "GET"
+        and request.path == "/"
+        and "Authorization" not in request.headers
+        and SESSIONS in request.app
+    )
+
+
 @web.middleware
 async def access_control(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -144,9 +215,15 @@ async def access_control(
         return await handler(request)
     needed = route_role(request)
     who, failure = await _authenticate(request, access)
+    resource = request.match_info.route.resource
+    forged = _forgery_refusal(request, who or NOBODY, resource.canonical if resource is not None else None)
+    if forged is not None:
+        return forged
     if needed is None:  # open: a wrong credential is ignored, as nothing is asked for
         request[IDENTITY] = who or NOBODY
         return await handler(request)
+    if who is None and _wants_login_page(request):
+        raise web.HTTPSeeOther(location=LOGIN_PATH)
     if who is None or not who.may(needed):
         return _refusal(request, who, needed, failure)
     request[IDENTITY] = who

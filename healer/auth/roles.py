@@ -33,6 +33,7 @@ class CredentialKind(enum.StrEnum):
     """How a request proved who it is."""
 
     BASIC = "basic"  # a user of basic_auth_users
+    SESSION = "session"  # a user of basic_auth_users who logged in to the console (its session cookie)
     TOKEN = "token"  # noqa: S105 - a kind of credential, not one: a bearer token of healer_tokens
     LEGACY_TOKEN = "legacy_token"  # noqa: S105 - server.auth.bearer_token_file or HEALER_TOKEN
     ANONYMOUS = "anonymous"  # no credential (every role when none is configured, as before access control)

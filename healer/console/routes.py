@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from healer import __version__
+from healer.auth import CredentialKind, Role, allowed, csrf_token, identity, set_route_role
 from healer.config import HealerConfig
 
 # Grafana dashboards shipped in grafana/dashboards, by their uid.
@@ -36,6 +37,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 STATIC_TYPES = {"console.js": "text/javascript", "console.css": "text/css"}
+# Ends the session (a plain form: logout is accepted from healer's own pages, by their Origin).
+LOGOUT_FORM = '<form method="post" action="/logout" class="logout"><button type="submit">Sign out</button></form>'
 
 
 def _no_token(request: web.Request) -> str | None:
@@ -50,6 +53,10 @@ def _nobody(request: web.Request) -> str | None:
     return None
 
 
+def _no_session(request: web.Request) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class ConsoleAccess:
     """What the page asks of access control for the request that it answers.
@@ -59,12 +66,32 @@ class ConsoleAccess:
     sends it back as the `X-CSRF-Token` header of every POST and DELETE (checking it is the server's
     part, not the console's); `can_operate` false hides approve, reject, pause, unpause, close-circuit
     and goal-cancel controls (the API must refuse them anyway); `identity` is shown as "signed in as".
+    `signed_in` true shows a Sign out button (a session cookie, which logging out ends).
     The defaults, for a healer with no credentials configured: no token, everyone operates, no name.
     """
 
     csrf_token: Callable[[web.Request], str | None] = _no_token
     can_operate: Callable[[web.Request], bool] = _may_operate
     identity: Callable[[web.Request], str | None] = _nobody
+    signed_in: Callable[[web.Request], bool] = _no_session
+
+
+def _operator(request: web.Request) -> bool:
+    return allowed(request, Role.OPERATOR)
+
+
+def _name(request: web.Request) -> str | None:
+    who = identity(request)
+    return None if who.kind is CredentialKind.ANONYMOUS else who.name
+
+
+def _session(request: web.Request) -> bool:
+    return identity(request).kind is CredentialKind.SESSION
+
+
+# What the page asks of access control, answered from the request's identity (healer.auth's middleware):
+# operator controls for the operator role, the credential's name, and the session's CSRF token.
+SIGNED_IN_ACCESS = ConsoleAccess(csrf_token=csrf_token, can_operate=_operator, identity=_name, signed_in=_session)
 
 
 CONSOLE_ACCESS = web.AppKey("console_access", ConsoleAccess)
@@ -126,11 +153,19 @@ class Console:
     def render(self, config: HealerConfig, access: ConsoleAccess, request: web.Request) -> str:
         operate = access.can_operate(request)
         who = access.identity(request)
-        settings = {"links": links(config), "canOperate": operate, "pollSeconds": 2, "version": __version__}
+        session = access.signed_in(request)
+        settings = {
+            "links": links(config),
+            "canOperate": operate,
+            "session": session,
+            "pollSeconds": 2,
+            "version": __version__,
+        }
         return self.template.substitute(
             version=html.escape(__version__),
             csrf_token=html.escape(access.csrf_token(request) or ""),
             identity=html.escape(f"signed in as {who}" if who else ""),
+            logout=LOGOUT_FORM if session else "",
             settings=_script_json(settings),
             js_version=self.assets["console.js"].digest,
             css_version=self.assets["console.css"].digest,
@@ -164,3 +199,5 @@ def add_console_routes(app: web.Application, config: HealerConfig) -> None:
     app[CONFIG] = config
     app.router.add_get("/", page)
     app.router.add_get("/console/{name}", asset)
+    # The script and style sheet are public (the login form uses the style sheet before anyone has logged in).
+    set_route_role(app, "GET", "/console/{name}", None)

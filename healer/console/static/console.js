@@ -46,6 +46,10 @@
     } catch (_) {
       data = null;
     }
+    if (response.status === 401 && settings.session) {
+      // The session has expired or was ended: log in again.
+      window.location.assign("/login");
+    }
     if (!response.ok) {
       const message = data && data.error ? data.error : response.statusText;
       throw new ApiError(response.status, `${response.status}: ${message}`);
