@@ -18,6 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from healer.config import AlertmanagerConfig
+from healer.config.http_client import client_session
 from healer.logs import fields
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,13 @@ class AlertmanagerClient:
         self.url = config.url
         self.peers = tuple(config.peers)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._config = config
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         """Open the HTTP session; must run inside the event loop that will use it."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"User-Agent": "healer"})
+            self._session = client_session(self._config.tls_config, self._config.authorization(), self._timeout)
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -165,7 +167,9 @@ class AlertmanagerClient:
         base = base or self.url
         url = f"{base}{path}"
         try:
-            async with self._session.request(method, url, json=body, params=list(params) or None) as response:
+            async with self._session.request(
+                method, url, json=body, params=list(params) or None, server_hostname=self._config.server_name
+            ) as response:
                 text = await response.text()
                 if response.status in ok_statuses:
                     return None

@@ -9,6 +9,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from healer.config import GrafanaConfig
+from healer.config.http_client import client_session
 from healer.logs import fields
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class GrafanaAnnotator:
         if self._config.url is None:
             return False
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._config.timeout))
+            timeout = aiohttp.ClientTimeout(total=self._config.timeout)
+            self._session = client_session(self._config.tls_config, None, timeout)
         body = {
             "time": int(started * 1000),
             "timeEnd": int((ended or time.time()) * 1000),
@@ -53,7 +55,9 @@ class GrafanaAnnotator:
         }
         headers = {"Authorization": f"Bearer {self._token.get_secret_value()}"} if self._token else {}
         try:
-            async with self._session.post(f"{self._config.url}/api/annotations", json=body, headers=headers) as reply:
+            server_name = self._config.tls_config.server_name if self._config.tls_config is not None else None
+            url = f"{self._config.url}/api/annotations"
+            async with self._session.post(url, json=body, headers=headers, server_hostname=server_name) as reply:
                 ok = reply.status == 200
                 reason = f"HTTP {reply.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -8,7 +8,9 @@ import gc
 import json
 import logging
 import signal
+import ssl
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from healer import __version__
-from healer.auth import Access, WebConfigError, load_access
+from healer.auth import Access, ClientAuthType, TLSServerConfig, TLSVersion, WebConfigError, load_access
 from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
 from healer.config.loading import config_warnings
 from healer.logs import configure_logging, fields
@@ -163,6 +165,11 @@ def check_config(path: Path, web_config_file: Path | None = None) -> int:
     access = _access_or_report(config, path, web_config_file)
     if access is None:
         return EXIT_USAGE
+    try:
+        _serving_context(access, web_config_file or config.server.web_config_file)
+    except StartupError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     # Warnings do not fail the check: the config runs, only not as its author probably meant.
     for warning in config_warnings(config):
         print(f"{path}: warning: {warning}", file=sys.stderr)
@@ -170,6 +177,122 @@ def check_config(path: Path, web_config_file: Path | None = None) -> int:
         print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
+
+
+# Go's names of the TLS 1.2 suites it implements, as the exporter-toolkit reads them, in OpenSSL's names.
+# TLS 1.3 suites are not configurable, in Go as in OpenSSL's cipher list: their names are accepted and kept.
+_CIPHERS = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+}
+_TLS13_SUITES = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"})
+_TLS_VERSIONS = {
+    TLSVersion.TLS10: ssl.TLSVersion.TLSv1,
+    TLSVersion.TLS11: ssl.TLSVersion.TLSv1_1,
+    TLSVersion.TLS12: ssl.TLSVersion.TLSv1_2,
+    TLSVersion.TLS13: ssl.TLSVersion.TLSv1_3,
+}
+# Go's client_auth_type as Python's ssl can serve it. Python verifies every certificate it asks for, so
+# RequestClientCert (ask, never check) asks for none, which authenticates no less: healer reads no
+# certificate it has not verified. RequireAnyClientCert (require one, never check) cannot be served.
+_VERIFY_MODES = {
+    ClientAuthType.NO_CLIENT_CERT: ssl.CERT_NONE,
+    ClientAuthType.REQUEST_CLIENT_CERT: ssl.CERT_NONE,
+    ClientAuthType.VERIFY_CLIENT_CERT_IF_GIVEN: ssl.CERT_OPTIONAL,
+    ClientAuthType.REQUIRE_AND_VERIFY_CLIENT_CERT: ssl.CERT_REQUIRED,
+}
+
+
+def _no_password() -> str:
+    # An encrypted key fails to load (as the toolkit refuses it) instead of prompting on the terminal.
+    return ""
+
+
+def server_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
+    """The SSLContext that serves `tls_server_config`; StartupError names the key at fault and never a secret."""
+    if tls.client_auth_type not in _VERIFY_MODES:
+        raise StartupError(
+            f"tls_server_config.client_auth_type: healer cannot serve {tls.client_auth_type} (a client certificate"
+            " required but never verified); use RequireAndVerifyClientCert with client_ca_file"
+        )
+    if tls.curve_preferences:
+        raise StartupError(
+            "tls_server_config.curve_preferences: not implemented by healer (OpenSSL chooses the curves); remove it"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _TLS_VERSIONS[tls.min_version]
+    context.maximum_version = _TLS_VERSIONS[tls.max_version]
+    if tls.prefer_server_cipher_suites:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if tls.cipher_suites:
+        unknown = [name for name in tls.cipher_suites if name not in _CIPHERS and name not in _TLS13_SUITES]
+        if unknown:
+            raise StartupError(f"tls_server_config.cipher_suites: unknown suite {', '.join(unknown)} (Go's names)")
+        names = [_CIPHERS[name] for name in tls.cipher_suites if name in _CIPHERS]
+        if names:
+            try:
+                context.set_ciphers(":".join(names))
+            except ssl.SSLError:
+                raise StartupError("tls_server_config.cipher_suites: OpenSSL offers none of them") from None
+    with tempfile.TemporaryDirectory(prefix="healer-tls-") as folder:
+        # An inline cert or key is loaded through a file only healer's user can read, removed at once.
+        cert = tls.cert_file or _private_file(Path(folder) / "cert.pem", tls.cert or "")
+        key = tls.key_file or _private_file(
+            Path(folder) / "key.pem", tls.key.get_secret_value() if tls.key is not None else ""
+        )
+        what = "cert_file and key_file" if tls.cert_file and tls.key_file else "cert and key"
+        try:
+            context.load_cert_chain(cert, key, password=_no_password)
+        except (ssl.SSLError, OSError) as exc:
+            raise StartupError(
+                f"tls_server_config.{what}: not a PEM certificate and its unencrypted private key"
+                f" ({_ssl_reason(exc)})"
+            ) from None
+    context.verify_mode = _VERIFY_MODES[tls.client_auth_type]
+    if context.verify_mode != ssl.CERT_NONE:
+        try:
+            if tls.client_ca_file is not None:
+                context.load_verify_locations(cafile=tls.client_ca_file)
+            else:
+                context.load_verify_locations(cadata=tls.client_ca or "")
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise StartupError(
+                f"tls_server_config.client_ca_file: no usable PEM certificate ({_ssl_reason(exc)})"
+            ) from None
+    return context
+
+
+def _serving_context(access: Access, web_path: Path | None) -> ssl.SSLContext | None:
+    """The context to serve HTTPS with, None for HTTP; StartupError names the web config file and the key."""
+    if access.tls is None:
+        return None
+    try:
+        return server_ssl_context(access.tls)
+    except StartupError as exc:
+        raise StartupError(f"{web_path}: {exc}") from None
+
+
+def _private_file(path: Path, text: str) -> Path:
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's reason (KEY_VALUES_MISMATCH, NO_START_LINE...) or the OS error: never a file's content."""
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
 
 
 def _listen_address(config: HealerConfig, override: str | None, access: Access) -> tuple[str, int]:
@@ -182,7 +305,9 @@ def _listen_address(config: HealerConfig, override: str | None, access: Access) 
     return host, port
 
 
-async def _serve(config: HealerConfig, host: str, port: int, access: Access) -> None:
+async def _serve(
+    config: HealerConfig, host: str, port: int, access: Access, ssl_context: ssl.SSLContext | None = None
+) -> None:
     from prometheus_client import disable_created_metrics
 
     from healer.healing.routes import ENGINE
@@ -197,17 +322,18 @@ async def _serve(config: HealerConfig, host: str, port: int, access: Access) -> 
     app = create_app(config, storage=await open_storage(config.store), access=access)
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses
     address = f"{bound[0][0]}:{bound[0][1]}" if bound else f"{host}:{port}"
+    scheme = "https" if ssl_context is not None else "http"
     if config.server.external_url is None:
-        app[ENGINE].escalator.external_url = f"http://{address}"
+        app[ENGINE].escalator.external_url = f"{scheme}://{address}"
     # The modules, config and app built so far live as long as the process. Freezing them keeps the
     # collector from walking them on every full collection: 13% more webhook throughput with 50-alert
     # deliveries (bench/receiver.py).
     gc.freeze()
-    log.info("listening", extra=fields(address=address, version=__version__))
+    log.info("listening", extra=fields(address=address, scheme=scheme, version=__version__))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -230,13 +356,14 @@ def serve(path: Path, listen: str | None, log_format: str | None, web_config_fil
     configure_logging(log_format or config.server.log_format, config.server.log_level)
     try:
         host, port = _listen_address(config, listen, access)
+        context = _serving_context(access, web_config_file or config.server.web_config_file)
     except (StartupError, ValueError, OSError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE
     from healer.storage import StoreUnavailableError
 
     try:
-        asyncio.run(_serve(config, host, port, access))
+        asyncio.run(_serve(config, host, port, access, context))
     except (OSError, StoreUnavailableError) as exc:
         log.error("cannot start", extra=fields(reason=str(exc)))
         return EXIT_USAGE

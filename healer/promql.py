@@ -127,12 +127,30 @@ def _to_samples(result: Any) -> list[Sample]:
     return samples
 
 
+def _server_name_adapter() -> type[Any]:
+    """An HTTPAdapter class that sends `server_name` as SNI and expects it in the certificate (tls_config.server_name);
+    built on first use, as `requests` is imported late."""
+    from requests.adapters import HTTPAdapter
+
+    class ServerNameAdapter(HTTPAdapter):
+        def __init__(self, server_name: str, **options: Any) -> None:
+            self._server_name = server_name
+            super().__init__(**options)
+
+        def init_poolmanager(self, *args: Any, **options: Any) -> None:
+            options.update(server_hostname=self._server_name, assert_hostname=self._server_name)
+            super().init_poolmanager(*args, **options)
+
+    return ServerNameAdapter
+
+
 class PromQLClient:
     """Instant PromQL queries against one Prometheus, with the configured timeout."""
 
     def __init__(self, config: PrometheusConfig) -> None:
         self.url = config.url
         self.timeout = config.timeout
+        self._config = config
         self._session: Any = None
         self._prom: Any = None
         self._external_labels: dict[str, str] | None = None
@@ -151,6 +169,22 @@ class PromQLClient:
             from urllib3.util.retry import Retry
 
             self._session = requests.Session()
+            self._session.headers["User-Agent"] = "healer"
+            # tls_config, basic_auth and bearer_token_file, as Prometheus's http_config.
+            tls = self._config.tls_config
+            if tls is not None:
+                if tls.insecure_skip_verify:
+                    import urllib3
+
+                    # Asked for in the config: not worth a warning on every query.
+                    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+                    self._session.verify = False
+                elif tls.ca_file is not None:
+                    self._session.verify = str(tls.ca_file)
+                if tls.cert_file is not None and tls.key_file is not None:
+                    self._session.cert = (str(tls.cert_file), str(tls.key_file))
+            if (authorization := self._config.authorization()) is not None:
+                self._session.headers["Authorization"] = authorization
             # The library's default retries three times with backoff (6 s on a closed port). Here a
             # failed connect is retried once at once, nothing else is, so a query takes at most
             # about two connect timeouts or one read timeout; callers poll on their own.
@@ -158,6 +192,9 @@ class PromQLClient:
             # `timeout` is annotated int but goes straight to `requests`, which takes float seconds.
             connect: Any = PrometheusConnect
             self._prom = connect(url=self.url, session=self._session, retry=retry, timeout=self.timeout)
+            if tls is not None and tls.server_name is not None:
+                # Replaces the adapter the library mounted at the URL, with the same retries.
+                self._session.mount(self.url, _server_name_adapter()(tls.server_name, max_retries=retry))
         return self._prom
 
     def close(self) -> None:

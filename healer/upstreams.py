@@ -8,6 +8,7 @@ import logging
 import aiohttp
 
 from healer.config import UpstreamConfig
+from healer.config.http_client import client_session
 from healer.exporter.own import OwnMetrics
 from healer.logs import fields
 
@@ -22,31 +23,33 @@ class UpstreamMonitor:
         self._metrics = metrics
         self._state: dict[str, bool | None] = {name: None for name in upstreams}
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        # One session per upstream: each has its own tls_config and credentials.
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def is_up(self, name: str) -> bool | None:
         """Return the last known state of an upstream, or None before the first check."""
         return self._state[name]
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
+        for name, upstream in self._upstreams.items():
+            timeout = aiohttp.ClientTimeout(total=upstream.timeout)
+            self._sessions[name] = client_session(upstream.tls_config, upstream.authorization(), timeout)
         self._tasks = [asyncio.create_task(self._loop(name), name=f"upstream-{name}") for name in self._upstreams]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions = {}
 
     async def check(self, name: str) -> bool:
         """Check one upstream now, record the result and log a change of state."""
-        assert self._session is not None
+        session = self._sessions[name]
         upstream = self._upstreams[name]
         try:
-            async with self._session.get(
-                f"{upstream.url}/-/ready", timeout=aiohttp.ClientTimeout(total=upstream.timeout)
-            ) as response:
+            async with session.get(f"{upstream.url}/-/ready", server_hostname=upstream.server_name) as response:
                 up, reason = response.status == 200, f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             up, reason = False, str(exc) or type(exc).__name__

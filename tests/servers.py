@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -428,3 +429,183 @@ def http_send(method: str, url: str, body: Any = None, headers: dict[str, str] |
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         return exc.code, json.loads(raw) if raw else None
+
+
+# --- TLS: test certificates made by openssl, and servers reached over HTTPS -------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A throw-away CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def context(self, client: bool = False) -> ssl.SSLContext:
+        """A client context trusting the CA (with the client certificate when `client`)."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if client:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
+def make_certificates(folder: Path) -> Certificates:
+    """Generate a CA and certificates it signs with the openssl command (EC P-256, valid one day)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=healer test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    for name, extensions in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("client", "subjectAltName=DNS:client.test\nextendedKeyUsage=clientAuth\n"),
+    ):
+        (folder / f"{name}.ext").write_text(extensions)
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
+    for key in folder.glob("*.key"):
+        key.chmod(0o600)
+    return Certificates(
+        folder / "ca.crt", folder / "server.crt", folder / "server.key", folder / "client.crt", folder / "client.key"
+    )
+
+
+def https_get(
+    url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    """GET over HTTPS with a given client context; the status and body, also for error statuses."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def https_send(
+    method: str, url: str, context: ssl.SSLContext, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """Send a JSON body over HTTPS; the status and the raw answer, also for error statuses."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _await_https_ready(
+    server: Server, context: ssl.SSLContext, headers: dict[str, str] | None, path: str, timeout: float
+) -> Server:
+    def ready() -> bool:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log()}")
+        return https_get(server.url + path, context, headers, timeout=1)[0] == 200
+
+    try:
+        wait_for(ready, timeout, what=f"{server.name} ready over HTTPS")
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+def start_prometheus_https(
+    workdir: Path,
+    scrape_configs: list[dict[str, Any]],
+    web_config: dict[str, Any],
+    context: ssl.SSLContext,
+    headers: dict[str, str] | None = None,
+    interval: str = "1s",
+) -> Server:
+    """Start /usr/bin/prometheus serving its own --web.config.file (TLS, basic auth); readiness is checked with
+    `context` and `headers` (its credentials)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
+        "scrape_configs": scrape_configs,
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    (workdir / "web.yml").write_text(yaml.safe_dump(web_config))
+    port = free_port()
+    argv = [
+        PROMETHEUS,
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--web.config.file={workdir / 'web.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    process, log_path = _spawn("prometheus", argv, workdir)
+    server = Server("prometheus", process, f"https://127.0.0.1:{port}", log_path)
+    return _await_https_ready(server, context, headers, "/-/ready", 30.0)
+
+
+def start_alertmanager_https(
+    workdir: Path,
+    config: dict[str, Any],
+    web_config: dict[str, Any],
+    context: ssl.SSLContext,
+    headers: dict[str, str] | None = None,
+) -> Server:
+    """Start prometheus-alertmanager (clustering off) serving its own --web.config.file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    (workdir / "web.yml").write_text(yaml.safe_dump(web_config))
+    port = free_port()
+    argv = [
+        ALERTMANAGER,
+        f"--config.file={workdir / 'alertmanager.yml'}",
+        f"--web.config.file={workdir / 'web.yml'}",
+        f"--storage.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+    process, log_path = _spawn("alertmanager", argv, workdir)
+    server = Server("alertmanager", process, f"https://127.0.0.1:{port}", log_path)
+    return _await_https_ready(server, context, headers, "/-/ready", 30.0)
+
+
+def start_healer_https(
+    workdir: Path,
+    config: dict[str, Any],
+    context: ssl.SSLContext,
+    listen: str = "127.0.0.1:0",
+    timeout: float = 30.0,
+) -> Server:
+    """Start `python -m healer serve` whose web config serves TLS; the URL is https:// from its `listening`
+    line (which must say scheme https), readiness checked with `context`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "healer.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", listen, "--log-format", "json"]
+    process, log_path = _spawn("healer", argv, workdir)
+    server = Server("healer", process, "", log_path)
+
+    def listening() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            raise RuntimeError(f"healer exited with {process.returncode}:\n{server.log()}")
+        for line in server.log().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == "listening":
+                return dict(json.loads(line))
+        return None
+
+    try:
+        line = wait_for(listening, timeout, what="healer listening")
+        assert line.get("scheme") == "https", line
+        server.url = f"https://{line['address']}"
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return _await_https_ready(server, context, None, "/-/ready", timeout)

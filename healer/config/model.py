@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from healer.config.goals import GoalPriority, GoalType, parse_priority
+from healer.config.http_client import HTTPClientConfig, TLSClientConfig
 from healer.config.strategy_params import StrategyParams
 from healer.matchers import InvalidMatcherError, Matcher
 from healer.types import Duration, PositiveDuration, Regex
@@ -129,7 +130,8 @@ class ServerConfig(_Strict):
     shutdown_timeout: Duration = 30.0
 
 
-class UpstreamConfig(_Strict):
+class UpstreamConfig(HTTPClientConfig):
+    # tls_config, basic_auth and bearer_token_file (healer.config.http_client), as Prometheus's http_config.
     url: Url
     timeout: Duration = 5.0
     check_interval: PositiveDuration = 15.0
@@ -560,6 +562,7 @@ class OptimizerConfig(_Strict):
 class GrafanaConfig(_Strict):
     url: Url | None = None
     api_token_file: Path | None = None
+    tls_config: TLSClientConfig | None = None
     timeout: Duration = 5.0
     tags: list[str] = Field(default_factory=lambda: ["healer"])
 
