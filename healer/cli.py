@@ -227,6 +227,11 @@ def server_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
             f"tls_server_config.client_auth_type: healer cannot serve {tls.client_auth_type} (a client certificate"
             " required but never verified); use RequireAndVerifyClientCert with client_ca_file"
         )
+    if tls.client_allowed_sans:
+        raise StartupError(
+            "tls_server_config.client_allowed_sans: not implemented by healer yet; remove it (every certificate"
+            " client_ca_file signs is accepted) or issue client certificates from a CA of their own"
+        )
     if tls.curve_preferences:
         raise StartupError(
             "tls_server_config.curve_preferences: not implemented by healer (OpenSSL chooses the curves); remove it"
@@ -257,8 +262,7 @@ def server_ssl_context(tls: TLSServerConfig) -> ssl.SSLContext:
             context.load_cert_chain(cert, key, password=_no_password)
         except (ssl.SSLError, OSError) as exc:
             raise StartupError(
-                f"tls_server_config.{what}: not a PEM certificate and its unencrypted private key"
-                f" ({_ssl_reason(exc)})"
+                f"tls_server_config.{what}: not a PEM certificate and its unencrypted private key ({_ssl_reason(exc)})"
             ) from None
     context.verify_mode = _VERIFY_MODES[tls.client_auth_type]
     if context.verify_mode != ssl.CERT_NONE:

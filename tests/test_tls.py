@@ -298,3 +298,31 @@ def test_client_tls_and_auth_settings_are_checked_and_name_the_key(tmp_path: Pat
     errors = _client_config_errors(tmp_path, {"bearer_token_file": str(empty)})
     assert any("prometheus.bearer_token_file" in line and "is empty" in line for line in errors), errors
     assert not any("hunter2" in line for line in errors)
+
+
+def test_tls_settings_healer_cannot_honour_stop_it_at_start(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    config = tmp_path / "healer.yml"
+    config.write_text(yaml.safe_dump({"store": {"path": str(tmp_path / "healer.db")}, "exporter": {"host": False}}))
+    own = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    for extra, says in (
+        ({"client_auth_type": "RequireAnyClientCert"}, "client_auth_type: healer cannot serve RequireAnyClientCert"),
+        (
+            {"client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(certs.ca),
+             "client_allowed_sans": ["client.test"]},
+            "client_allowed_sans: not implemented",
+        ),
+        ({"curve_preferences": ["X25519"]}, "curve_preferences: not implemented"),
+        ({"cipher_suites": ["TLS_NOT_A_SUITE"]}, "cipher_suites: unknown suite TLS_NOT_A_SUITE"),
+    ):  # fmt: skip
+        web = tmp_path / "web.yml"
+        web.write_text(yaml.safe_dump({"tls_server_config": {**own, **extra}}))
+        web.chmod(0o600)
+        checked = subprocess.run(
+            [sys.executable, "-m", "healer", "check-config", str(config), "--web.config.file", str(web)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 2, checked.stderr
+        assert len(checked.stderr.strip().splitlines()) == 1 and says in checked.stderr, checked.stderr
