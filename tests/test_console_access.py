@@ -11,14 +11,32 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
+from collections.abc import Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
+
 from healer.auth import COOKIE_NAME, CSRF_HEADER, CredentialKind, Identity, Role, Sessions
-from tests.servers import Server, start_healer
-from tests.test_access import AM_TOKEN, PASSWORDS, UNMATCHED, Answer, basic, bearer, call, closed_config
+from tests.servers import Server, start_healer, wait_for
+from tests.stack import HealingStack, dump, remove_fault_strategy, start_stack
+from tests.test_access import (
+    AM_TOKEN,
+    PASSWORDS,
+    UNMATCHED,
+    Answer,
+    basic,
+    bearer,
+    call,
+    closed_config,
+    web_config,
+)
 from tests.test_access import healer as healer  # the module's healer: alice (operator), bob (viewer), am
+from tests.test_console import Browser, Page, expect
+from tests.test_console import browser as browser  # headless chromium, a fixture
+from tests.test_healing_e2e import rule
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 CSRF_META = re.compile(r'<meta name="healer-csrf-token" content="([^"]*)">')
@@ -87,6 +105,8 @@ def test_login_sets_a_strict_http_only_session_cookie(healer: Server) -> None:
     assert json.loads(body.decode().split('id="console-settings">', 1)[1].split("</script>", 1)[0])["canOperate"]
     assert another_session_differs(healer, morsel.value)
     assert call("GET", healer.url + "/api/v1/status", headers={"Cookie": f"{COOKIE_NAME}=forged"})[0] == 401
+    status, body, _ = call("GET", healer.url + f"/api/v1/status?id={morsel.value}", headers=cookie)
+    assert status == 401 and "'id' carries a credential" in json.loads(body)["error"]
     log = healer.log()
     assert morsel.value not in log and PASSWORDS["alice"] not in log
     assert any(json.loads(line).get("event") == "signed in" for line in log.splitlines() if line.startswith("{"))
@@ -130,9 +150,9 @@ def test_basic_auth_from_a_browser_needs_the_token_and_scripts_do_not(healer: Se
     """HTTP Basic with an Origin or Sec-Fetch-Site (a browser) needs the page's CSRF token; curl's Basic and
     any bearer token, which no browser sends on its own, do not."""
     close = healer.url + "/api/v1/circuit/close"
-    for browser in ({"Origin": healer.url}, {"Sec-Fetch-Site": "same-origin"}):
-        status, body, _ = call("POST", close, b"", {**basic("alice"), **browser})
-        assert status == 403 and json.loads(body)["needed_header"] == CSRF_HEADER, browser
+    for sent_by_a_browser in ({"Origin": healer.url}, {"Sec-Fetch-Site": "same-origin"}):
+        status, body, _ = call("POST", close, b"", {**basic("alice"), **sent_by_a_browser})
+        assert status == 403 and json.loads(body)["needed_header"] == CSRF_HEADER, sent_by_a_browser
     token = page_token(healer, basic("alice"))
     assert call("POST", close, b"", {**basic("alice"), "Origin": healer.url, CSRF_HEADER: token})[0] == 200
     assert call("POST", close, b"", basic("alice"))[0] == 200
@@ -189,3 +209,135 @@ def test_the_cookie_is_secure_when_people_reach_healer_over_https(tmp_path: Path
     servers.append(healer)
     answer = login(healer, "alice", headers={"Origin": "https://healer.example:8443"})
     assert answer[0] == 303 and session_cookie(answer)[COOKIE_NAME]["secure"]
+
+
+# --- In headless Chromium, against a healer that a real Prometheus and Alertmanager feed ----------------------
+
+STEP_TIMEOUT_MS = 60_000
+OPERATOR, VIEWER = "alice", "bob"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
+    """The stack of tests/stack.py, its healer restarted with the web config's users (alice operates, bob views);
+    Alertmanager keeps posting with the deprecated shared token."""
+    workdir = tmp_path_factory.mktemp("console-access")
+    gated = {**remove_fault_strategy(workdir / "faults"), "approval": "required"}
+    rules = [rule(name, name, ["gated-remove"]) for name in ("operator", "viewer")]
+    stack = start_stack(workdir, {"rules": rules}, {"gated-remove": gated})
+    try:
+        config_path = workdir / "healer" / "healer.yml"
+        settings = yaml.safe_load(config_path.read_text())
+        settings["server"]["web_config_file"] = str(web_config(workdir))
+        config_path.write_text(yaml.safe_dump(settings))
+        listen = urllib.parse.urlsplit(stack.healer.url).netloc
+        stack.healer.stop()
+        stack.healer = start_healer(workdir / "healer", config_path, listen=listen)
+    except BaseException:
+        stack.stop()
+        raise
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context without any credential: a person who has to log in."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def sign_in(page: Page, stack: HealingStack, user: str) -> None:
+    """Open the console, get sent to the login form, fill it in and land on the console as `user`."""
+    page.goto(stack.healer.url + "/")
+    expect(page).to_have_url(stack.healer.url + "/login")
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(PASSWORDS[user])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(stack.healer.url + "/")
+    expect(page.locator("#connection")).to_contain_text("Up to date")
+    expect(page.locator(".who")).to_have_text(f"signed in as {user}")
+
+
+def awaiting_approval(stack: HealingStack, rule_name: str) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        status, body, _ = call("GET", f"{stack.healer.url}/api/v1/actions?rule={rule_name}", headers=basic(VIEWER))
+        actions = json.loads(body)["actions"] if status == 200 else []
+        return actions[0] if actions and actions[0]["state"] == "awaiting_approval" else None
+
+    try:
+        return wait_for(found, STEP_TIMEOUT_MS / 1000, interval=0.2, what=f"a step of {rule_name} awaiting approval")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{dump(stack)}") from None
+
+
+# A POST from the page's own script, with the page's cookie and, when asked, the CSRF token of its meta tag.
+PAGE_POST = """async ([url, withToken]) => {
+  const headers = {};
+  if (withToken) headers["X-CSRF-Token"] = document.querySelector('meta[name="healer-csrf-token"]').content;
+  const response = await fetch(url, {method: "POST", headers, credentials: "same-origin"});
+  return [response.status, await response.json()];
+}"""
+
+
+@pytest.mark.slow
+def test_an_operator_logs_in_and_approves_with_a_click(stack: HealingStack, page: Page) -> None:
+    """alice logs in through the form; Approve runs the step, the page shows it healed without a reload, and
+    the audit trail names her."""
+    sign_in(page, stack, OPERATOR)
+    stack.inject("operator")
+    action = awaiting_approval(stack, "operator")
+    page.get_by_role("button", name=f"Approve step {action['id']}: gated-remove").click()
+    timeline = page.locator("#timeline-body")
+    expect(timeline).to_contain_text(f"episode {action['episode']['id']}")
+    expect(timeline.locator(".steps .badge").first).to_have_text("healed")
+    expect(page.locator("#approvals-list li")).to_have_count(0)
+    status, body, _ = call("GET", f"{stack.healer.url}/api/v1/actions/{action['id']}", headers=basic(VIEWER))
+    done = json.loads(body)
+    assert status == 200 and (done["outcome"], done["approved"]) == ("healed", True), dump(stack)
+    assert [event["by"] for event in done["events"] if event["kind"] == "approved"] == [OPERATOR]
+    assert not stack.fault_present("operator")
+
+
+@pytest.mark.slow
+def test_a_viewer_sees_the_page_without_operator_controls_and_its_posts_are_refused(
+    stack: HealingStack, page: Page
+) -> None:
+    """bob sees a pending approval but no Approve, Reject or pause controls; a POST sent anyway, with his
+    cookie, is refused with 403 whether or not it carries his CSRF token; the step still waits."""
+    sign_in(page, stack, VIEWER)
+    stack.inject("viewer")
+    action = awaiting_approval(stack, "viewer")
+    item = page.locator("#approvals-list li").filter(has_text='fault="viewer"')
+    expect(item).to_contain_text("gated-remove")
+    expect(page.get_by_role("button", name=re.compile(r"^(Approve|Reject) step"))).to_have_count(0)
+    expect(page.get_by_role("button", name="Pause healing")).to_have_count(0)
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+
+    approve = f"{stack.healer.url}/api/v1/actions/{action['id']}/approve"
+    assert page.request.post(approve).status == 403
+    status, refusal = page.evaluate(PAGE_POST, [approve, True])
+    assert status == 403 and refusal["needed_role"] == "operator", refusal
+    assert awaiting_approval(stack, "viewer")["id"] == action["id"]
+
+
+@pytest.mark.slow
+def test_the_session_cookie_without_its_csrf_token_is_refused(stack: HealingStack, page: Page) -> None:
+    """An operator's session: a POST with the cookie but not the page's token is refused with 403 naming the
+    header, from the page's script and from outside it; with the token it goes through. Signing out ends it."""
+    sign_in(page, stack, OPERATOR)
+    close = stack.healer.url + "/api/v1/circuit/close"
+    status, refusal = page.evaluate(PAGE_POST, [close, False])
+    assert status == 403 and refusal["needed_header"] == CSRF_HEADER, refusal
+    answer = page.request.post(close)
+    assert answer.status == 403 and answer.json()["needed_header"] == CSRF_HEADER
+    status, body = page.evaluate(PAGE_POST, [close, True])
+    assert status == 200 and body["by"] == OPERATOR, body
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(stack.healer.url + "/login")
+    assert page.request.get(stack.healer.url + "/api/v1/status").status == 401

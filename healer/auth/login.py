@@ -27,7 +27,7 @@ LOGIN_HEADERS = {
         " frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make its forms' Origin "null"
     "Cache-Control": "no-store",
 }
 _PAGE = """<!doctype html>

@@ -103,7 +103,8 @@ def _credential_in_url(request: web.Request, access: Access) -> web.Response | N
                 "send the token in the Authorization header, never in the URL",
                 headers_hint="Authorization: Bearer <token>",
             )
-        if value and access.is_credential(value):
+        sessions = request.app.get(SESSIONS)
+        if value and (access.is_credential(value) or (sessions is not None and sessions.lookup(value) is not None)):
             log.warning(
                 "credential in a URL refused; rotate it if the URL was logged",
                 extra=fields(parameter=name, path=request.path),
@@ -147,13 +148,17 @@ def _from_browser(request: web.Request) -> bool:
 
 def same_origin(request: web.Request) -> bool:
     """Tell whether a request comes from healer's own pages: its Origin names this host (or the host of
-    server.external_url), or, without Origin, Sec-Fetch-Site does not say another site sent it."""
+    server.external_url) and Sec-Fetch-Site, when sent, says same-origin; without an Origin (or with the
+    "null" of a page that hides it), Sec-Fetch-Site must not say another site sent it."""
     origin = request.headers.get("Origin")
+    site = request.headers.get("Sec-Fetch-Site")
+    if origin == "null":  # a page whose referrer policy hides its origin: only Sec-Fetch-Site can tell
+        return site == "same-origin"
     if origin is not None:
         sessions = request.app.get(SESSIONS)
         hosts = {request.host.lower(), *(sessions.hosts if sessions is not None else ())}
-        return origin != "null" and urllib.parse.urlsplit(origin).netloc.lower() in hosts
-    return request.headers.get("Sec-Fetch-Site", "same-origin") in {"same-origin", "none"}
+        return urllib.parse.urlsplit(origin).netloc.lower() in hosts and site in {None, "same-origin"}
+    return site in {None, "same-origin", "none"}
 
 
 def csrf_token(request: web.Request) -> str | None:

@@ -33,7 +33,7 @@ CONTENT_SECURITY_POLICY = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make its forms' Origin "null"
     "Cache-Control": "no-store",
 }
 STATIC_TYPES = {"console.js": "text/javascript", "console.css": "text/css"}
