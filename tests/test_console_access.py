@@ -34,7 +34,7 @@ from tests.test_access import (
     web_config,
 )
 from tests.test_access import healer as healer  # the module's healer: alice (operator), bob (viewer), am
-from tests.test_console import Browser, Page, expect
+from tests.test_console import Browser, Page, accessibility_problems, expect
 from tests.test_console import browser as browser  # headless chromium, a fixture
 from tests.test_healing_e2e import rule
 
@@ -255,6 +255,7 @@ def sign_in(page: Page, stack: HealingStack, user: str) -> None:
     """Open the console, get sent to the login form, fill it in and land on the console as `user`."""
     page.goto(stack.healer.url + "/")
     expect(page).to_have_url(stack.healer.url + "/login")
+    assert accessibility_problems(page) == []
     page.get_by_label("User name").fill(user)
     page.get_by_label("Password").fill(PASSWORDS[user])
     page.get_by_role("button", name="Sign in").click()
@@ -341,3 +342,29 @@ def test_the_session_cookie_without_its_csrf_token_is_refused(stack: HealingStac
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(stack.healer.url + "/login")
     assert page.request.get(stack.healer.url + "/api/v1/status").status == 401
+
+
+EVIL_PAGE = """<!doctype html><title>elsewhere</title>
+<form id="close" method="post" action="{healer}/api/v1/circuit/close"><button>close</button></form>
+<form id="login" method="post" action="{healer}/login">
+<input name="username" value="bob"><input name="password" value="{password}"><button>login</button></form>"""
+
+
+@pytest.mark.slow
+def test_another_sites_forms_neither_act_nor_log_in(stack: HealingStack, page: Page) -> None:
+    """A page of another site, open in the operator's signed-in browser: its form POST to healer arrives without
+    the SameSite=Strict cookie (401), and its login form (login CSRF, with bob's password) is refused (403)."""
+    sign_in(page, stack, OPERATOR)
+    assert accessibility_problems(page) == []
+    body = EVIL_PAGE.format(healer=stack.healer.url, password=PASSWORDS[VIEWER])
+    for form, refused in (("close", 401), ("login", 403)):
+        evil = page.context.new_page()  # one page each: the answer's navigation must not cut the next one short
+        evil.route("http://elsewhere.example/**", lambda route: route.fulfill(content_type="text/html", body=body))
+        evil.goto("http://elsewhere.example/")
+        with evil.expect_response(lambda response: response.request.method == "POST") as posted:
+            evil.locator(f"#{form} button").click()
+        assert posted.value.status == refused, (form, posted.value.status)
+        assert "set-cookie" not in posted.value.headers  # Playwright lower-cases header names
+        evil.close()
+    page.reload()
+    expect(page.locator(".who")).to_have_text(f"signed in as {OPERATOR}")
