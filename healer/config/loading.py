@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from healer.config.model import HealerConfig
+from healer.config.secrets import reference_errors as secret_reference_errors
 from healer.config.strategy_params import ParamsCatalog, StrategyKinds, StrategyParams, UnknownStrategyTypeError
 
 
@@ -150,8 +151,11 @@ def parse_config(data: Any, source: Path | str = "<config>", registry: StrategyK
         raise ConfigError(source, errors) from None
     raw_names = set(raw_strategies) if isinstance(raw_strategies, dict) else set()
     errors.extend(_cross_check(config, strategies, raw_names))
+    errors.extend(secret_reference_errors(strategies, config.secrets))
     if errors:
         raise ConfigError(source, errors)
+    for params in strategies.values():
+        params.bind_secrets(config.secrets)
     return config.model_copy(update={"strategies": strategies})
 
 

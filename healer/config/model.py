@@ -24,6 +24,8 @@ from pydantic import (
 
 from healer.config.goals import GoalPriority, GoalType, parse_priority
 from healer.config.http_client import HTTPClientConfig, TLSClientConfig
+from healer.config.secrets import SecretRef
+from healer.config.secrets import check_names as check_secret_names
 from healer.config.strategy_params import StrategyParams
 from healer.matchers import InvalidMatcherError, Matcher
 from healer.types import Duration, PositiveDuration, Regex
@@ -582,3 +584,5 @@ class HealerConfig(_Strict):
     planner: PlannerConfig = PlannerConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     strategies: dict[str, StrategyParams] = Field(default_factory=dict)
+    # Secrets by reference ({file: PATH} or {env: NAME}), filled in as {secret.NAME} at run time only.
+    secrets: Annotated[dict[str, SecretRef], AfterValidator(check_secret_names)] = Field(default_factory=dict)

@@ -6,16 +6,20 @@ runners in `healer.strategies` import them from here.
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import re
 import signal as signal_module
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from healer.config.secrets import Masker, SecretRef, read_all
 from healer.types import Duration, Regex
 
 STRATEGY_ENTRY_POINTS = "healer.strategies"
@@ -49,10 +53,52 @@ class StrategyParams(BaseModel):
     approval: Literal["none", "required"] = "none"
     max_concurrent: int = Field(default=1, ge=1)
     allow_labels: dict[str, Regex] = Field(default_factory=dict)
+    # The config's `secrets:` section, bound by config loading (healer.config.secrets); never dumped.
+    _secrets: Mapping[str, SecretRef] = PrivateAttr(default_factory=dict)
+
+    def bind_secrets(self, secrets: Mapping[str, SecretRef]) -> None:
+        """Give this strategy the configured secrets it may fill in at run time."""
+        self._secrets = dict(secrets)
+
+    def secret_values(self) -> dict[str, str]:
+        """Every configured secret's value now, by name; raises SecretError (no value in it)."""
+        return read_all(self._secrets)
+
+    def masker(self, values: Mapping[str, str] | None = None) -> Masker:
+        """What masks every configured secret value; reads them unless `values` is given."""
+        if values is None:
+            values = {}
+            for name, ref in self._secrets.items():
+                try:
+                    values[name] = ref.read()
+                except ValueError:
+                    continue  # unreadable now: nothing of it can be masked, nor filled in
+        return Masker(values.values())
 
     def label_pattern(self, name: str) -> re.Pattern[str]:
         """Return the allowlist pattern a label must match before it enters this strategy."""
         return re.compile(self.allow_labels.get(name, DEFAULT_LABEL_PATTERN))
+
+
+def _known(kind: str, find: Callable[[str], object]) -> AfterValidator:
+    """A validator of a `kind` ("user" or "group") name this machine knows or an id (a bare number)."""
+
+    def known(value: str | int) -> str | int:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"a {kind} id is not negative, not {value}")
+        if isinstance(value, int) or value.isdigit():
+            return int(value)
+        try:
+            find(value)
+        except KeyError:
+            raise ValueError(f"unknown {kind} {value!r} (not in this machine's {kind} database)") from None
+        return value
+
+    return AfterValidator(known)
+
+
+UserField = Annotated[str | int, _known("user", pwd.getpwnam)]
+GroupField = Annotated[str | int, _known("group", grp.getgrnam)]
 
 
 class ExecParams(StrategyParams):
@@ -63,6 +109,23 @@ class ExecParams(StrategyParams):
     env: dict[str, TemplateField] = Field(default_factory=dict)
     cwd: Path | None = None
     output_limit_bytes: int = Field(default=65536, ge=0)
+    # Run as this user (name or id) and group; with a user and no group, the user's primary group
+    # and its supplementary groups. Unset: healer's own user (warned about when that is root).
+    user: UserField | None = None
+    group: GroupField | None = None
+
+
+def run_as_root_warning(strategies: Mapping[str, StrategyParams], euid: int | None = None) -> str | None:
+    """One warning when healer runs as root and exec strategies would run as root without saying so."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    unnamed = [name for name, params in strategies.items() if isinstance(params, ExecParams) and params.user is None]
+    if not unnamed:
+        return None
+    return (
+        f"healer runs as root and exec strategies {', '.join(sorted(unnamed))} have no user: they run as root;"
+        " give each a user (docs/least-privilege.md)"
+    )
 
 
 class HttpParams(StrategyParams):

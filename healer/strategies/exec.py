@@ -19,6 +19,12 @@ Process lifetime:
 
 stdout and stderr are merged into one pipe that is always drained to the end, but only the first
 `output_limit_bytes` are kept.
+
+With `user` (and/or `group`) the program runs as that user: the child sets its supplementary
+groups (the user's, or none with only `group`), gid and uid before exec, and asks for its
+parent-death signal only after that, since Linux clears it when credentials change. `{secret.NAME}`
+is filled into argv and env only here, at run time; every configured secret value is masked in
+the output and detail that the runner returns.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import grp
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Mapping
@@ -35,6 +43,7 @@ from pathlib import Path
 
 import psutil
 
+from healer.config.secrets import SecretError
 from healer.config.strategy_params import ExecParams, StrategyParams
 from healer.durations import format_duration
 from healer.strategies.base import params_of
@@ -57,28 +66,70 @@ class Invocation:
     cwd: Path | None = None
     timeout: float = 30.0
     output_limit: int = 65536
+    user: str | int | None = None  # as configured; resolved by `credentials` when the program starts
+    group: str | int | None = None
 
     def describe(self) -> dict[str, object]:
         """The plan for dry-run and audit; `inherited_env` names what comes from healer's env."""
-        return {
+        plan: dict[str, object] = {
             "argv": list(self.argv),
             "env": dict(self.env),
             "inherited_env": list(BASE_ENV_KEYS),
             "cwd": None if self.cwd is None else str(self.cwd),
             "timeout": self.timeout,
         }
+        if self.user is not None:
+            plan["user"] = self.user
+        if self.group is not None:
+            plan["group"] = self.group
+        return plan
+
+
+def credentials(user: str | int | None, group: str | int | None) -> dict[str, object]:
+    """The `user`, `group` and `extra_groups` arguments of subprocess for a configured user and group.
+
+    A user alone gets its primary group and its supplementary groups; a group alone replaces the
+    supplementary groups by none. Nothing is changed when both are healer's own already.
+    Raises KeyError for a name this machine no longer knows.
+    """
+    if user is None and group is None:
+        return {}
+    uid: int | None = None
+    gid: int | None = None
+    extra: list[int] = []
+    if user is not None:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        uid = entry.pw_uid
+        gid = entry.pw_gid
+        with contextlib.suppress(KeyError, OSError):
+            extra = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    if group is not None:
+        gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        if user is not None:
+            extra = [gid]
+    if (uid is None or uid == os.geteuid()) and gid == os.getegid() and os.geteuid() != 0:
+        return {}  # already so; an unprivileged healer could not set groups anyway
+    args: dict[str, object] = {"group": gid, "extra_groups": extra}
+    if uid is not None:
+        args["user"] = uid
+    return args
 
 
 # Loaded in healer, not in the forked child: a child of a threaded process must not take the loader's locks.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 
 def _die_with_healer() -> None:
-    """In the child before exec: ask the kernel for SIGKILL when healer dies (Linux only; elsewhere a no-op)."""
+    """In the child before exec: ask the kernel for SIGKILL when healer dies, and drop the ambient
+    capabilities a systemd unit may give healer (CAP_KILL, CAP_SETUID...), so that the program does
+    not inherit them (Linux only; elsewhere a no-op)."""
     if _LIBC is not None:
         # A failure leaves the program running as before, so it is not fatal.
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _LIBC.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 def base_env() -> dict[str, str]:
@@ -193,6 +244,10 @@ def _exit_detail(returncode: int) -> str:
 async def run_invocation(invocation: Invocation) -> StepResult:
     """Run an invocation to completion, timeout or cancellation; see the module docstring."""
     env = {**base_env(), **invocation.env}
+    try:
+        run_as = credentials(invocation.user, invocation.group)
+    except KeyError as exc:
+        return StepResult(ok=False, detail=one_line(f"cannot start {invocation.argv[0]}: {exc.args[0]}"))
     read_fd, write_fd = os.pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -203,7 +258,9 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             env=env,
             cwd=invocation.cwd,
             start_new_session=True,
+            # subprocess changes groups, gid and uid first and calls this last (the order matters).
             preexec_fn=_die_with_healer,
+            **run_as,  # type: ignore[arg-type]
         )
     except (OSError, ValueError) as exc:
         os.close(read_fd)
@@ -262,14 +319,28 @@ async def run_invocation(invocation: Invocation) -> StepResult:
             os.close(read_fd)
 
 
+def masked(result: StepResult, params: StrategyParams, values: Mapping[str, str] | None = None) -> StepResult:
+    """`result` with every configured secret value masked in its detail and output."""
+    mask = params.masker(values)
+    return StepResult(
+        ok=result.ok,
+        detail=mask(result.detail),
+        output=mask(result.output),
+        exit_code=result.exit_code,
+        timed_out=result.timed_out,
+    )
+
+
 class ExecRunner:
     """Runner of the `exec` strategy type."""
 
-    def invocation(self, params: StrategyParams, alert: AlertContext) -> Invocation:
-        """Render argv and env from the alert; raises UnsafeLabelError."""
+    def invocation(
+        self, params: StrategyParams, alert: AlertContext, secrets: Mapping[str, str] | None = None
+    ) -> Invocation:
+        """Render argv and env from the alert (and `secrets`, to run only); raises UnsafeLabelError."""
         exec_params = params_of(params, ExecParams, "exec")
-        argv = tuple(render(arg, params, alert) for arg in exec_params.command)
-        env = {key: render(value, params, alert) for key, value in exec_params.env.items()}
+        argv = tuple(render(arg, params, alert, secrets) for arg in exec_params.command)
+        env = {key: render(value, params, alert, secrets) for key, value in exec_params.env.items()}
         env.update(alert_env(params, alert))
         return Invocation(
             argv=argv,
@@ -277,6 +348,8 @@ class ExecRunner:
             cwd=exec_params.cwd,
             timeout=exec_params.timeout,
             output_limit=exec_params.output_limit_bytes,
+            user=exec_params.user,
+            group=exec_params.group,
         )
 
     def plan(self, params: StrategyParams, alert: AlertContext) -> dict[str, object]:
@@ -285,4 +358,8 @@ class ExecRunner:
 
     async def run(self, params: StrategyParams, alert: AlertContext) -> StepResult:
         """Run the program; see the module docstring for timeouts, cancellation and output."""
-        return await run_invocation(self.invocation(params, alert))
+        try:
+            values = params.secret_values()
+        except SecretError as exc:
+            return StepResult(ok=False, detail=one_line(str(exc)))
+        return masked(await run_invocation(self.invocation(params, alert, values)), params, values)

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from healer.config.secrets import SecretError
 from healer.config.strategy_params import HttpParams, StrategyParams
 from healer.durations import format_duration
 from healer.strategies.base import params_of
+from healer.strategies.exec import masked
 from healer.strategies.runner import AlertContext, OutputBuffer, StepResult, one_line
 from healer.strategies.templating import render, render_body, render_url
 
@@ -70,16 +72,18 @@ def _status_ranges(codes: tuple[int, ...]) -> list[str]:
 class HttpRunner:
     """Runner of the `http` strategy type."""
 
-    def request(self, params: StrategyParams, alert: AlertContext) -> HttpRequest:
-        """Render URL, headers and body from the alert; raises UnsafeLabelError."""
+    def request(
+        self, params: StrategyParams, alert: AlertContext, secrets: Mapping[str, str] | None = None
+    ) -> HttpRequest:
+        """Render URL, headers and body from the alert (and `secrets`, to run only); raises UnsafeLabelError."""
         http_params = params_of(params, HttpParams, "http")
-        headers = {name: render(value, params, alert) for name, value in http_params.headers.items()}
-        body = None if http_params.body is None else render_body(http_params.body, params, alert)
+        headers = {name: render(value, params, alert, secrets) for name, value in http_params.headers.items()}
+        body = None if http_params.body is None else render_body(http_params.body, params, alert, secrets)
         if body is not None and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
         return HttpRequest(
             method=http_params.method,
-            url=render_url(http_params.url, params, alert),
+            url=render_url(http_params.url, params, alert, secrets),
             headers=headers,
             body=body,
             timeout=http_params.timeout,
@@ -91,8 +95,16 @@ class HttpRunner:
         return self.request(params, alert).describe()
 
     async def run(self, params: StrategyParams, alert: AlertContext) -> StepResult:
-        """Send the request; ok when the status is expected. Network faults give ok=False."""
-        request = self.request(params, alert)
+        """Send the request; ok when the status is expected. Network faults give ok=False.
+
+        Secret values are filled in here only, and masked in the detail and response body returned."""
+        try:
+            values = params.secret_values()
+        except SecretError as exc:
+            return StepResult(ok=False, detail=one_line(str(exc)))
+        return masked(await self._send(self.request(params, alert, values)), params, values)
+
+    async def _send(self, request: HttpRequest) -> StepResult:
         output = OutputBuffer(HTTP_OUTPUT_LIMIT)
         try:
             async with (

@@ -24,16 +24,26 @@ Three ways to substitute:
   values `.` and `..` are refused because URL normalisation would turn them into path traversal.
 * `render_body`: placeholders anywhere in an HTTP body, each value JSON-string escaped
   (`json.dumps(value)[1:-1]`), so the body is meant to be JSON with placeholders inside strings.
+
+Each also fills `{secret.NAME}` (anywhere in the string, encoded the same way) when the runner
+passes the secrets' values, which it does only to run, never to plan: a plan keeps the
+placeholder. Labels and secrets are substituted in one pass, so a label value that reads
+`{secret.X}` stays that text and never pulls a secret in.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
+from healer.config.secrets import SECRET_PLACEHOLDER, fill
 from healer.config.strategy_params import PLACEHOLDER, StrategyParams
 from healer.strategies.runner import AlertContext, UnsafeLabelError
+
+Secrets = Mapping[str, str] | None
+_ANY_PLACEHOLDER = re.compile(f"{PLACEHOLDER.pattern}|{SECRET_PLACEHOLDER.pattern}")
 
 MAX_VALUE_LENGTH = 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -71,8 +81,9 @@ def lookup(kind: str, name: str, params: StrategyParams, alert: AlertContext) ->
     return value
 
 
-def render(value: str, params: StrategyParams, alert: AlertContext) -> str:
-    """Return a literal as is, or the checked value of a whole `{labels.X}` placeholder.
+def render(value: str, params: StrategyParams, alert: AlertContext, secrets: Secrets = None) -> str:
+    """Return a literal (its `{secret.X}` filled in when `secrets` is given), or the checked value
+    of a whole `{labels.X}` placeholder.
 
     Raises UnsafeLabelError for a missing or disallowed value and ValueError for a string that
     mixes a placeholder with other text (config validation refuses those already).
@@ -82,14 +93,26 @@ def render(value: str, params: StrategyParams, alert: AlertContext) -> str:
         return lookup(match.group(1), match.group(2), params, alert)
     if PLACEHOLDER.search(value):
         raise ValueError(f"{value!r}: a template must be exactly one whole placeholder")
-    return value
+    return value if secrets is None else fill(value, secrets)
 
 
-def render_url(url: str, params: StrategyParams, alert: AlertContext) -> str:
-    """Substitute every placeholder in a URL with its checked, percent-encoded value."""
+def _one_pass(text: str, label: Callable[[str, str], str], secrets: Secrets, encode: Callable[[str], str]) -> str:
+    """Substitute label placeholders through `label`, and secrets (when given) through `encode`."""
 
     def substitute(match: re.Match[str]) -> str:
-        kind, name = match.group(1), match.group(2)
+        if match.group(1) is not None:
+            return label(match.group(1), match.group(2))
+        if secrets is None:
+            return match.group(0)
+        return encode(secrets[match.group(3)])
+
+    return _ANY_PLACEHOLDER.sub(substitute, text)
+
+
+def render_url(url: str, params: StrategyParams, alert: AlertContext, secrets: Secrets = None) -> str:
+    """Substitute every placeholder in a URL with its checked, percent-encoded value."""
+
+    def substitute(kind: str, name: str) -> str:
         value = lookup(kind, name, params, alert)
         if value in (".", ".."):
             raise UnsafeLabelError(
@@ -100,9 +123,13 @@ def render_url(url: str, params: StrategyParams, alert: AlertContext) -> str:
             )
         return quote(value, safe="")
 
-    return PLACEHOLDER.sub(substitute, url)
+    return _one_pass(url, substitute, secrets, lambda value: quote(value, safe=""))
 
 
-def render_body(body: str, params: StrategyParams, alert: AlertContext) -> str:
+def _json_string(value: str) -> str:
+    return json.dumps(value)[1:-1]
+
+
+def render_body(body: str, params: StrategyParams, alert: AlertContext, secrets: Secrets = None) -> str:
     """Substitute every placeholder in a body with its checked, JSON-string-escaped value."""
-    return PLACEHOLDER.sub(lambda match: json.dumps(lookup(match.group(1), match.group(2), params, alert))[1:-1], body)
+    return _one_pass(body, lambda kind, name: _json_string(lookup(kind, name, params, alert)), secrets, _json_string)

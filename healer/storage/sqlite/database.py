@@ -8,17 +8,52 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from healer.logs import fields
 from healer.storage.errors import StoreUnavailableError
 from healer.storage.sqlite.migrations import migrate
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# The store holds step output and plans: only healer's user may read it, its journals and its lock.
+PRIVATE_MODE = 0o600
+COMPANION_SUFFIXES = ("-wal", "-shm", "-journal", ".lock")
+
+
+def make_private(path: Path) -> None:
+    """Create the store file mode 0600 when missing, and bring every existing store file to 0600.
+
+    SQLite creates its -wal, -shm and -journal files with the database file's mode, so a private
+    database keeps them private; a file found readable by others is fixed and warned about.
+    """
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_MODE))
+    for name in (str(path), *(f"{path}{suffix}" for suffix in COMPANION_SUFFIXES)):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, PRIVATE_MODE)
+            log.warning(
+                "store file was open to other users; made it readable by healer's user only",
+                extra=fields(file=name, mode=f"{mode:04o}", now=f"{PRIVATE_MODE:04o}"),
+            )
+
+
+def _open_private(name: str) -> IO[str]:
+    """Open (creating mode 0600) a file for writing, as `open(name, "w")` would."""
+    return os.fdopen(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE), "w")
 
 
 class SQLiteDatabase:
@@ -31,12 +66,17 @@ class SQLiteDatabase:
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Two healers on one file would each recover the other's running steps and run them twice.
-            self._lock_file = open(f"{path}.lock", "w")  # noqa: SIM115 - held for the store's lifetime
+            self._lock_file = _open_private(f"{path}.lock")  # held for the store's lifetime
             try:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 self._lock_file.close()
                 raise StoreUnavailableError(f"another healer is using the store {path}") from None
+            try:
+                make_private(self.path)
+            except OSError as exc:
+                self._release_lock()
+                raise StoreUnavailableError(f"cannot make the store {path} private: {exc.strerror}") from exc
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
             self.db.row_factory = sqlite3.Row
