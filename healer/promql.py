@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VerifyOutcome = Literal["healed", "not_healed", "unverified"]
+# How long one fetch of Prometheus's alerts answers every "does this alert fire?" (a verification polls
+# every verify.interval; a storm asks a thousand times at once).
+ALERTS_CACHE_SECONDS = 0.5
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _STATUS_IN_MESSAGE = re.compile(r"^HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
@@ -156,6 +159,8 @@ class PromQLClient:
         self._external_labels: dict[str, str] | None = None
         # Whether the backend serves the rule manager's alerts (Prometheus does; some compatible ones do not).
         self._alerts_api = True
+        self._alerts_cache: tuple[float, list[dict[str, Any]] | None] | None = None
+        self._alerts_lock = asyncio.Lock()
 
     def _connect(self) -> Any:
         """Create the library's client on first use, in the worker thread.
@@ -324,6 +329,17 @@ class PromQLClient:
         except (ValueError, KeyError, TypeError) as exc:
             raise PrometheusUnavailableError(f"unreadable alerts from Prometheus at {self.url}: {exc}") from None
 
+    async def _alerts(self) -> list[dict[str, Any]] | None:
+        """The rule manager's alerts, fetched at most once per ALERTS_CACHE_SECONDS however many ask.
+
+        In a storm a thousand steps ask at once, and each answer lists every alert: one fetch serves them.
+        """
+        async with self._alerts_lock:
+            now = time.monotonic()
+            if self._alerts_cache is None or now - self._alerts_cache[0] >= ALERTS_CACHE_SECONDS:
+                self._alerts_cache = (now, await asyncio.to_thread(self._alerts_sync))
+            return self._alerts_cache[1]
+
     async def alert_firing(self, labels: Mapping[str, str]) -> bool:
         """Tell whether Prometheus's rule manager has a firing alert carrying all of `labels` exactly.
 
@@ -341,7 +357,7 @@ class PromQLClient:
                 raise ValueError(f"{name!r} is not a valid Prometheus label name")
             if name != "alertstate" and external.get(name) != value:
                 wanted[name] = value
-        alerts = await asyncio.to_thread(self._alerts_sync) if self._alerts_api else None
+        alerts = await self._alerts() if self._alerts_api else None
         if alerts is None:  # a Prometheus-compatible backend without the rule manager's API
             self._alerts_api = False
             return await self._alert_series_firing(wanted)
