@@ -1,4 +1,4 @@
-"""The `healer` command line: serve, check-config, status, test-alert, demo."""
+"""The `healer` command line: serve, check-config, status, test-alert, demo, store."""
 
 from __future__ import annotations
 
@@ -71,7 +71,40 @@ def _parser() -> argparse.ArgumentParser:
     test_alert.add_argument("-c", "--config", type=Path, required=True, help="path to healer.yml")
     test_alert.add_argument("payload", type=Path, help="an Alertmanager webhook payload (JSON)")
     test_alert.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    store = commands.add_parser("store", help="check or recover a SQLite store file (with healer stopped)")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+    store_check = store_commands.add_parser("check", help="SQLite's integrity check: exit 0 when sound, 2 if not")
+    store_check.add_argument("file", type=Path, help="the store file (store.path)")
+    store_recover = store_commands.add_parser("recover", help="copy what can be read of a damaged store to a new file")
+    store_recover.add_argument("file", type=Path, help="the damaged store file (store.path)")
+    store_recover.add_argument("--output", type=Path, help="the new file (default: FILE.recovered)")
     return parser
+
+
+def store_command(command: str, path: Path, output: Path | None = None) -> int:
+    """`healer store check FILE` and `healer store recover FILE`: one line per finding, exit 0 or 2."""
+    from healer.storage.sqlite.recovery import RecoveryError, check, recover
+
+    try:
+        if command == "check":
+            problems = check(path)
+            for problem in problems:
+                print(f"{path}: {problem}", file=sys.stderr)
+            if problems:
+                print(f"{path}: damaged: run `healer store recover {path}` with healer stopped", file=sys.stderr)
+                return EXIT_USAGE
+            print(f"{path}: OK")
+            return EXIT_OK
+        target = output or path.with_name(path.name + ".recovered")
+        recovered = recover(path, target)
+    except RecoveryError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    counts = ", ".join(f"{name} {rows}" for name, rows in sorted(recovered.rows.items()))
+    print(f"{target}: recovered by {recovered.method}: {counts}")
+    print(f"with healer stopped, move {path} aside and {target} to store.path, then start healer")
+    return EXIT_OK
 
 
 def test_alert(config_path: Path, payload_path: Path, as_json: bool) -> int:
@@ -405,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args.scenario, keep=args.keep, workdir=args.workdir, report=args.report)
     if args.command == "test-alert":
         return test_alert(args.config, args.payload, args.json)
+    if args.command == "store":
+        return store_command(args.store_command, args.file, getattr(args, "output", None))
     if args.command == "serve":
         return serve(args.config, args.listen, args.log_format, args.web_config_file)
     raise AssertionError(f"unhandled command {args.command}")

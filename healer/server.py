@@ -39,6 +39,7 @@ from healer.planner.routes import PLANNER, add_goal_routes
 from healer.promql import PromQLClient
 from healer.status import status_handler
 from healer.storage import Storage, StoreUnavailableError, open_local_storage
+from healer.storage.watch import STORE_WATCH, StoreWatch
 from healer.strategies.base import StrategyRegistry
 from healer.strategies.builtin import default_registry
 from healer.upstreams import UpstreamMonitor
@@ -182,8 +183,12 @@ async def _healing(app: web.Application) -> AsyncIterator[None]:
     purge = asyncio.create_task(
         _purge_old_records(app[STORAGE], engine.replica, config.store.retention), name="purge"
     )
+    # Readiness and the webhook follow the store's latest health, checked every couple of seconds.
+    await app[STORE_WATCH].check()
+    store_watch = asyncio.create_task(app[STORE_WATCH].run(), name="store-health")
     yield
     purge.cancel()
+    store_watch.cancel()
     engine.begin_stop(config.server.shutdown_timeout)
     deadline = engine.steps.stop_deadline
     await asyncio.gather(planner.stop(deadline), optimizer.stop(deadline))
@@ -224,6 +229,10 @@ async def healthy(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
+    store = request.app[STORE_WATCH].health
+    if not store.up:
+        text = f"healer is not ready: the store is {store.reason} ({store.detail}); {store.advice}\n"
+        return web.Response(status=503, text=text)
     if request.app[SERVICES].ready.is_set():
         return web.Response(text="healer is ready.\n")
     return web.Response(status=503, text="healer is not ready.\n")
@@ -273,6 +282,7 @@ def create_app(
     app[ACCESS] = access
     app[SERVICES] = build_services(config, registry, strategies)
     app[STORAGE] = storage if storage is not None else open_local_storage(config.store)
+    app[STORE_WATCH] = StoreWatch(app[STORAGE], app[SERVICES].registry)
     app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
     app[LADDER] = app[ENGINE].ladder
     app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])

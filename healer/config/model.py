@@ -184,6 +184,8 @@ class StoreConfig(_Strict):
     lease: PositiveDuration = 4.0
     # Connections each replica keeps to PostgreSQL.
     pool_size: int = Field(default=10, ge=2, le=100)
+    # The SQLite write-ahead log is checkpointed and truncated to stay about this size (4 MiB).
+    wal_max_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
     @model_validator(mode="after")
     def _one_backend(self) -> StoreConfig:

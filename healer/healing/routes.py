@@ -18,6 +18,7 @@ from healer.healing.payload import InvalidPayloadError, decode_webhook
 from healer.http import invalid_body, path_id, problem, query_limit, query_number, require_json
 from healer.logs import fields
 from healer.storage import StoreUnavailableError
+from healer.storage.watch import STORE_WATCH
 from healer.types import PositiveDuration
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ async def _receive(request: web.Request) -> web.Response:
         if exc.status == 400:
             return problem(400, exc.message)
         return problem(exc.status, exc.message, errors=exc.errors)
+    store = request.app[STORE_WATCH].health
+    if not store.up:
+        # Nothing is accepted into a store that may lose it; Alertmanager retries a 5xx later.
+        return problem(503, f"the store cannot keep alerts now ({store.reason}); retry", reason=store.reason)
     if engine.backlog >= engine.config.store.max_backlog:
         # Alertmanager retries a 5xx later; refusing now bounds the disk and loses nothing.
         return problem(

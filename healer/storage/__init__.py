@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from healer.config import StoreConfig
 from healer.storage.errors import StoreUnavailableError
+from healer.storage.health import StoreDamagedError, StoreHealth
 from healer.storage.interfaces import (
     Coordination,
     GoalRecords,
@@ -32,7 +33,7 @@ async def open_storage(config: StoreConfig, clock: Callable[[], float] = time.ti
         return await PostgresStorage.open(config, clock)
     from healer.storage.sqlite import SQLiteStorage
 
-    return SQLiteStorage(config.path, clock)
+    return SQLiteStorage(config.path, clock, config.wal_max_bytes)
 
 
 def open_local_storage(config: StoreConfig, clock: Callable[[], float] = time.time) -> Storage:
@@ -41,7 +42,7 @@ def open_local_storage(config: StoreConfig, clock: Callable[[], float] = time.ti
         raise StoreUnavailableError("a PostgreSQL store opens asynchronously: use `await open_storage(...)`")
     from healer.storage.sqlite import SQLiteStorage
 
-    return SQLiteStorage(config.path, clock)
+    return SQLiteStorage(config.path, clock, config.wal_max_bytes)
 
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
     "Inbox",
     "PauseRecords",
     "Storage",
+    "StoreDamagedError",
+    "StoreHealth",
     "StoreUnavailableError",
     "TrialRecords",
     "open_local_storage",

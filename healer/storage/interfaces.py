@@ -32,6 +32,7 @@ from healer.healing.model import Outcome as StepOutcome
 from healer.healing.payload import WebhookAlert
 from healer.optimizer.model import CandidateRecord, Outcome, Trial
 from healer.planner.model import Goal, GoalState, NewGoal
+from healer.storage.health import StoreHealth
 
 
 class Inbox(Protocol):
@@ -371,5 +372,9 @@ class Storage(Protocol):
 
     @property
     def pauses(self) -> PauseRecords: ...
+
+    async def health(self) -> StoreHealth:
+        """Whether the store can keep what is written to it now, and if not why (a fixed reason)."""
+        ...
 
     async def close(self) -> None: ...

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from healer.config import StoreConfig
 from healer.storage.errors import StoreUnavailableError
+from healer.storage.health import StoreHealth, classify
 from healer.storage.postgres.coordination import PostgresCoordination
-from healer.storage.postgres.database import POOL_TIMEOUT, PostgresDatabase
+from healer.storage.postgres.database import POOL_TIMEOUT, PostgresDatabase, Transaction
 from healer.storage.postgres.goals import PostgresGoalRecords
 from healer.storage.postgres.healing import PostgresHealingRecords
 from healer.storage.postgres.inbox import PostgresInbox
@@ -72,8 +73,24 @@ class PostgresStorage:
     def pauses(self) -> PostgresPauseRecords:
         return self._pauses
 
+    async def health(self) -> StoreHealth:
+        """A connection of the pool and a committed write."""
+        try:
+            await self.database.write(_probe)
+        except StoreUnavailableError as exc:  # scrubbed: never the password
+            return StoreHealth(classify(str(exc)), str(exc))
+        return StoreHealth()
+
     async def close(self) -> None:
         await self.database.close()
+
+
+async def _probe(tx: Transaction) -> None:
+    # A real write (the row rewritten as it is), committed: the server has a connection and takes writes.
+    await tx.execute(
+        "UPDATE schema_versions SET description = description"
+        " WHERE version = (SELECT max(version) FROM schema_versions)"
+    )
 
 
 __all__ = ["PostgresStorage"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from healer.storage.health import StoreHealth, classify
 from healer.storage.sqlite.coordination import SQLiteCoordination
 from healer.storage.sqlite.database import SQLiteDatabase
 from healer.storage.sqlite.goals import SQLiteGoalRecords
 from healer.storage.sqlite.healing import SQLiteHealingRecords
+from healer.storage.sqlite.health import DEFAULT_WAL_MAX_BYTES
 from healer.storage.sqlite.inbox import SQLiteInbox
 from healer.storage.sqlite.pauses import SQLitePauseRecords
 from healer.storage.sqlite.trials import SQLiteTrialRecords
@@ -18,8 +21,10 @@ from healer.storage.sqlite.trials import SQLiteTrialRecords
 class SQLiteStorage:
     """Every concern's records on one SQLite file, opened and migrated."""
 
-    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
-        self.database = SQLiteDatabase(path, clock)
+    def __init__(
+        self, path: Path | str, clock: Callable[[], float] = time.time, wal_max_bytes: int = DEFAULT_WAL_MAX_BYTES
+    ) -> None:
+        self.database = SQLiteDatabase(path, clock, wal_max_bytes)
         self._inbox = SQLiteInbox(self.database)
         self._healing = SQLiteHealingRecords(self.database)
         self._goals = SQLiteGoalRecords(self.database)
@@ -54,6 +59,13 @@ class SQLiteStorage:
     @property
     def pauses(self) -> SQLitePauseRecords:
         return self._pauses
+
+    async def health(self) -> StoreHealth:
+        """The file is the one opened, takes a write and is sound; the WAL is kept within its bound."""
+        try:
+            return await self.database.run(self.database.health.check)
+        except (sqlite3.Error, OSError) as exc:
+            return StoreHealth(classify(str(exc)), str(exc))
 
     async def close(self) -> None:
         await self.database.close()

@@ -20,6 +20,8 @@ from typing import IO, Any, TypeVar
 
 from healer.logs import fields
 from healer.storage.errors import StoreUnavailableError
+from healer.storage.health import DAMAGED, StoreDamagedError, classify
+from healer.storage.sqlite.health import DEFAULT_WAL_MAX_BYTES, SQLiteHealth
 from healer.storage.sqlite.migrations import migrate
 
 T = TypeVar("T")
@@ -59,7 +61,9 @@ def _open_private(name: str) -> IO[str]:
 class SQLiteDatabase:
     """The connection, the thread it is used from, the lock that keeps a second healer out, and the clock."""
 
-    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path | str, clock: Callable[[], float] = time.time, wal_max_bytes: int = DEFAULT_WAL_MAX_BYTES
+    ) -> None:
         self.path = Path(path)
         self.clock = clock
         self._lock_file: IO[str] | None = None
@@ -84,10 +88,16 @@ class SQLiteDatabase:
             # NORMAL with WAL survives a killed process; FULL would also survive power loss at a cost per commit.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            self.health = SQLiteHealth(self.db, self.path, wal_max_bytes)
+            self.health.open()
             migrate(self.db, clock)
+        except StoreUnavailableError:
+            self._release_lock()
+            raise
         except (sqlite3.Error, OSError) as exc:
             self._release_lock()
-            raise StoreUnavailableError(f"cannot open the store {path}: {exc}") from exc
+            error = StoreDamagedError if classify(str(exc)) == DAMAGED else StoreUnavailableError
+            raise error(f"cannot open the store {path}: {exc}") from exc
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healer-store")
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
@@ -143,6 +153,7 @@ class SQLiteDatabase:
             self._lock_file = None
 
     async def close(self) -> None:
+        await self.run(self.health.close)
         await self.run(self.db.close)
         self._executor.shutdown(wait=True)
         self._release_lock()

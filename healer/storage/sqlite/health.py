@@ -1,0 +1,179 @@
+"""The health of one SQLite file: its identity, its writability, its integrity, and its write-ahead log's size.
+
+Every method runs on the store's thread (the connection is used from that thread only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from healer.logs import fields
+from healer.storage.health import (
+    DAMAGED,
+    DELETED,
+    READ_ONLY,
+    REPLACED,
+    StoreDamagedError,
+    StoreHealth,
+    classify,
+)
+
+log = logging.getLogger(__name__)
+
+# The full (quick) integrity check reads every page: at open, then this often while running.
+INTEGRITY_INTERVAL = 600.0
+# The write-ahead log's bound when the config gives none.
+DEFAULT_WAL_MAX_BYTES = 4 * 1024 * 1024
+
+
+def quick_check(db: sqlite3.Connection) -> list[str]:
+    """SQLite's quick_check: [] for a sound file, else its complaints (at most 10)."""
+    try:
+        found = [str(row[0]) for row in db.execute("PRAGMA quick_check(10)").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    # One finding per line of its own: "*** in database main ***" heads them.
+    lines = [line for text in found for line in text.splitlines() if not line.startswith("***")]
+    return [] if found == ["ok"] else lines
+
+
+def rescue_path(path: Path) -> Path:
+    """Where a store whose file was deleted under a running healer is copied to."""
+    return path.with_name(path.name + ".rescued")
+
+
+class SQLiteHealth:
+    """Checks one open SQLite file: its identity against the file opened, a write probe, integrity, the WAL."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, wal_max_bytes: int = DEFAULT_WAL_MAX_BYTES) -> None:
+        self.db = db
+        self.path = path
+        self.wal_max_bytes = wal_max_bytes
+        self.memory = str(path) == ":memory:"
+        self._identity: tuple[int, int] | None = None
+        self._size = 0
+        self._checked = time.monotonic()
+        self._rescued = False
+
+    def open(self) -> None:
+        """At open: bound the WAL, remember the file's identity, and refuse a damaged file (StoreDamagedError)."""
+        page_size = int(self.db.execute("PRAGMA page_size").fetchone()[0])
+        # SQLite checkpoints at a quarter of the bound (leaving room for the transaction that crosses it) and
+        # truncates the log back to the bound when it starts over after a checkpoint.
+        self.db.execute(f"PRAGMA journal_size_limit={int(self.wal_max_bytes)}")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_max_bytes // page_size // 4)}")
+        problems = quick_check(self.db)
+        if problems:
+            raise StoreDamagedError(
+                f"the store {self.path} is damaged ({'; '.join(problems[:3])}): stop, run `healer store check"
+                f" {self.path}` and `healer store recover {self.path}` (docs/runbook.md, store not ready)"
+            )
+        if not self.memory:
+            stat = os.stat(self.path)
+            self._identity = (stat.st_dev, stat.st_ino)
+            self._size = stat.st_size
+
+    def check(self) -> StoreHealth:
+        """One cheap check: the file is the one opened and has not shrunk, a write commits, the WAL is bounded;
+        every INTEGRITY_INTERVAL also SQLite's quick_check."""
+        if self._identity is not None:
+            try:
+                stat = os.stat(self.path)
+            except FileNotFoundError:
+                if not self._rescued:
+                    self._rescue()
+                return StoreHealth(DELETED, f"{self.path} was deleted while healer had it open")
+            except OSError as exc:
+                return StoreHealth(classify(str(exc)), f"cannot stat {self.path}: {exc.strerror}")
+            if (stat.st_dev, stat.st_ino) != self._identity:
+                return StoreHealth(REPLACED, f"{self.path} is not the file healer opened (it was replaced)")
+            if stat.st_size < self._size:
+                # SQLite never shrinks the file (no auto_vacuum): something else truncated it.
+                return StoreHealth(DAMAGED, f"{self.path} shrank from {self._size} to {stat.st_size} bytes")
+            self._size = stat.st_size
+            if not os.access(self.path, os.W_OK):
+                return StoreHealth(READ_ONLY, f"{self.path} is not writable")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                # A real write (the row is rewritten as it is), committed through the WAL.
+                self.db.execute(
+                    "UPDATE schema_versions SET description = description"
+                    " WHERE version = (SELECT max(version) FROM schema_versions)"
+                )
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            return StoreHealth(classify(str(exc)), f"a write to {self.path} failed: {exc}")
+        if time.monotonic() - self._checked >= INTEGRITY_INTERVAL:
+            self._checked = time.monotonic()
+            problems = quick_check(self.db)
+            if problems:
+                return StoreHealth(DAMAGED, f"{self.path}: {'; '.join(problems[:3])}")
+        return self.bound_wal()
+
+    def bound_wal(self) -> StoreHealth:
+        """Checkpoint and truncate the WAL when it grew beyond its bound (a reader held a checkpoint back)."""
+        if self.memory:
+            return StoreHealth()
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return StoreHealth()
+        if wal > self.wal_max_bytes:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                return StoreHealth(classify(str(exc)), f"checkpoint of {self.path} failed: {exc}")
+        return StoreHealth()
+
+    def _rescue(self) -> None:
+        """Copy the open (deleted) store, WAL included, next to its path: what was accepted is not lost."""
+        target_path = rescue_path(self.path)
+        try:
+            # As private as the store itself: it holds the same records.
+            target_path.touch(mode=0o600)
+            target_path.chmod(0o600)
+            target = sqlite3.connect(str(target_path))
+            try:
+                self.db.backup(target)
+            finally:
+                target.close()
+        except (sqlite3.Error, OSError) as exc:
+            log.error(
+                "cannot copy the deleted store",
+                extra=fields(path=str(self.path), rescue=str(target_path), reason=str(exc)),
+            )
+            return
+        if not self._rescued:
+            log.warning(
+                "the deleted store was copied; stop healer and move the copy to the store's path",
+                extra=fields(path=str(self.path), rescue=str(target_path)),
+            )
+        self._rescued = True
+
+    def close(self) -> None:
+        """Close the connection; a store deleted or replaced under healer is first copied once more, with
+        everything written since, and the write-ahead log it leaves at the path (which belongs to the file
+        healer had open, not to whatever is at the path now) is removed."""
+        if self._identity is None or self._identity == _identity(self.path):
+            self.db.close()
+            return
+        self._rescue()
+        self.db.close()
+        for leftover in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
