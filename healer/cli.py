@@ -21,6 +21,7 @@ from healer import __version__
 from healer.auth import Access, ClientAuthType, TLSServerConfig, TLSVersion, WebConfigError, load_access
 from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
 from healer.config.loading import config_warnings
+from healer.config.strategy_params import run_as_root_warning
 from healer.logs import configure_logging, fields
 
 log = logging.getLogger("healer.cli")
@@ -391,6 +392,8 @@ def serve(path: Path, listen: str | None, log_format: str | None, web_config_fil
     if access is None:
         return EXIT_USAGE
     configure_logging(log_format or config.server.log_format, config.server.log_level)
+    if root_warning := run_as_root_warning(config.strategies):
+        log.warning("strategies run as root", extra=fields(warning=root_warning))
     try:
         host, port = _listen_address(config, listen, access)
         context = _serving_context(access, web_config_file or config.server.web_config_file)

@@ -278,3 +278,12 @@ def test_one_warning_when_root_runs_exec_strategies_without_a_user() -> None:
     assert warning is not None and "exec strategies a, b have no user" in warning and "named" not in warning
     assert run_as_root_warning(strategies, euid=1000) is None
     assert run_as_root_warning({"named": strategies["named"]}, euid=0) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="healer warns only when it runs as root")
+def test_serve_as_root_warns_once_about_strategies_without_a_user(tmp_path: Path, servers: list[Server]) -> None:
+    """`healer serve` as root logs one warning naming the exec strategies that would run as root."""
+    healer = start_healer(tmp_path, config(tmp_path))
+    servers.append(healer)
+    warnings = [json.loads(line) for line in healer.log().splitlines() if "strategies run as root" in line]
+    assert len(warnings) == 1 and "record" in warnings[0]["warning"], healer.log()
