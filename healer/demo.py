@@ -5,6 +5,11 @@ supervisor, and healer, all on free loopback ports with the configs from `exampl
 rules from `rules/`. The rules' `for` durations and range windows are compressed (divided by
 `TIME_COMPRESSION`) so that a fault fires, heals and clears within seconds instead of minutes;
 thresholds and expressions are otherwise the shipped ones.
+
+The optimizer runs too, with the demo's own candidates on the app's batch queues (the example's
+web-caching candidate would toggle the cache that the latency scenario breaks): a queue's batch
+job starts only when its scenario starts, so a candidate has no data, and is not tried, before.
+Its `window` and `settle` are seconds, the app's batch duration being a gauge with no range.
 """
 
 from __future__ import annotations
@@ -54,13 +59,22 @@ class Scenario:
     """One fault the example app can suffer, and the alert that healing answers.
 
     A scenario with a `goal` shows the planner instead: the goal of that template must reach its
-    target before `alert` fires.
+    target before `alert` fires. A scenario with a `candidate` shows the optimizer: the app's batch
+    queue `queue` starts, and the candidate's trial must end `expect`.
     """
 
     name: str
     alert: str
     story: str
     goal: str | None = None
+    candidate: str | None = None
+    queue: str | None = None
+    expect: str | None = None
+
+    @property
+    def success(self) -> str:
+        """The outcome that means the scenario showed what it should."""
+        return self.expect or ("completed" if self.goal else "healed")
 
 
 SCENARIOS = (
@@ -77,13 +91,68 @@ SCENARIOS = (
         goal="model-drift-forecast",
     ),
     Scenario("drift", "ModelDriftHigh", "the model drifts away from its calibration"),
+    Scenario(
+        "tune-workers",
+        "",
+        "a batch queue processes one item at a time; the optimizer tries four workers",
+        candidate="batch-workers",
+        queue="reports",
+        expect="kept",
+    ),
+    Scenario(
+        "tune-prefetch",
+        "",
+        "another queue gets read-ahead, which cannot speed up a job bound by processing",
+        candidate="batch-prefetch",
+        queue="exports",
+        expect="rolled_back",
+    ),
 )
 FORECAST_TEMPLATE = "model-drift-forecast"
 # The template's trigger with the demo's compressed time: a 20s trend projected 2 minutes ahead.
 FORECAST_TRIGGER = "predict_linear(app_model_drift_score[20s], 120) > 0.3 and app_model_drift_score < 0.3"
 SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
-# A healing scenario succeeds when its episode is healed; a goal scenario when its goal completes.
-SUCCESS = ("healed", "completed")
+BATCH_METRIC = 'app_batch_duration_seconds{{queue="{queue}"}}'
+# Seconds: the app's batch duration is a gauge, so the "after" window needs no settle for a range.
+OPTIMIZER_WINDOW = "3s"
+OPTIMIZER_SETTLE = "2s"
+
+
+def demo_candidates(app_url: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The optimizer's candidates of the demo and the http strategies that apply and roll them back."""
+    knobs = {
+        # name: (queue, knob, applied value, rolled-back value, prior confidence)
+        "batch-workers": ("reports", "workers", "4", "1", 0.8),
+        "batch-prefetch": ("exports", "prefetch", "on", "off", 0.75),
+    }
+    candidates: list[dict[str, Any]] = []
+    strategies: dict[str, dict[str, Any]] = {}
+    for name, (queue, knob, applied, undone, prior) in knobs.items():
+        for value in (applied, undone):
+            strategies[f"{name}-{value}"] = {
+                "type": "http",
+                "method": "POST",
+                "url": f"{app_url}/admin/batch/{queue}/{knob}/{value}",
+                "timeout": "5s",
+            }
+        candidates.append(
+            {
+                "name": name,
+                "component": f"batch-{queue}",
+                "metric": BATCH_METRIC.format(queue=queue),
+                "direction": "decrease",
+                "apply": f"{name}-{applied}",
+                "rollback": f"{name}-{undone}",
+                "expected_improvement": 0.5,
+                "cost": 1,
+                "confidence": prior,
+                "window": OPTIMIZER_WINDOW,
+                "settle": OPTIMIZER_SETTLE,
+                "min_improvement": 0.1,
+                "cooldown": "10m",
+            }
+        )
+    return candidates, strategies
 
 
 @dataclass
@@ -95,6 +164,12 @@ class Result:
     seconds_to_fire: float | None = None
     seconds_to_heal: float | None = None
     seconds_from_alert: float | None = None
+    expected: str = "healed"
+    candidate: str | None = None
+    before: float | None = None
+    after: float | None = None
+    confidence_before: float | None = None
+    confidence_after: float | None = None
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -164,12 +239,14 @@ def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, dat
         for template in planner.get("goals", [])
         if template["name"] == FORECAST_TEMPLATE
     ]
-    config.setdefault("optimizer", {})["enabled"] = False
+    candidates, demo_strategies = demo_candidates(app_url)
+    config["optimizer"] = {**config.get("optimizer", {}), "enabled": True, "interval": "1s", "candidates": candidates}
     for strategy in config["strategies"].values():
         if strategy["type"] == "http":
             strategy["url"] = strategy["url"].replace("http://127.0.0.1:8000", app_url)
         if strategy["type"] == "exec":
             strategy["command"] = [str(data_dir) if part == EXAMPLE_DATA_DIR else part for part in strategy["command"]]
+    config["strategies"].update(demo_strategies)
     return config
 
 
@@ -431,7 +508,7 @@ def follow(stack: Stack, display: Display, t0: float, waiting: str, done: Callab
 
 def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     """Inject a slow fault and follow the forecast goal it opens, which must finish before the alert fires."""
-    result = Result(scenario.name, scenario.alert, "timeout")
+    result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success)
     healer = stack.url("healer")
     t0 = inject(stack, scenario, display)
     seen: set[str] = set()
@@ -470,11 +547,73 @@ def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Res
     return result
 
 
+def run_optimization_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
+    """Start a batch queue and follow the optimizer's trial of its candidate: applied, measured, kept or rolled back."""
+    assert scenario.candidate is not None and scenario.queue is not None
+    result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success, candidate=scenario.candidate)
+    healer, metric = stack.url("healer"), BATCH_METRIC.format(queue=scenario.queue)
+    display.say(f"\n== {scenario.name}: {scenario.story}")
+    t0 = time.time()
+    http(f"{stack.url('app')}/admin/batch/{scenario.queue}/start", "POST")
+    display.say(f"  {_since(t0, time.time())}  batch queue {scenario.queue} started")
+    seen: set[str] = set()
+
+    def done() -> bool:
+        if "metric" not in seen:
+            value = stack.query(metric)
+            if value is not None:
+                seen.add("metric")
+                display.say(f"  {_since(t0, time.time())}  Prometheus scrapes {metric} = {value:.3f}s")
+        status, body = http(f"{healer}/api/v1/optimizations?limit=20")
+        if status != 200:
+            return False
+        view = next(c for c in body["candidates"] if c["name"] == scenario.candidate)
+        trials = [t for t in body["trials"] if t["candidate"] == scenario.candidate and t["applied_at"] >= t0]
+        if not trials:
+            return False
+        trial = min(trials, key=lambda t: t["id"])  # the first trial since the queue started
+        if "applied" not in seen and trial["outcome"] != "applying":
+            seen.add("applied")
+            result.seconds_to_fire = trial["applied_at"] - t0
+            result.before, result.confidence_before = trial["before"], trial["confidence"]
+            display.say(
+                f"  {_since(t0, trial['applied_at'])}  optimizer applied {view['apply']} "
+                f"(score {trial['score']:.2f} = expected {view['expected_improvement']:g} / cost {view['cost']:g} "
+                f"x confidence {trial['confidence']:.2f}, min {body['min_confidence']:g})"
+            )
+            display.say(
+                f"           before: avg_over_time({metric}[{OPTIMIZER_WINDOW}]) = {trial['before']:.3f}s; "
+                f"measuring again {OPTIMIZER_SETTLE} + {OPTIMIZER_WINDOW} later"
+            )
+        if trial["outcome"] == "rolling_back" and "rolling_back" not in seen:
+            seen.add("rolling_back")
+            display.say(f"  {_since(t0, time.time())}  rolling back with {view['rollback']}: {trial['detail']}")
+        if trial["outcome"] in ("applying", "measuring", "rolling_back"):
+            return False
+        result.outcome = trial["outcome"]
+        result.seconds_to_heal = trial["ended_at"] - t0
+        result.after, result.confidence_after = trial["after"], view["confidence"]
+        detail = trial["detail"].removeprefix(f"{trial['outcome']}: ")
+        display.say(f"  {_since(t0, trial['ended_at'])}  {trial['outcome']}: {detail}")
+        direction = "up" if view["confidence"] > trial["confidence"] else "down"
+        display.say(
+            f"  confidence in {scenario.candidate}: {trial['confidence']:.2f} → {view['confidence']:.2f} ({direction}; "
+            + ("below" if view["confidence"] < body["min_confidence"] else "at or above")
+            + f" min_confidence {body['min_confidence']:g}; state {view['state']})"
+        )
+        return True
+
+    follow(stack, display, t0, f"the optimizer's trial of {scenario.candidate}", done)
+    return result
+
+
 def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     """Inject one fault and follow it through alert, rule, action and verification."""
     if scenario.goal is not None:
         return run_goal_scenario(stack, scenario, display)
-    result = Result(scenario.name, scenario.alert, "timeout")
+    if scenario.candidate is not None:
+        return run_optimization_scenario(stack, scenario, display)
+    result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success)
     healer, alertmanager = stack.url("healer"), stack.url("alertmanager")
     t0 = inject(stack, scenario, display)
     seen: set[str] = set()
@@ -549,16 +688,62 @@ def settle(stack: Stack, display: Display) -> None:
 
 
 def summary(results: list[Result]) -> str:
-    lines = ["\nSummary", f"  {'scenario':<12} {'alert':<18} {'outcome':<10} {'fired':>7} {'healed':>8}  strategies"]
+    lines = ["\nSummary", f"  {'scenario':<13} {'alert':<18} {'outcome':<11} {'fired':>7} {'healed':>8}  strategies"]
     for r in results:
         fired = f"{r.seconds_to_fire:.1f}s" if r.seconds_to_fire is not None else "-"
         healed = f"{r.seconds_to_heal:.1f}s" if r.seconds_to_heal is not None else "-"
+        if r.candidate is not None:
+            after = "-" if r.confidence_after is None else f"{r.confidence_after:.2f}"
+            before = "-" if r.confidence_before is None else f"{r.confidence_before:.2f}"
+            what = f"confidence {before} → {after}"
+        else:
+            what = " → ".join(r.strategies)
         lines.append(
-            f"  {r.scenario:<12} {r.alert:<18} {r.outcome:<10} {fired:>7} {healed:>8}  {' → '.join(r.strategies)}"
+            f"  {r.scenario:<13} {r.alert or r.candidate or '-':<18} {r.outcome:<11} {fired:>7} {healed:>8}  {what}"
         )
     if any(r.outcome == "completed" for r in results):
         lines.append("  (for a goal: fired = the goal opened, healed = its target reached, before any alert)")
+    if any(r.candidate is not None for r in results):
+        lines.append("  (for an optimisation: fired = the change applied, healed = the verdict after measuring)")
     return "\n".join(lines)
+
+
+def explain_health(stack: Stack, report: dict[str, Any]) -> list[str]:
+    """Why the closing status is not HEALTHY: the alerts that fire (with their summaries), or escalations."""
+    health = report["health"]["status"]
+    if health == "HEALTHY":
+        return []
+    lines = [f"\nWhy {health}:"]
+    status, body = http(f"{stack.url('prometheus')}/api/v1/alerts")
+    firing = [a for a in body["data"]["alerts"] if a["state"] == "firing"] if status == 200 else []
+    for alert in sorted(firing, key=lambda a: (a["labels"].get("severity", ""), a["labels"]["alertname"])):
+        labels = alert["labels"]
+        others = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in ("alertname", "severity"))
+        annotations = alert.get("annotations", {})
+        why = annotations.get("summary") or annotations.get("description") or "no summary annotation"
+        lines.append(
+            f"  {labels['alertname']} ({labels.get('severity', 'no severity')}) fires since "
+            f"{alert['activeAt'][11:19]} UTC, value {float(alert['value']):.3g}"
+            f"{f' [{others}]' if others else ''}: {why}"
+        )
+    if firing:
+        lines.append(
+            f"  (the demo divides rule windows by {TIME_COMPRESSION}: an hour in a summary is "
+            f"{compress('1h', MIN_RANGE_SECONDS)} here, so faults shown minutes ago still count)"
+        )
+    window = compress("30m", MIN_RANGE_SECONDS)
+    escalations = stack.query(f"sum(increase(healer_escalations_total[{window}]))")
+    if escalations:
+        lines.append(
+            f"  healer escalated {escalations:.0f} episode(s) to people in the last {window} "
+            "(the demo's compressed 30m): FAILING until that window passes"
+        )
+    if len(lines) == 1:
+        lines.append(
+            "  nothing fires now: instance:healer_health_status:max is a recording rule, evaluated every second, "
+            "and the report read it while an alert was still firing"
+        )
+    return lines
 
 
 def run_demo(
@@ -569,7 +754,7 @@ def run_demo(
     report: Path | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run the demonstration; return the exit code (0 when every scenario healed)."""
+    """Run the demonstration; return the exit code (0 when every scenario ended as it should)."""
     from healer.status import render_status
 
     unknown = sorted(set(scenarios or ()) - set(SCENARIO_NAMES))
@@ -591,19 +776,24 @@ def run_demo(
     results: list[Result] = []
     try:
         stack.start(display.say)
+        display.say(f"healer's console: {stack.url('healer')}/  (the live view of what follows)")
         for scenario in chosen:
             results.append(run_scenario(stack, scenario, display))
         display.say(summary(results))
         status, body = http(f"{stack.url('healer')}/api/v1/status", timeout=30)
         if status == 200:
             display.say("\nStatus report (healer status --url " + stack.url("healer") + ")\n" + render_status(body))
+            for line in explain_health(stack, body):
+                display.say(line)
         else:
             display.say(f"\nThe status report is unavailable: HTTP {status}: {str(body)[:300]}")
         display.say(
             "\nWhere to look:\n"
             f"  Prometheus    {stack.url('prometheus')}/alerts\n"
             f"  Alertmanager  {stack.url('alertmanager')}/#/alerts\n"
-            f"  healer        {stack.url('healer')}/api/v1/actions  and  /api/v1/status  and  /metrics"
+            f"  console       {stack.url('healer')}/\n"
+            f"  healer        {stack.url('healer')}/api/v1/actions  and  /api/v1/optimizations  and  /api/v1/status"
+            "  and  /metrics"
             + (f"\n  files         {workdir}" if keep else "")
         )
         if report is not None:
@@ -625,4 +815,4 @@ def run_demo(
             stack.stop()
             if os.environ.get("HEALER_DEMO_KEEP_FILES") is None and workdir.name.startswith("healer-demo-"):
                 shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if results and all(r.outcome in SUCCESS for r in results) else 1
+    return 0 if results and all(r.outcome == r.expected for r in results) else 1

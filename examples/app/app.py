@@ -5,6 +5,10 @@ drift-creep (the drift grows slowly, reaching the alert's threshold after about 
 Fixes: POST /admin/cache/clear (errors come from a corrupted cache), /admin/cache/enable (latency
 comes from a disabled cache; /admin/cache/disable undoes it), /admin/memory/free, /admin/model/recalibrate, /admin/reload (clears
 every fault but a crash). Files that fill the data directory are `*.fill`; deleting them is the fix.
+Batch queues, for the optimizer: POST /admin/batch/QUEUE/start runs a batch job over and over and
+exports its duration as app_batch_duration_seconds{queue}; /admin/batch/QUEUE/workers/N processes
+N items at once (faster), /admin/batch/QUEUE/prefetch/on|off reads ahead (no faster: the job is
+bound by processing, not reading).
 
 Run: python -m examples.app.app --port 8000 --data-dir /var/tmp/healer-demo
 """
@@ -40,6 +44,33 @@ DRIFTED = 0.6
 # ModelDriftHigh's 0.3 after about 12 seconds unless something recalibrates the model first.
 CREEP_STEP = 0.01
 CREEP_SECONDS = 0.5
+# A batch of BATCH_ITEMS items, each taking ITEM_SECONDS to process: 0.4 s with one worker.
+BATCH_ITEMS = 8
+ITEM_SECONDS = 0.05
+BATCH_PAUSE_SECONDS = 0.2
+MAX_WORKERS = 16
+
+
+class BatchQueue:
+    """A batch job that runs over and over; its duration depends on its workers, not on prefetch."""
+
+    def __init__(self) -> None:
+        self.workers = 1
+        self.prefetch = False
+        self.running = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def run_batch(self) -> None:
+        semaphore = asyncio.Semaphore(self.workers)
+        # Prefetch holds the next batch's input in memory; the items still take as long to process.
+        _read_ahead = [bytes(1024) for _ in range(BATCH_ITEMS)] if self.prefetch else []
+
+        async def item() -> None:
+            async with semaphore:
+                await asyncio.sleep(ITEM_SECONDS)
+
+        await asyncio.gather(*(item() for _ in range(BATCH_ITEMS)))
+        del _read_ahead
 
 
 class AppState:
@@ -57,6 +88,7 @@ class AppState:
         self.knowledge_updated = time.time()
         self.burning = threading.Event()
         self.creeping = False
+        self.batches: dict[str, BatchQueue] = {}
 
     def data_dir_bytes(self) -> int:
         total = 0
@@ -108,6 +140,9 @@ class AppMetrics:
         )
         Gauge("app_memory_leaked_bytes", "Bytes held by the memory-leak fault.", registry=registry).set_function(
             lambda: sum(len(b) for b in state.leaked)
+        )
+        self.batch_duration = Gauge(
+            "app_batch_duration_seconds", "How long the last batch of a queue took.", ["queue"], registry=registry
         )
         faults = Gauge("app_faults_active", "1 while a fault is active.", ["fault"], registry=registry)
         for fault in FAULTS:
@@ -196,6 +231,40 @@ async def inject(request: web.Request) -> web.Response:
     return web.json_response({"injected": fault})
 
 
+async def _run_batches(name: str, queue: BatchQueue, metrics: AppMetrics) -> None:
+    while queue.running:
+        started = time.perf_counter()
+        await queue.run_batch()
+        metrics.batch_duration.labels(name).set(time.perf_counter() - started)
+        await asyncio.sleep(BATCH_PAUSE_SECONDS)
+
+
+async def start_batches(request: web.Request) -> web.Response:
+    """Start a queue's batch job (once); its duration appears after the first batch."""
+    state = request.app[STATE]
+    name = request.match_info["queue"]
+    queue = state.batches.setdefault(name, BatchQueue())
+    if not queue.running:
+        queue.running = True
+        queue.task = asyncio.get_running_loop().create_task(_run_batches(name, queue, request.app[METRICS]))
+    return web.json_response({"queue": name, "workers": queue.workers, "prefetch": queue.prefetch})
+
+
+async def tune_batches(request: web.Request) -> web.Response:
+    """Set a queue's workers (1..MAX_WORKERS) or prefetch (on/off): what the optimizer's candidates change."""
+    state = request.app[STATE]
+    name, knob, value = (request.match_info[k] for k in ("queue", "knob", "value"))
+    queue = state.batches.setdefault(name, BatchQueue())
+    if knob == "workers" and value.isdigit() and 1 <= int(value) <= MAX_WORKERS:
+        queue.workers = int(value)
+    elif knob == "prefetch" and value in ("on", "off"):
+        queue.prefetch = value == "on"
+    else:
+        error = f"workers/1..{MAX_WORKERS} or prefetch/on|off, not {knob}/{value}"
+        return web.json_response({"error": error}, status=400)
+    return web.json_response({"queue": name, "workers": queue.workers, "prefetch": queue.prefetch})
+
+
 async def clear_cache(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.cache.clear()
@@ -269,6 +338,8 @@ def create_app(data_dir: Path, data_limit_bytes: int) -> web.Application:
     app.router.add_post("/admin/memory/free", free_memory)
     app.router.add_post("/admin/model/recalibrate", recalibrate)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_post("/admin/batch/{queue}/start", start_batches)
+    app.router.add_post("/admin/batch/{queue}/{knob}/{value}", tune_batches)
     return app
 
 
