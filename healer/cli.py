@@ -372,6 +372,9 @@ async def _serve(
     # deliveries (bench/receiver.py).
     gc.freeze()
     log.info("listening", extra=fields(address=address, scheme=scheme, version=__version__))
+    # Once healer is up: a store or config that stops the start says so in one line, without this beside it.
+    if root_warning := run_as_root_warning(config.strategies):
+        log.warning("strategies run as root", extra=fields(warning=root_warning))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -392,8 +395,6 @@ def serve(path: Path, listen: str | None, log_format: str | None, web_config_fil
     if access is None:
         return EXIT_USAGE
     configure_logging(log_format or config.server.log_format, config.server.log_level)
-    if root_warning := run_as_root_warning(config.strategies):
-        log.warning("strategies run as root", extra=fields(warning=root_warning))
     try:
         host, port = _listen_address(config, listen, access)
         context = _serving_context(access, web_config_file or config.server.web_config_file)
