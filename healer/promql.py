@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VerifyOutcome = Literal["healed", "not_healed", "unverified"]
-# How long one fetch of Prometheus's alerts answers every "does this alert fire?" (a verification polls
-# every verify.interval; a storm asks a thousand times at once).
-ALERTS_CACHE_SECONDS = 0.5
+# How long one fetch of Prometheus's alerts answers every "does this alert fire?" (callers that ask while
+# a fetch is under way share it: a storm asks a thousand times at once; short, so a verdict is not late).
+ALERTS_CACHE_SECONDS = 0.1
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _STATUS_IN_MESSAGE = re.compile(r"^HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
