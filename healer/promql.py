@@ -251,16 +251,21 @@ class PromQLClient:
             raise PromQLError(f"{expr!r} returned {len(samples)} series where one was expected")
         return samples[0].value
 
-    def _external_labels_sync(self) -> dict[str, str]:
+    def _get_sync(self, path: str, params: dict[str, str] | None = None) -> Any:
+        """GET one of Prometheus's API paths (in a worker thread); raises PrometheusUnavailableError when it
+        cannot be reached. The answer's status is the caller's to judge."""
         import requests
 
         self._connect()
         try:
-            response = self._session.get(f"{self.url}/api/v1/status/config", timeout=self.timeout)
+            return self._session.get(f"{self.url}{path}", params=params, timeout=self.timeout)
         except requests.RequestException as exc:
             raise PrometheusUnavailableError(
                 f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
             ) from None
+
+    def _external_labels_sync(self) -> dict[str, str]:
+        response = self._get_sync("/api/v1/status/config")
         if response.status_code != 200:
             # Prometheus-compatible backends may not serve the config; assume no external labels.
             return {}
@@ -282,15 +287,7 @@ class PromQLClient:
         return dict(self._external_labels)
 
     def _rules_evaluated_sync(self) -> bool:
-        import requests
-
-        self._connect()
-        try:
-            response = self._session.get(f"{self.url}/api/v1/rules", params={"type": "alert"}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise PrometheusUnavailableError(
-                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
-            ) from None
+        response = self._get_sync("/api/v1/rules", {"type": "alert"})
         if response.status_code != 200:
             # A Prometheus-compatible backend that does not serve rules: nothing to wait for.
             return True
@@ -310,15 +307,7 @@ class PromQLClient:
         return await asyncio.to_thread(self._rules_evaluated_sync)
 
     def _alerts_sync(self) -> list[dict[str, Any]] | None:
-        import requests
-
-        self._connect()
-        try:
-            response = self._session.get(f"{self.url}/api/v1/alerts", timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise PrometheusUnavailableError(
-                f"cannot reach Prometheus at {self.url}: {type(exc).__name__}: {exc}"
-            ) from None
+        response = self._get_sync("/api/v1/alerts")
         if response.status_code in (400, 404, 405, 501):
             return None
         if response.status_code != 200:
