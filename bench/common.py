@@ -176,10 +176,11 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0, in
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}")
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET `url` directly (no proxy); return the status and body, also for error statuses."""
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET `url` directly (no proxy), with `headers` (healer's reads need its token); return the status and body,
+    also for error statuses."""
     try:
-        with _DIRECT.open(url, timeout=timeout) as response:
+        with _DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -278,9 +279,9 @@ def stores(choice: str) -> list[str]:
     return list(STORES) if choice == "both" else [choice]
 
 
-def metric_value(base_url: str, name: str, timeout: float = 5.0) -> float | None:
-    """The value of an unlabelled sample `name` on ``base_url/metrics``; None when absent."""
-    status, body = http_get(f"{base_url}/metrics", timeout=timeout)
+def metric_value(base_url: str, name: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> float | None:
+    """The value of an unlabelled sample `name` on ``base_url/metrics`` (read with `headers`); None when absent."""
+    status, body = http_get(f"{base_url}/metrics", timeout=timeout, headers=headers)
     if status != 200:
         raise RuntimeError(f"GET {base_url}/metrics: HTTP {status}: {body[:300]!r}")
     prefix = name + " "

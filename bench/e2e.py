@@ -73,6 +73,8 @@ ALERTMANAGER = (
 )
 RM = shutil.which("rm") or "/bin/rm"
 TOKEN = "bench-e2e-token"
+# healer's reads need its token too.
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TARGET_MS = 20.0
 FAULT_TIMEOUT_SECONDS = 20.0
 
@@ -141,8 +143,8 @@ def floor_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- stacks
 
 
-def get_json(url: str) -> Any:
-    status, body = common.http_get(url)
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    status, body = common.http_get(url, headers=headers)
     if status != 200:
         raise RuntimeError(f"GET {url}: HTTP {status}: {body[:300]!r}")
     return json.loads(body)
@@ -329,14 +331,14 @@ def floor_arrival(stack: Stack, fault: str, status: str) -> float | None:
 
 def healer_saw_resolved(healer: common.Child, action_id: int) -> bool:
     """Whether healer recorded the resolution of the step's episode (a "resolved" event in the audit API)."""
-    events = get_json(f"{healer.url}/api/v1/actions/{action_id}")["events"]
+    events = get_json(f"{healer.url}/api/v1/actions/{action_id}", AUTH)["events"]
     return any(event["kind"] == "resolved" for event in events)
 
 
 def healer_actions(healer: common.Child, fault: str) -> list[dict[str, Any]]:
     """The fault's steps from the audit API, oldest first."""
     query = urllib.parse.urlencode({"alertname": "FaultActive", "limit": 50})
-    actions = get_json(f"{healer.url}/api/v1/actions?{query}")["actions"]
+    actions = get_json(f"{healer.url}/api/v1/actions?{query}", AUTH)["actions"]
     return [a for a in reversed(actions) if a["episode"]["labels"].get("fault") == fault]
 
 

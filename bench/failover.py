@@ -59,6 +59,8 @@ import common  # bench/common.py: `python bench/failover.py` puts bench/ first o
 from common import WEBHOOK_PATH, free_port, percentile, summary, wait_for
 
 TOKEN = "bench-failover-token"
+# healer's reads need its token too.
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
 ALERTNAME = "FailoverBench"
 P50_TARGET_SECONDS = 5.0
@@ -209,7 +211,7 @@ def replica_config(
 
 
 def get_json(url: str) -> Any:
-    status, body = common.http_get(url, timeout=5)
+    status, body = common.http_get(url, timeout=5, headers=AUTH)
     if status != 200:
         raise RuntimeError(f"GET {url}: HTTP {status}: {body[:300]!r}")
     return json.loads(body)
@@ -258,7 +260,11 @@ def steps_of(replica: Replica, fingerprint: str) -> list[dict[str, Any]]:
 
 def leaders(cluster: Cluster) -> list[str]:
     """The live replicas whose /metrics say healer_replica_leader 1."""
-    return [r.name for r in cluster.live() if common.metric_value(r.url, "healer_replica_leader", timeout=2) == 1]
+    return [
+        r.name
+        for r in cluster.live()
+        if common.metric_value(r.url, "healer_replica_leader", timeout=2, headers=AUTH) == 1
+    ]
 
 
 # --------------------------------------------------------------------------- trials

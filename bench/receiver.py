@@ -72,6 +72,8 @@ import common  # bench/common.py: `python bench/receiver.py` puts bench/ first o
 from common import WEBHOOK_PATH, percentile
 
 TOKEN = "bench-receiver-token"
+# healer's reads need its token too.
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLOSED_PORT_URL = "http://127.0.0.1:1"  # nothing listens on port 1: upstreams are unreachable
 RATIO_TARGETS = {1: 0.55, 50: 0.4}  # issue 9: healer/bare alerts/s per payload size
 RATIO_TARGET = 0.5  # other sizes
@@ -360,7 +362,7 @@ def healer_config(workdir: Path, store: dict[str, Any]) -> Path:
 
 def alerts_received(healer_url: str) -> int:
     """The alerts healer's store holds, as its status API counts them (the sum over inbox deliveries)."""
-    status, body = common.http_get(f"{healer_url}/api/v1/status", timeout=30)
+    status, body = common.http_get(f"{healer_url}/api/v1/status", timeout=30, headers=AUTH)
     if status != 200:
         raise RuntimeError(f"GET /api/v1/status: HTTP {status}: {body[:300]!r}")
     return int(json.loads(body)["healing"]["alerts_received"])
@@ -368,7 +370,7 @@ def alerts_received(healer_url: str) -> int:
 
 def inbox_depth(healer_url: str) -> int:
     """Alerts accepted and not yet processed, from healer's own healer_inbox_depth gauge on /metrics."""
-    status, body = common.http_get(f"{healer_url}/metrics", timeout=30)
+    status, body = common.http_get(f"{healer_url}/metrics", timeout=30, headers=AUTH)
     if status != 200:
         raise RuntimeError(f"GET /metrics: HTTP {status}: {body[:300]!r}")
     for line in body.decode().splitlines():

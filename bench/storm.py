@@ -281,7 +281,7 @@ def storm(
         def all_ended() -> dict[str, int] | None:
             nonlocal recorded_at, ended_at
             now = time.time()
-            counts = e2e.get_json(healer.url + "/api/v1/status")["healing"]["episodes"]
+            counts = e2e.get_json(healer.url + "/api/v1/status", e2e.AUTH)["healing"]["episodes"]
             episodes = {str(state): int(count) for state, count in counts.items()}
             if sum(episodes.values()) < args.alerts:
                 return None

@@ -11,15 +11,19 @@ import signal
 import ssl
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from healer import __version__
 from healer.auth import Access, ClientAuthType, TLSServerConfig, TLSVersion, WebConfigError, load_access
 from healer.config import ConfigError, HealerConfig, is_loopback, load_config, split_listen
+from healer.config.http_client import HTTPClientConfig
 from healer.config.loading import config_warnings
 from healer.config.strategy_params import run_as_root_warning
 from healer.logs import configure_logging, fields
@@ -41,6 +45,10 @@ class StartupError(Exception):
     """healer refuses to start with this config; the message says why."""
 
 
+class StatusOptionsError(Exception):
+    """`healer status`'s credential or TLS options cannot be used; the message names the option."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healer", description="Prometheus-native self-healing.")
     parser.add_argument("--version", action="version", version=f"healer {__version__}")
@@ -59,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print the unified status report of a running healer")
     status.add_argument("--url", default="http://127.0.0.1:9877", help="healer's base URL")
     status.add_argument("--json", action="store_true", help="print the JSON report")
+    # The credentials and TLS of Prometheus's http_config, from files only: a password on the command line would
+    # be in the shell's history and in every process listing.
+    status.add_argument("--bearer-token-file", type=Path, help="file holding a bearer token (a viewer's or higher)")
+    status.add_argument("--basic-auth-user", help="user name for HTTP Basic (with --basic-auth-password-file)")
+    status.add_argument("--basic-auth-password-file", type=Path, help="file holding --basic-auth-user's password")
+    status.add_argument("--ca-file", type=Path, help="CA certificate (PEM) that signs healer's https certificate")
+    status.add_argument("--cert-file", type=Path, help="client certificate (PEM) for mutual TLS, with --key-file")
+    status.add_argument("--key-file", type=Path, help="the client certificate's private key (PEM)")
 
     demo = commands.add_parser("demo", help="run the live demonstration on loopback")
     demo.add_argument("--scenario", action="append", help="run only this fault (repeatable)")
@@ -411,22 +427,84 @@ def serve(path: Path, listen: str | None, log_format: str | None, web_config_fil
     return EXIT_OK
 
 
-def status(url: str, as_json: bool) -> int:
-    """Fetch and print the status report of a running healer."""
-    import urllib.error
-    import urllib.request
+# The option of `healer status` that sets each key of its client config, to name it in an error.
+_STATUS_OPTIONS = {
+    "bearer_token_file": "--bearer-token-file",
+    "basic_auth.username": "--basic-auth-user",
+    "basic_auth.password_file": "--basic-auth-password-file",
+    "basic_auth": "--basic-auth-user and --basic-auth-password-file",
+    "tls_config.ca_file": "--ca-file",
+    "tls_config.cert_file": "--cert-file",
+    "tls_config.key_file": "--key-file",
+    "tls_config": "--ca-file, --cert-file and --key-file",
+}
 
+
+def status_client(args: argparse.Namespace) -> HTTPClientConfig:
+    """The client config of `healer status`'s credential and TLS options, checked as healer checks its own clients'
+    (files readable, a secret file not empty, a key matching its certificate); StatusOptionsError names the option."""
+    raw: dict[str, Any] = {}
+    if args.bearer_token_file is not None:
+        raw["bearer_token_file"] = args.bearer_token_file
+    if args.basic_auth_user is not None or args.basic_auth_password_file is not None:
+        if args.basic_auth_user is None or args.basic_auth_password_file is None:
+            raise StatusOptionsError("--basic-auth-user and --basic-auth-password-file go together: give both")
+        raw["basic_auth"] = {"username": args.basic_auth_user, "password_file": args.basic_auth_password_file}
+    tls = {key: value for key in ("ca_file", "cert_file", "key_file") if (value := getattr(args, key)) is not None}
+    if tls:
+        raw["tls_config"] = tls
+    try:
+        return HTTPClientConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{_STATUS_OPTIONS.get(where, where or 'options')}: {message}")
+        raise StatusOptionsError("; ".join(problems)) from None
+
+
+def status(url: str, as_json: bool, client: HTTPClientConfig | None = None) -> int:
+    """Fetch and print the status report of a running healer, with the credential and CA of `client`."""
     from healer.status import render_status
 
+    client = client or HTTPClientConfig()
+    headers = {"Accept": "application/json"}
+    if (authorization := client.authorization()) is not None:
+        headers["Authorization"] = authorization
+    # The user names healer's URL; only its status path is appended.
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/v1/status", headers=headers)  # noqa: S310
     try:
-        # The user names healer's URL; only its status path is appended.
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/status", timeout=15) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=15, context=client.client_ssl_context()) as response:  # noqa: S310
             report = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(_status_refusal(url, exc, authorization is not None), file=sys.stderr)
+        return EXIT_USAGE
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot read the status from {url}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(report, indent=2) if as_json else render_status(report))
     return EXIT_OK
+
+
+def _status_refusal(url: str, exc: urllib.error.HTTPError, sent_credential: bool) -> str:
+    """What `healer status` says when healer answers with an error: for 401 and 403, that it was refused and
+    what to give; healer's JSON error is quoted (it never carries a credential)."""
+    try:
+        reason = str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        reason = exc.reason
+    if exc.code == 401:
+        hint = (
+            "the credential given is not valid"
+            if sent_credential
+            else "give a viewer's credential: --bearer-token-file FILE, or --basic-auth-user USER with"
+            " --basic-auth-password-file FILE"
+        )
+        return f"healer at {url} refused the status request: 401 Unauthorized ({reason}); {hint}"
+    if exc.code == 403:
+        return f"healer at {url} refused the status request: 403 Forbidden ({reason}); use a viewer's credential"
+    return f"cannot read the status from {url}: HTTP {exc.code} ({reason})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,7 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config, args.web_config_file)
     if args.command == "status":
-        return status(args.url, args.json)
+        try:
+            client = status_client(args)
+        except StatusOptionsError as exc:
+            print(f"healer status: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return status(args.url, args.json, client)
     if args.command == "demo":
         from healer.demo import run_demo
 

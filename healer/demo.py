@@ -216,11 +216,55 @@ class Ports:
     app: int = field(default_factory=free_port)
 
 
-def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, data_dir: Path) -> dict[str, Any]:
-    """examples/healer.yml with the demo's ports, paths and short verification times."""
+@dataclass(frozen=True)
+class Credentials:
+    """The demo's credentials, each in a file readable by its user only: Alertmanager's token, a viewer token
+    (Prometheus's scrape and the demo's own reads) and the console user's password; `web_config` lists them."""
+
+    alertmanager_token: Path
+    viewer_token: Path
+    console_password: Path
+    web_config: Path
+
+    # The console's operator, who signs in with the password in `console_password`.
+    USER = "demo"
+
+    @classmethod
+    def create(cls, workdir: Path) -> Credentials:
+        import bcrypt  # a dependency of healer's access control; imported here so that the demo's import is cheap
+
+        def secret(name: str) -> Path:
+            path = workdir / name
+            path.write_text(secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+            return path
+
+        made = cls(
+            secret("alertmanager.token"), secret("viewer.token"), secret("console.password"), workdir / "web.yml"
+        )
+        hashed = bcrypt.hashpw(made.console_password.read_text().strip().encode(), bcrypt.gensalt(rounds=10))
+        web = {
+            "basic_auth_users": {cls.USER: hashed.decode()},
+            "healer_roles": {cls.USER: "operator"},
+            "healer_tokens": [
+                {"name": "alertmanager", "file": str(made.alertmanager_token), "role": "alertmanager"},
+                {"name": "demo-viewer", "file": str(made.viewer_token), "role": "viewer"},
+            ],
+        }
+        made.web_config.write_text(yaml.safe_dump(web))
+        made.web_config.chmod(0o600)
+        return made
+
+    def reader(self) -> dict[str, str]:
+        """The header that reads healer's API (its reads need a viewer)."""
+        return {"Authorization": f"Bearer {self.viewer_token.read_text().strip()}"}
+
+
+def healer_config(root: Path, workdir: Path, ports: Ports, credentials: Credentials, data_dir: Path) -> dict[str, Any]:
+    """examples/healer.yml with the demo's ports, paths, credentials and short verification times."""
     config: dict[str, Any] = yaml.safe_load((root / "examples" / "healer.yml").read_text())
     app_url = f"http://127.0.0.1:{ports.app}"
-    config["server"].update(listen=f"127.0.0.1:{ports.healer}", auth={"bearer_token_file": str(token_file)})
+    config["server"].update(listen=f"127.0.0.1:{ports.healer}", web_config_file=str(credentials.web_config))
     config["prometheus"].update(url=f"http://127.0.0.1:{ports.prometheus}", check_interval="5s")
     config["alertmanager"].update(url=f"http://127.0.0.1:{ports.alertmanager}", check_interval="5s")
     config["store"]["path"] = str(workdir / "healer.db")
@@ -250,15 +294,17 @@ def healer_config(root: Path, workdir: Path, ports: Ports, token_file: Path, dat
     return config
 
 
-def prometheus_config(ports: Ports, rules_dir: Path) -> dict[str, Any]:
+def prometheus_config(ports: Ports, rules_dir: Path, viewer_token: Path) -> dict[str, Any]:
     def job(name: str, port: int) -> dict[str, Any]:
         return {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
 
+    # healer's /metrics needs a viewer, as every read does once credentials exist.
+    healer = {**job("healer", ports.healer), "authorization": {"credentials_file": str(viewer_token)}}
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules_dir / "*.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports.alertmanager}"]}]}]},
-        "scrape_configs": [job("healer", ports.healer), job("app", ports.app)],
+        "scrape_configs": [healer, job("app", ports.app)],
     }
 
 
@@ -300,9 +346,10 @@ def find_binaries() -> tuple[str, str]:
     return prometheus, alertmanager
 
 
-def http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, Any]:
+def http(url: str, method: str = "GET", timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     # Only http://127.0.0.1 URLs that the demo built itself reach here.
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)  # noqa: S310
+    data = b"" if method == "POST" else None
+    request = urllib.request.Request(url, method=method, data=data, headers=headers or {})  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             body = response.read()
@@ -324,9 +371,14 @@ class Stack:
         self.ports = Ports()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.data_dir = workdir / "app-data"
+        self.credentials = Credentials.create(workdir)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{getattr(self.ports, name)}"
+
+    def healer_api(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        """GET a path of healer's API with the demo's viewer token."""
+        return http(self.url("healer") + path, timeout=timeout, headers=self.credentials.reader())
 
     def spawn(self, name: str, argv: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("wb")
@@ -358,17 +410,16 @@ class Stack:
 
     def start(self, say: Callable[[str], None]) -> None:
         prometheus, alertmanager = find_binaries()
-        token_file = self.workdir / "token"
-        token_file.write_text(secrets.token_urlsafe(24))
-        token_file.chmod(0o600)
         rules_dir = self.workdir / "rules"
         rules_dir.mkdir()
         for source in [*sorted((self.root / "rules").glob("*.yml")), self.root / "examples" / "app" / "rules.yml"]:
             compressed = compress_rules(yaml.safe_load(source.read_text()))
             (rules_dir / f"{source.parent.name}-{source.name}").write_text(yaml.safe_dump(compressed, sort_keys=False))
-        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(self.ports, rules_dir)))
-        (self.workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(self.ports, token_file)))
-        config = healer_config(self.root, self.workdir, self.ports, token_file, self.data_dir)
+        scrapes = prometheus_config(self.ports, rules_dir, self.credentials.viewer_token)
+        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(scrapes))
+        receivers = alertmanager_config(self.ports, self.credentials.alertmanager_token)
+        (self.workdir / "alertmanager.yml").write_text(yaml.safe_dump(receivers))
+        config = healer_config(self.root, self.workdir, self.ports, self.credentials, self.data_dir)
         (self.workdir / "healer.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
         say("starting the example app under its supervisor")
@@ -509,12 +560,11 @@ def follow(stack: Stack, display: Display, t0: float, waiting: str, done: Callab
 def run_goal_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     """Inject a slow fault and follow the forecast goal it opens, which must finish before the alert fires."""
     result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success)
-    healer = stack.url("healer")
     t0 = inject(stack, scenario, display)
     seen: set[str] = set()
 
     def done() -> bool:
-        status, body = http(f"{healer}/api/v1/goals?limit=20")
+        status, body = stack.healer_api("/api/v1/goals?limit=20")
         listed = body["goals"] if status == 200 else []
         goals = [g for g in listed if g["name"] == scenario.goal and g["created_at"] >= t0]
         goal = min(goals, key=lambda g: g["id"]) if goals else None  # the first one this fault opened
@@ -551,7 +601,7 @@ def run_optimization_scenario(stack: Stack, scenario: Scenario, display: Display
     """Start a batch queue and follow the optimizer's trial of its candidate: applied, measured, kept or rolled back."""
     assert scenario.candidate is not None and scenario.queue is not None
     result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success, candidate=scenario.candidate)
-    healer, metric = stack.url("healer"), BATCH_METRIC.format(queue=scenario.queue)
+    metric = BATCH_METRIC.format(queue=scenario.queue)
     display.say(f"\n== {scenario.name}: {scenario.story}")
     t0 = time.time()
     http(f"{stack.url('app')}/admin/batch/{scenario.queue}/start", "POST")
@@ -564,7 +614,7 @@ def run_optimization_scenario(stack: Stack, scenario: Scenario, display: Display
             if value is not None:
                 seen.add("metric")
                 display.say(f"  {_since(t0, time.time())}  Prometheus scrapes {metric} = {value:.3f}s")
-        status, body = http(f"{healer}/api/v1/optimizations?limit=20")
+        status, body = stack.healer_api("/api/v1/optimizations?limit=20")
         if status != 200:
             return False
         view = next(c for c in body["candidates"] if c["name"] == scenario.candidate)
@@ -614,7 +664,7 @@ def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
     if scenario.candidate is not None:
         return run_optimization_scenario(stack, scenario, display)
     result = Result(scenario.name, scenario.alert, "timeout", expected=scenario.success)
-    healer, alertmanager = stack.url("healer"), stack.url("alertmanager")
+    alertmanager = stack.url("alertmanager")
     t0 = inject(stack, scenario, display)
     seen: set[str] = set()
 
@@ -627,8 +677,8 @@ def run_scenario(stack: Stack, scenario: Scenario, display: Display) -> Result:
                 result.seconds_to_fire = time.time() - t0
                 labels = ", ".join(f"{k}={v}" for k, v in alerts[0]["labels"].items() if k != "alertname")
                 display.say(f"  {_since(t0, time.time())}  alert {scenario.alert} firing ({labels})")
-        status, body = http(
-            f"{healer}/api/v1/actions?"
+        status, body = stack.healer_api(
+            "/api/v1/actions?"
             + urllib.parse.urlencode({"alertname": scenario.alert, "since": f"{t0:.3f}", "limit": "50"})
         )
         actions = list(reversed(body["actions"])) if status == 200 else []
@@ -776,13 +826,17 @@ def run_demo(
     results: list[Result] = []
     try:
         stack.start(display.say)
-        display.say(f"healer's console: {stack.url('healer')}/  (the live view of what follows)")
+        display.say(
+            f"healer's console: {stack.url('healer')}/  (the live view of what follows; sign in as"
+            f" {Credentials.USER} with the password in {stack.credentials.console_password})"
+        )
         for scenario in chosen:
             results.append(run_scenario(stack, scenario, display))
         display.say(summary(results))
-        status, body = http(f"{stack.url('healer')}/api/v1/status", timeout=30)
+        status, body = stack.healer_api("/api/v1/status", timeout=30)
         if status == 200:
-            display.say("\nStatus report (healer status --url " + stack.url("healer") + ")\n" + render_status(body))
+            command = f"healer status --url {stack.url('healer')} --bearer-token-file {stack.credentials.viewer_token}"
+            display.say(f"\nStatus report ({command})\n" + render_status(body))
             for line in explain_health(stack, body):
                 display.say(line)
         else:
@@ -793,7 +847,7 @@ def run_demo(
             f"  Alertmanager  {stack.url('alertmanager')}/#/alerts\n"
             f"  console       {stack.url('healer')}/\n"
             f"  healer        {stack.url('healer')}/api/v1/actions  and  /api/v1/optimizations  and  /api/v1/status"
-            "  and  /metrics"
+            f"  and  /metrics, with the viewer token in {stack.credentials.viewer_token}"
             + (f"\n  files         {workdir}" if keep else "")
         )
         if report is not None:

@@ -116,6 +116,8 @@ class Server:
     url: str
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a client sends to read its API: healer closes reads when any credential is configured.
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -219,6 +221,17 @@ def start_alertmanager(workdir: Path, config: dict[str, Any], port: int | None =
     return _await_ready(Server("alertmanager", process, f"http://127.0.0.1:{port}", log_path))
 
 
+def legacy_token_headers(config_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header of the shared token a healer config gives (HEALER_TOKEN in `env` first, then
+    server.auth.bearer_token_file), which also reads healer's API; none when it gives none."""
+    token = (env or {}).get("HEALER_TOKEN", "").strip()
+    settings = yaml.safe_load(config_path.read_text()) or {}
+    token_file = ((settings.get("server") or {}).get("auth") or {}).get("bearer_token_file")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def start_healer(
     workdir: Path,
     config: dict[str, Any] | Path,
@@ -235,7 +248,7 @@ def start_healer(
         config_path.write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "healer", "serve", "-c", str(config_path), "--listen", listen, "--log-format", "json"]
     process, log_path = _spawn("healer", argv, workdir, env)
-    server = Server("healer", process, "", log_path)
+    server = Server("healer", process, "", log_path, headers=legacy_token_headers(config_path, env))
 
     def listening() -> str | None:
         if process.poll() is not None:
@@ -284,7 +297,7 @@ def process_alive(pid: int) -> bool:
 
 def healing_status(healer: Server) -> dict[str, Any]:
     """The `healing` part of GET /api/v1/status: alerts_received, episodes by state, actions by outcome, in_progress."""
-    status, body = http_get(healer.url + "/api/v1/status")
+    status, body = http_get(healer.url + "/api/v1/status", headers=healer.headers)
     assert status == 200, body
     return dict(json.loads(body)["healing"])
 

@@ -64,14 +64,14 @@ class HealingStack:
 
     def actions(self, **filters: str) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode(filters)
-        return list(http_json(f"{self.healer.url}/api/v1/actions?{query}")["actions"])
+        return list(http_json(f"{self.healer.url}/api/v1/actions?{query}", headers=self.healer.headers)["actions"])
 
     def action(self, action_id: int) -> dict[str, Any]:
-        return dict(http_json(f"{self.healer.url}/api/v1/actions/{action_id}"))
+        return dict(http_json(f"{self.healer.url}/api/v1/actions/{action_id}", headers=self.healer.headers))
 
     def metric(self, name: str) -> float:
         """Sum of every sample of a metric in healer's /metrics (labels ignored)."""
-        _, body = http_get(self.healer.url + "/metrics")
+        _, body = http_get(self.healer.url + "/metrics", headers=self.healer.headers)
         total = 0.0
         for line in body.decode().splitlines():
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
@@ -110,8 +110,12 @@ def start_stack(
     *,
     interval: str = "1s",
     group_interval: str = "1s",
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> HealingStack:
-    """Start the fault app, Prometheus with the fault rule, Alertmanager routing to healer, and healer."""
+    """Start the fault app, Prometheus with the fault rule, Alertmanager routing to healer, and healer.
+
+    `settings` adds keys to sections of healer's config (such as server.shutdown_timeout).
+    """
     faults = workdir / "faults"
     faults.mkdir(parents=True)
     app_port = free_port()
@@ -160,6 +164,8 @@ def start_stack(
         config = healer_base_config(workdir, prometheus.url, alertmanager.url)
         config["healing"] = healing
         config["strategies"] = strategies
+        for section, values in (settings or {}).items():
+            config.setdefault(section, {}).update(values)
         healer = start_healer(workdir / "healer", config, listen=f"127.0.0.1:{healer_port}")
         return HealingStack(workdir, faults, app, prometheus, alertmanager, healer)
     except BaseException:

@@ -102,6 +102,7 @@ ENDPOINTS: list[tuple[str, str, bytes | None, str | None, int]] = [
     ("GET", "/api/v1/status", None, "viewer", 200),
     ("GET", "/api/v1/actions", None, "viewer", 200),
     ("GET", "/api/v1/actions/999999", None, "viewer", 404),
+    ("GET", "/api/v1/audit", None, "viewer", 200),
     ("GET", "/api/v1/pauses", None, "viewer", 200),
     ("GET", "/api/v1/goals", None, "viewer", 200),
     ("GET", "/api/v1/goals/999999", None, "viewer", 404),
@@ -250,19 +251,29 @@ def test_legacy_token_beside_the_web_config(tmp_path: Path, servers: list[Server
     assert LEGACY_TOKEN not in healer.log()
 
 
-def test_legacy_token_alone_keeps_reads_open(tmp_path: Path, servers: list[Server]) -> None:
-    """With only HEALER_TOKEN, as before the web config existed: reads open, the webhook and operator actions
-    need the token, and a wrong one is refused with 401."""
+def test_legacy_token_alone_closes_reads(tmp_path: Path, servers: list[Server]) -> None:
+    """With only HEALER_TOKEN, every read of the matrix needs it (401 without, the route's answer with it, as it
+    is an operator), health and readiness stay open, and metrics_open opens /metrics and nothing else."""
     settings = config(tmp_path)
-    del settings["server"]["auth"]
+    settings["server"]["auth"] = {"metrics_open": True}
     healer = start_healer(tmp_path, settings, env={"HEALER_TOKEN": LEGACY_TOKEN})
     servers.append(healer)
-    assert call("GET", healer.url + "/api/v1/actions")[0] == 200
-    assert call("GET", healer.url + "/metrics")[0] == 200
+    reads = [(path, ok) for method, path, _, needed, ok in ENDPOINTS if method == "GET" and needed == "viewer"]
+    assert ("/api/v1/actions", 200) in reads
+    wrong = []
+    for path, ok in reads:
+        without = call("GET", healer.url + path)[0]
+        refused = 200 if path == "/metrics" else 401  # no user could log in, so / sends no one to /login
+        if without != refused:
+            wrong.append((path, "no credential", without, refused))
+        if (status := call("GET", healer.url + path, headers=bearer(LEGACY_TOKEN))[0]) != ok:
+            wrong.append((path, "legacy token", status, ok))
+    assert not wrong, wrong
+    assert call("GET", healer.url + "/api/v1/status", headers=bearer("wrong"))[0] == 401
+    assert call("GET", healer.url + "/-/healthy")[0] == call("GET", healer.url + "/-/ready")[0] == 200
     assert call("POST", healer.url + "/api/v1/circuit/close", b"")[0] == 401
-    assert call("POST", healer.url + "/api/v1/circuit/close", b"", bearer("wrong"))[0] == 401
     assert call("POST", healer.url + "/api/v1/alertmanager", UNMATCHED, bearer(LEGACY_TOKEN))[0] == 200
-    assert call("GET", healer.url + f"/api/v1/actions?q={LEGACY_TOKEN}")[0] == 401
+    assert call("GET", healer.url + f"/api/v1/actions?q={LEGACY_TOKEN}", headers=bearer(LEGACY_TOKEN))[0] == 401
 
 
 def check(tmp_path: Path, settings: dict[str, Any], *flags: str) -> subprocess.CompletedProcess[str]:

@@ -62,7 +62,7 @@ def test_finished_step_is_annotated(
     assert set(body["tags"]) >= {"healer", "strategy:record", "outcome:unverified", "alertname:Broken"}
     assert body["timeEnd"] - body["time"] >= 200
     assert "record" in body["text"] and "unverified" in body["text"]
-    _, metrics = http_get(healer.url + "/metrics")
+    _, metrics = http_get(healer.url + "/metrics", headers=healer.headers)
     assert b'healer_grafana_annotations_total{result="ok"} 1.0' in metrics
 
 
@@ -75,7 +75,7 @@ def test_unreachable_grafana_does_not_stop_healing(tmp_path: Path, servers: list
     post(healer.url + "/api/v1/alertmanager", payload(alert("no-grafana")), AUTH)
 
     def counted() -> bool:
-        _, metrics = http_get(healer.url + "/metrics")
+        _, metrics = http_get(healer.url + "/metrics", headers=healer.headers)
         return b'healer_grafana_annotations_total{result="error"} 1.0' in metrics
 
     wait_for(counted, 30, what="failed annotation counted")

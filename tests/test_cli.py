@@ -1,4 +1,5 @@
-"""`healer serve`: start-up refusals, endpoints, and graceful shutdown on signals."""
+"""`healer serve`: start-up refusals, endpoints, and graceful shutdown on signals; `healer status` against a
+healer that serves HTTPS with reads closed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bcrypt
 import pytest
+import yaml
 
-from tests.servers import Server, http_get, start_healer
+from tests.servers import Server, http_get, make_certificates, start_healer, start_healer_https
 
 
 def test_refuses_public_listen_without_token(tmp_path: Path) -> None:
@@ -92,3 +95,93 @@ healing:
         f"{config}: warning: healing.rules[4] (name learned): max_attempts 1 is smaller than its 3 strategies;"
         " with order: learned at most 1 of them run in an episode",
     ]
+
+
+VIEWER_TOKEN = "status-viewer-token-61a"
+AM_TOKEN = "status-am-token-0d3"
+CAROL_PASSWORD = "carol-pw-58"
+
+
+def _secret(path: Path, value: str) -> Path:
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _healer_status(*options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "healer", "status", *options], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_status_authenticates_and_trusts_a_ca(tmp_path: Path, servers: list[Server]) -> None:
+    """`healer status` reads an HTTPS healer whose reads are closed with a token file or a user and password file
+    and the CA given; without a credential, with a wrong one or with Alertmanager's it says it was refused (401,
+    403) and exits 2; no secret is printed."""
+    certs = make_certificates(tmp_path / "certs")
+    web = {
+        "tls_server_config": {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)},
+        "basic_auth_users": {"carol": bcrypt.hashpw(CAROL_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()},
+        "healer_tokens": [
+            {"name": "dashboards", "file": str(_secret(tmp_path / "viewer.token", VIEWER_TOKEN)), "role": "viewer"},
+            {"name": "am", "file": str(_secret(tmp_path / "am.token", AM_TOKEN)), "role": "alertmanager"},
+        ],
+    }
+    _secret(tmp_path / "web.yml", yaml.safe_dump(web))
+    settings = {
+        "server": {"web_config_file": str(tmp_path / "web.yml"), "shutdown_timeout": "1s"},
+        "prometheus": {"url": "http://127.0.0.1:1"},
+        "store": {"path": str(tmp_path / "healer.db")},
+        "exporter": {"host": False},
+    }
+    healer = start_healer_https(tmp_path / "healer", settings, certs.context())
+    servers.append(healer)
+    url = ("--url", healer.url, "--ca-file", str(certs.ca))
+    password = _secret(tmp_path / "carol.password", CAROL_PASSWORD)
+
+    for credential in (
+        ("--bearer-token-file", str(tmp_path / "viewer.token")),
+        ("--basic-auth-user", "carol", "--basic-auth-password-file", str(password)),
+    ):
+        result = _healer_status(*url, *credential)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("Health") and "Healing" in result.stdout, result.stdout
+    as_json = _healer_status(*url, "--bearer-token-file", str(tmp_path / "viewer.token"), "--json")
+    assert as_json.returncode == 0 and "healing" in json.loads(as_json.stdout)
+
+    refused = _healer_status(*url)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert f"healer at {healer.url} refused the status request: 401 Unauthorized" in refused.stderr
+    assert "--bearer-token-file" in refused.stderr, refused.stderr
+    _secret(tmp_path / "wrong.token", "not-the-token")
+    wrong = _healer_status(*url, "--bearer-token-file", str(tmp_path / "wrong.token"))
+    assert wrong.returncode == 2 and "401 Unauthorized" in wrong.stderr and "is not valid" in wrong.stderr
+    alertmanager = _healer_status(*url, "--bearer-token-file", str(tmp_path / "am.token"))
+    assert alertmanager.returncode == 2 and "refused the status request: 403 Forbidden" in alertmanager.stderr
+    assert "am has the role alertmanager" in alertmanager.stderr, alertmanager.stderr
+
+    untrusted = _healer_status("--url", healer.url, "--bearer-token-file", str(tmp_path / "viewer.token"))
+    assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+    for output in (refused, wrong, alertmanager, untrusted):
+        assert VIEWER_TOKEN not in output.stderr and AM_TOKEN not in output.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (("--basic-auth-user", "carol"), "--basic-auth-user and --basic-auth-password-file go together"),
+        (("--bearer-token-file", "{tmp}/empty.token"), "--bearer-token-file: {tmp}/empty.token is empty"),
+        (("--ca-file", "{tmp}/absent.crt"), "--ca-file: cannot read {tmp}/absent.crt"),
+        (("--cert-file", "{tmp}/empty.token"), "cert_file and key_file go together"),
+    ],
+    ids=["user-without-password", "empty-token", "absent-ca", "cert-without-key"],
+)
+def test_status_options_that_cannot_be_used_name_the_option(
+    tmp_path: Path, options: tuple[str, ...], says: str
+) -> None:
+    """`healer status` with a credential or TLS option it cannot use exits 2 naming the option, before any request."""
+    (tmp_path / "empty.token").write_text("\n")
+    result = _healer_status("--url", "http://127.0.0.1:1", *(option.format(tmp=tmp_path) for option in options))
+    assert result.returncode == 2
+    assert says.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert "cannot read the status" not in result.stderr

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,19 @@ def _stop(pids: list[int], workdir: Path) -> None:
         time.sleep(0.1)
 
 
-def _optimizations(output: str) -> dict[str, Any]:
-    """The optimizer's API of the healer the demo left running, found by the console URL it printed."""
+def _optimizations(output: str, workdir: Path) -> dict[str, Any]:
+    """The optimizer's API of the healer the demo left running, found by the console URL it printed, read with
+    the viewer token it names (reads need a credential; without one healer answers 401)."""
     console = re.search(r"^  console +(http://127\.0\.0\.1:\d+)/$", output, re.M)
     assert console is not None, output[-3000:]
-    with urllib.request.urlopen(console.group(1) + "/api/v1/optimizations?limit=50", timeout=10) as response:
+    url = console.group(1) + "/api/v1/optimizations?limit=50"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    token = workdir / "viewer.token"
+    assert f"with the viewer token in {token}" in output, output[-3000:]
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         answer: dict[str, Any] = json.loads(response.read())
     return answer
 
@@ -60,7 +69,7 @@ def test_every_scenario_heals(tmp_path: Path) -> None:
     kill = re.search(r"Stop it with: kill ([\d ]+)$", result.stdout, re.M)
     try:
         assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-        optimizations = _optimizations(result.stdout)
+        optimizations = _optimizations(result.stdout, workdir)
     finally:
         _stop([int(pid) for pid in kill.group(1).split()] if kill else [], workdir)
     results = {r["scenario"]: r for r in json.loads(report.read_text())}

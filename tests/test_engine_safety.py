@@ -130,19 +130,22 @@ def steps_log(workdir: Path) -> list[str]:
 def actions(healer: Server, **filters: str) -> list[dict[str, Any]]:
     """Every step healer recorded, newest first, each with its episode (GET /api/v1/actions)."""
     query = urllib.parse.urlencode({"limit": "1000", **filters})
-    found: list[dict[str, Any]] = http_json(f"{healer.url}/api/v1/actions?{query}")["actions"]
+    found: list[dict[str, Any]] = http_json(f"{healer.url}/api/v1/actions?{query}", headers=healer.headers)["actions"]
     assert len(found) < 1000, "more steps than one page of the API holds"
     return found
 
 
 def events(healer: Server, action_id: int) -> list[str]:
     """The kinds of the audit events of a step's episode, in order (GET /api/v1/actions/{id})."""
-    return [event["kind"] for event in http_json(f"{healer.url}/api/v1/actions/{action_id}")["events"]]
+    return [
+        event["kind"]
+        for event in http_json(f"{healer.url}/api/v1/actions/{action_id}", headers=healer.headers)["events"]
+    ]
 
 
 def metric(healer: Server, sample: str, **labels: str) -> float | None:
     """One sample of GET /metrics, such as healer_skipped_total with reason="duplicate"; None when absent."""
-    _, body = http_get(healer.url + "/metrics")
+    _, body = http_get(healer.url + "/metrics", headers=healer.headers)
     for family in text_string_to_metric_families(body.decode()):
         for found in family.samples:
             if found.name == sample and found.labels == labels:
@@ -290,7 +293,9 @@ def test_dry_run_records_without_running(tmp_path: Path, servers: list[Server]) 
     healer = start_healer(tmp_path, config(tmp_path, healing={"dry_run": True}))
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("dry")), AUTH)
-    action = wait_for(lambda: http_json(healer.url + "/api/v1/actions?outcome=dry_run")["actions"], 20)[0]
+    action = wait_for(
+        lambda: http_json(healer.url + "/api/v1/actions?outcome=dry_run", headers=healer.headers)["actions"], 20
+    )[0]
     assert action["plan"]["argv"][-2] == "dry" and action["episode"]["state"] == "dry_run"
     time.sleep(0.5)
     assert steps_log(tmp_path) == []
@@ -302,7 +307,11 @@ def test_approval_required_waits_for_an_operator(tmp_path: Path, servers: list[S
     servers.append(healer)
     post(healer.url + "/api/v1/alertmanager", payload(alert("needs-ok")), AUTH)
     action = wait_for(
-        lambda: [a for a in http_json(healer.url + "/api/v1/actions")["actions"] if a["state"] == "awaiting_approval"],
+        lambda: [
+            a
+            for a in http_json(healer.url + "/api/v1/actions", headers=healer.headers)["actions"]
+            if a["state"] == "awaiting_approval"
+        ],
         20,
         what="awaiting approval",
     )[0]
@@ -335,11 +344,11 @@ def test_budget_opens_circuit_until_closed(tmp_path: Path, servers: list[Server]
     wait_for(lambda: all_ended(healer, 3), 20)
     assert [step["skip_reason"] for step in actions(healer)].count("circuit_open") == 1
     assert len([line for line in steps_log(tmp_path) if line.startswith("start")]) == 2
-    _, metrics = http_get(healer.url + "/metrics")
+    _, metrics = http_get(healer.url + "/metrics", headers=healer.headers)
     assert b"healer_circuit_open 1.0" in metrics
     assert post(healer.url + "/api/v1/circuit/close", b"", {})[0] == 401
     assert post(healer.url + "/api/v1/circuit/close", b"", AUTH)[0] == 200
-    _, metrics = http_get(healer.url + "/metrics")
+    _, metrics = http_get(healer.url + "/metrics", headers=healer.headers)
     assert b"healer_circuit_open 0.0" in metrics
 
 
@@ -474,7 +483,7 @@ def test_full_inbox_answers_503_and_loses_nothing(tmp_path: Path, servers: list[
     assert code == 503 and "store.max_backlog" in answer["error"] and answer["backlog"] >= 10
     wait_for(lambda: post(url, payload(alert("late", alertname="Storm")), AUTH)[0] == 200, 60, what="accepted again")
     assert healing_status(healer)["alerts_received"] == 5001
-    _, metrics = http_get(healer.url + "/metrics")
+    _, metrics = http_get(healer.url + "/metrics", headers=healer.headers)
     refused = re.search(rb'healer_webhook_requests_total\{code="5xx"\} ([0-9.]+)', metrics)
     assert refused is not None and float(refused.group(1)) >= 1
     assert steps_log(tmp_path) == []  # no rule matches Storm

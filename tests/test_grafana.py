@@ -328,7 +328,7 @@ def alert(name: str, episode: str) -> dict[str, Any]:
 
 def metric(server: Server, name: str, **labels: str) -> float:
     """Sum of the samples named `name` on healer's /metrics whose labels include `labels`."""
-    _, body = http_get(server.url + "/metrics")
+    _, body = http_get(server.url + "/metrics", headers=server.headers)
     return sum(
         sample.value
         for family in text_string_to_metric_families(body.decode())
@@ -364,7 +364,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         prometheus = start_prometheus(
             workdir / "prometheus",
             [
-                {"job_name": "healer", "static_configs": [{"targets": [f"127.0.0.1:{healer_port}"]}]},
+                {
+                    "job_name": "healer",
+                    # healer's reads, /metrics included, need its token once it has one.
+                    "authorization": {"credentials": TOKEN},
+                    "static_configs": [{"targets": [f"127.0.0.1:{healer_port}"]}],
+                },
                 {"job_name": "app", "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}]},
             ],
             rule_files=[str(REPO / "rules" / "*.yml"), str(rule_file)],
@@ -476,7 +481,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         # At least six seconds of one-second scrapes and rule evaluations after the first `up`,
         # and two after the last event, so that rate() over 5s sees them.
         time.sleep(max(2.0, 6.0 - (time.monotonic() - first_up)))
-        _, body_bytes = http_get(healer.url + "/metrics")
+        _, body_bytes = http_get(healer.url + "/metrics", headers=healer.headers)
         yield LiveStack(prometheus, healer, f"127.0.0.1:{app_port}", exceptions(body_bytes.decode()))
     finally:
         for server in reversed(started):

@@ -273,7 +273,7 @@ def test_leader_failover_moves_escalation_and_approval_expiry(
     took = time.monotonic() - killed_at
     print(f"SIGKILL of the leader -> new leader: {took:.2f}s (lease 2s)")
     assert took < 3 * 2.0
-    status = http_json(successor.url + "/api/v1/status")["healing"]
+    status = http_json(successor.url + "/api/v1/status", headers=successor.headers)["healing"]
     assert status["leader"] is True and status["replica"] != name_of(leader)
 
     # An approval that expires now is expired by the new leader.
@@ -330,7 +330,10 @@ def test_budget_and_circuit_are_shared(tmp_path: Path, postgres_db: PostgresData
     for replica in replicas:
         healing_status(replica)  # the status refreshes the gauge from the store
         assert metric(replica, "healer_circuit_open") == 1
-        assert http_json(replica.url + "/api/v1/status")["healing"]["episodes"] == {"escalated": 5, "suspended": 15}
+        assert http_json(replica.url + "/api/v1/status", headers=replica.headers)["healing"]["episodes"] == {
+            "escalated": 5,
+            "suspended": 15,
+        }
 
 
 def test_global_concurrency_limit_holds_across_replicas(
@@ -398,7 +401,9 @@ def test_database_outage_answers_503_and_loses_nothing(
             wait_for(lambda: codes()[503] >= 1, 10, what="503 during the outage")
             # The audit trail too says 503 with when to retry, never 500.
             with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(replicas[0].url + "/api/v1/actions", timeout=10)
+                urllib.request.urlopen(
+                    urllib.request.Request(replicas[0].url + "/api/v1/actions", headers=AUTH), timeout=10
+                )
             assert refused.value.code == 503 and refused.value.headers.get("Retry-After") == "5"
             while time.monotonic() - down_at < 10:
                 for replica in replicas:

@@ -168,7 +168,7 @@ def test_learned_order_puts_first_the_strategy_that_healed(stack: HealingStack) 
         ("does-nothing", "not_healed"),
         ("remove-fault", "healed"),
     ]
-    ladder = http_json(f"{stack.healer.url}/api/v1/optimizations")["ladders"]["learned"]
+    ladder = http_json(f"{stack.healer.url}/api/v1/optimizations", headers=stack.healer.headers)["ladders"]["learned"]
     assert [(r["strategy"], r["healed"], r["trials"]) for r in ladder] == [
         ("remove-fault", 1, 1),
         ("does-nothing", 0, 1),

@@ -187,7 +187,7 @@ def test_a_failed_rollback_holds_the_candidate_until_acknowledged(
     assert state["state"] == "rollback_failed" and state["confidence"] == pytest.approx(0.72)
     assert len(optimizations(healer)["trials"]) == 1
     acknowledge = f"{healer.url}/api/v1/optimizations/stuck/acknowledge"
-    assert http_json(acknowledge, "POST", {}) == {"acknowledged": "stuck"}
+    assert http_json(acknowledge, "POST", {}) == {"acknowledged": "stuck", "by": "anonymous"}
     assert http_post(acknowledge)[0] == 409  # nothing left to acknowledge
     assert http_post(f"{healer.url}/api/v1/optimizations/nobody/acknowledge") == (
         404,

@@ -71,7 +71,7 @@ def start_planner(
 
 def goals(healer: Server, **query: str) -> list[dict[str, Any]]:
     params = "&".join(f"{k}={v}" for k, v in query.items())
-    return list(http_json(f"{healer.url}/api/v1/goals?{params}")["goals"])
+    return list(http_json(f"{healer.url}/api/v1/goals?{params}", headers=healer.headers)["goals"])
 
 
 def call(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -85,17 +85,19 @@ def post_goal(healer: Server, body: dict[str, Any], headers: dict[str, str] | No
 
 def wait_goal(healer: Server, goal_id: int, states: tuple[str, ...], timeout: float = 30) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        goal = http_json(f"{healer.url}/api/v1/goals/{goal_id}")["goal"]
+        goal = http_json(f"{healer.url}/api/v1/goals/{goal_id}", headers=healer.headers)["goal"]
         return goal if goal["state"] in states else None
 
     try:
         return wait_for(reached, timeout, interval=0.1, what=f"goal {goal_id} to be {states}")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{http_json(f'{healer.url}/api/v1/goals')}\n{healer.log()[-3000:]}") from None
+        raise AssertionError(
+            f"{exc}\n{http_json(f'{healer.url}/api/v1/goals', headers=healer.headers)}\n{healer.log()[-3000:]}"
+        ) from None
 
 
 def metric(healer: Server, sample: str) -> float:
-    _, body = http_get(healer.url + "/metrics")
+    _, body = http_get(healer.url + "/metrics", headers=healer.headers)
     for line in body.decode().splitlines():
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
@@ -156,10 +158,13 @@ def test_trend_opens_a_goal_whose_plan_reaches_the_target(world: World, tmp_path
     assert metric(healer, 'healer_goal_steps_total{result="ok"}') == 2
     assert metric(healer, 'healer_goals_opened_total{type="reliability"}') == 1
     assert metric(healer, 'healer_goals_open{state="in_progress"}') == 0
-    report = http_json(f"{healer.url}/api/v1/status")["goals"]
+    report = http_json(f"{healer.url}/api/v1/status", headers=healer.headers)["goals"]
     assert report["completed"] == 1 and report["open"] == []
     text = subprocess.run(
-        [PY, "-m", "healer", "status", "--url", healer.url], capture_output=True, text=True, timeout=30
+        [PY, "-m", "healer", "status", "--url", healer.url, "--bearer-token-file", str(tmp_path / "token")],
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     assert "1 completed, 0 failed, 0 cancelled" in text, text
 
@@ -218,9 +223,9 @@ def test_bad_goal_requests_are_refused_with_the_reason(world: World, tmp_path: P
     # Same name, other labels: another goal.
     status, second = post_goal(healer, operator_goal("a", ["slow"], labels={"service": "api"}))
     assert status == 201
-    assert http_get(f"{healer.url}/api/v1/goals?state=done")[0] == 400
-    assert http_get(f"{healer.url}/api/v1/goals/x")[0] == 400
-    assert http_get(f"{healer.url}/api/v1/goals/9999")[0] == 404
+    assert http_get(f"{healer.url}/api/v1/goals?state=done", headers=healer.headers)[0] == 400
+    assert http_get(f"{healer.url}/api/v1/goals/x", headers=healer.headers)[0] == 400
+    assert http_get(f"{healer.url}/api/v1/goals/9999", headers=healer.headers)[0] == 404
     # Only the two accepted goals exist; the first is worked on and the second waits for it.
     wait_goal(healer, first["goal"]["id"], ("in_progress",))
     listed = {g["id"]: g["state"] for g in goals(healer)}
@@ -243,7 +248,12 @@ def test_cancelling_a_goal_stops_its_running_step(world: World, tmp_path: Path, 
     assert status == 200 and goal["state"] == "cancelled" and goal["detail"] == "cancelled by alice"
     wait_for(lambda: not process_alive(pid), 10, what="the step's process to be stopped")
     goal = wait_for(
-        lambda: (g := http_json(f"{healer.url}/api/v1/goals/{goal_id}")["goal"])["steps"][0]["result"] and g,
+        lambda: (
+            (g := http_json(f"{healer.url}/api/v1/goals/{goal_id}", headers=healer.headers)["goal"])["steps"][0][
+                "result"
+            ]
+            and g
+        ),
         10,
         what="the step to be recorded",
     )
@@ -371,14 +381,14 @@ async def test_a_step_whose_outcome_was_lost_is_not_run_again(
     records = app[PLANNER].records
     change, refused = records.change, []
 
-    async def flaky_change(goal_id: int, rule: Callable[[Goal], Goal]) -> Goal:
+    async def flaky_change(goal_id: int, rule: Callable[[Goal], Goal], act: Any = None) -> Goal:
         before = await records.get(goal_id)
         after = rule(before)
         # The change that records a running step's end: refused once, as a locked database would.
         if not refused and before.step_running and not after.step_running and after.next_step > before.next_step:
             refused.append(goal_id)
             raise StoreUnavailableError("database is locked")
-        return await change(goal_id, rule)
+        return await change(goal_id, rule, act)
 
     records.change = flaky_change  # type: ignore[method-assign]
     client = await aiohttp_client(app)

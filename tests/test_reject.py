@@ -54,7 +54,7 @@ def test_reject_cancels_the_step_and_escalates_at_once(tmp_path: Path, servers: 
     assert status == 200, answer
     assert answer == {"rejected": action_id, "by": "alice", "reason": "a deploy is rolling out"}
 
-    step = http_json(f"{healer.url}/api/v1/actions/{action_id}")
+    step = http_json(f"{healer.url}/api/v1/actions/{action_id}", headers=healer.headers)
     assert (step["state"], step["outcome"], step["skip_reason"]) == ("done", "cancelled", "rejected")
     assert step["episode"]["state"] == "escalated"
     kinds = {event["kind"]: event for event in step["events"]}

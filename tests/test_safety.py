@@ -43,7 +43,7 @@ LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 def sample(stack: HealingStack, metric: str, /, **labels: str) -> float | None:
     """The value of the first sample of a metric in healer's /metrics whose labels include `labels`, or None."""
-    _, body = http_get(stack.healer.url + "/metrics")
+    _, body = http_get(stack.healer.url + "/metrics", headers=stack.healer.headers)
     for line in body.decode().splitlines():
         match = SAMPLE.match(line)
         if match and match.group(1) == metric and labels.items() <= dict(LABEL.findall(match.group(2) or "")).items():
@@ -227,14 +227,23 @@ def test_api_pause_holds_matching_alerts_until_it_ends(stack: HealingStack) -> N
     assert f"api {created['id']}" in held["detail"] and "database migration" in held["detail"]
     wait_held(stack, "pause-c", "paused")
 
-    listed = http_json(url)
+    listed = http_json(url, headers=AUTH)
     assert {p["id"] for p in listed["pauses"]} >= {created["id"], deleted_later["id"]}
-    status_pauses = http_json(stack.healer.url + "/api/v1/status")["healing"]["pauses"]
+    status_pauses = http_json(stack.healer.url + "/api/v1/status", headers=stack.healer.headers)["healing"]["pauses"]
     assert {("api", str(created["id"])), ("api", str(deleted_later["id"]))} <= {
         (p["source"], p["name"]) for p in status_pauses
     }
     printed = subprocess.run(
-        [sys.executable, "-m", "healer", "status", "--url", stack.healer.url],
+        [
+            sys.executable,
+            "-m",
+            "healer",
+            "status",
+            "--url",
+            stack.healer.url,
+            "--bearer-token-file",
+            str(stack.workdir / "token"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -256,7 +265,7 @@ def test_api_pause_holds_matching_alerts_until_it_ends(stack: HealingStack) -> N
     assert expired["outcome"] == "healed", dump(stack)
     assert expired["started_at"] >= expiring["ends_at"]
     wait_for(lambda: sample(stack, "healer_paused", source="api", name=str(created["id"])) is None, 10, what="gauge")
-    assert deleted_later["id"] not in {p["id"] for p in http_json(url)["pauses"]}
+    assert deleted_later["id"] not in {p["id"] for p in http_json(url, headers=AUTH)["pauses"]}
 
 
 def test_maintenance_window_pauses_only_while_it_covers_now(stack: HealingStack) -> None:
@@ -270,7 +279,10 @@ def test_maintenance_window_pauses_only_while_it_covers_now(stack: HealingStack)
         held = wait_held(stack, "maint-now", "paused")
         assert "maintenance now" in held["detail"]
         assert stack.fault_present("maintnow")
-        in_force = {(p["source"], p["name"]) for p in http_json(stack.healer.url + "/api/v1/pauses")["in_force"]}
+        in_force = {
+            (p["source"], p["name"])
+            for p in http_json(stack.healer.url + "/api/v1/pauses", headers=stack.healer.headers)["in_force"]
+        }
         assert ("maintenance", "now") in in_force
         assert not {("maintenance", "ended"), ("maintenance", "later")} & in_force
         assert sample(stack, "healer_paused", source="maintenance", name="now") == 1
@@ -294,7 +306,11 @@ def test_flapping_alert_escalates_once_within_its_rules_budget(stack: HealingSta
         return [e for e in healer_events(stack, "escalating") if str(e.get("reason", "")).startswith("flapping")]
 
     def suppressed() -> int:
-        return int(http_json(stack.healer.url + "/api/v1/status")["healing"]["episodes"].get("flapping", 0))
+        return int(
+            http_json(stack.healer.url + "/api/v1/status", headers=stack.healer.headers)["healing"]["episodes"].get(
+                "flapping", 0
+            )
+        )
 
     toggler = threading.Thread(target=toggle, daemon=True)
     toggler.start()
@@ -315,7 +331,7 @@ def test_flapping_alert_escalates_once_within_its_rules_budget(stack: HealingSta
     assert runs <= 2, f"{runs} runs exceed the rule's budget of 2"
     [escalation] = flapping_escalations()
     assert escalation["alertname"] == "FaultActive"
-    assert not http_json(stack.healer.url + "/api/v1/status")["healing"]["circuit_open"]
+    assert not http_json(stack.healer.url + "/api/v1/status", headers=stack.healer.headers)["healing"]["circuit_open"]
     wait_resolved(stack, healed)
     stack.inject("steady")
 
@@ -347,7 +363,7 @@ def test_pause_when_query_holds_steps_while_it_returns_a_result(deploy_stack: He
     stack.inject("deploy")
 
     def pause_when_in_force() -> bool:
-        in_force = http_json(stack.healer.url + "/api/v1/pauses")["in_force"]
+        in_force = http_json(stack.healer.url + "/api/v1/pauses", headers=stack.healer.headers)["in_force"]
         return any(p["source"] == "pause_when" for p in in_force)
 
     wait_for(pause_when_in_force, 20, what="the pause_when query to hold")

@@ -23,11 +23,11 @@ def test_status_counts_match_the_audit_trail(tmp_path: Path, servers: list[Serve
     post(healer.url + "/api/v1/alertmanager", payload(alert("s1")), AUTH)
     wait_for(lambda: all_ended(healer, 3), 30)
 
-    report = http_json(healer.url + "/api/v1/status")
+    report = http_json(healer.url + "/api/v1/status", headers=healer.headers)
     assert set(report) == {"health", "trend", "healing", "goals", "optimization"}
     healing = report["healing"]
     assert healing["alerts_received"] == 4
-    steps = http_json(healer.url + "/api/v1/actions")["actions"]
+    steps = http_json(healer.url + "/api/v1/actions", headers=healer.headers)["actions"]
     # Two episodes ran a step (the audit trail shows how they ended); the third matched no rule and the
     # repeated s1 is the same episode.
     ended_by_steps = Counter(state for state in {a["episode"]["id"]: a["episode"]["state"] for a in steps}.values())
@@ -40,7 +40,10 @@ def test_status_counts_match_the_audit_trail(tmp_path: Path, servers: list[Serve
     assert report["health"]["status"] == "UNKNOWN" and "Prometheus" in report["health"]["error"]
 
     text = subprocess.run(
-        [sys.executable, "-m", "healer", "status", "--url", healer.url], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "healer", "status", "--url", healer.url, "--bearer-token-file", str(tmp_path / "token")],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert text.returncode == 0, text.stderr
     assert "4 alerts received; 0 healed, 2 escalated, 0 in progress" in text.stdout

@@ -86,7 +86,9 @@ def test_storm_of_distinct_alerts_is_bounded_and_reported_once(storm: HealingSta
             storm.inject(f"storm{index:04d}")
 
         def all_recorded() -> list[dict[str, Any]] | None:
-            found = http_json(f"{storm.healer.url}/api/v1/actions?rule=storm&limit={ALERTS}")["actions"]
+            found = http_json(
+                f"{storm.healer.url}/api/v1/actions?rule=storm&limit={ALERTS}", headers=storm.healer.headers
+            )["actions"]
             ended = [action for action in found if action["episode"]["state"] != "open"]
             return found if len(ended) == ALERTS else None
 

@@ -85,8 +85,14 @@ class Access:
 
     @property
     def reads_closed(self) -> bool:
-        """Reads need a viewer once the web config defines a credential. With only the deprecated shared
-        token they stay open as before it existed, so an upgrade breaks no scrape and no dashboard."""
+        """Reads need a viewer once any credential exists, the deprecated shared token included: a token that
+        guards approvals guards nothing if the audit trail it protects (plans, outputs) is open to anyone."""
+        return not self.no_credentials
+
+    @property
+    def names_people(self) -> bool:
+        """Tell whether credentials tell people apart: any of the web config's. With only the deprecated shared
+        token (or none) every caller looks alike, so the audit name a caller states is kept (see `actor`)."""
         return any(token.identity.kind is not CredentialKind.LEGACY_TOKEN for token in self.tokens) or bool(self.users)
 
     @property

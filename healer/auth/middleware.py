@@ -74,7 +74,6 @@ def route_role(request: web.Request) -> Role | None:
         return table[(method, path)]
     if request.method not in READ_METHODS:
         return Role.OPERATOR
-    # With only the deprecated shared token, reads stay open as they were (Access.reads_closed).
     return Role.VIEWER if access.reads_closed else None
 
 
@@ -197,12 +196,14 @@ def _forgery_refusal(request: web.Request, who: Identity, path: str | None) -> w
 
 
 def _wants_login_page(request: web.Request) -> bool:
-    """A browser opening the console without any credential is sent to the login form."""
+    """A browser opening the console without any credential is sent to the login form, when there are users who
+    could log in there (with only tokens it would be a dead end)."""
     return (
         request.method == "GET"
         and request.path == "/"
         and "Authorization" not in request.headers
         and SESSIONS in request.app
+        and bool(request.app[ACCESS].users)
     )
 
 
@@ -264,7 +265,7 @@ def actor(request: web.Request) -> str:
     people apart (no credential, or only the deprecated shared token), a name the caller states in
     X-Healer-Approver or X-Healer-Operator is kept, as before access control; it is ignored otherwise."""
     who = identity(request)
-    if not request.app[ACCESS].reads_closed:
+    if not request.app[ACCESS].names_people:
         for header in CLAIMED_NAME_HEADERS:
             claimed = request.headers.get(header, "").strip()
             if claimed:

@@ -445,7 +445,8 @@ class Engine:
             self.wake()  # HealingFailed is queued as due now: deliver it without waiting for the next wake
         return rejected
 
-    async def close_circuit(self) -> None:
-        """Close the circuit breaker and reset the action budget, for every replica."""
-        await self.steps.close_circuit()
+    async def close_circuit(self, by: str) -> None:
+        """Close the circuit breaker and reset the action budget, for every replica; the audit trail records
+        `by` (the authenticated operator)."""
+        await self.steps.close_circuit(by)
         self.wake()

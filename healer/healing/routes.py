@@ -116,6 +116,13 @@ async def list_actions(request: web.Request) -> web.Response:
     return web.json_response({"actions": [_action_json(a, e) for a, e in rows]})
 
 
+async def list_operator_acts(request: web.Request) -> web.Response:
+    """Operators' acts outside any episode, newest first: who closed the circuit, opened or cancelled a goal,
+    acknowledged an optimisation (approvals, rejections and pauses are in their step's events and pauses)."""
+    acts = await request.app[ENGINE].records.operator_acts(query_limit(request))
+    return web.json_response({"acts": [act.to_json() for act in acts]})
+
+
 async def get_action(request: web.Request) -> web.Response:
     """One step with its episode and the episode's full event history."""
     engine = request.app[ENGINE]
@@ -169,9 +176,9 @@ async def reject_action(request: web.Request) -> web.Response:
 
 
 async def close_circuit(request: web.Request) -> web.Response:
-    """Close the circuit breaker and reset the action budget."""
-    await request.app[ENGINE].close_circuit()
+    """Close the circuit breaker and reset the action budget, recording who did in the audit trail."""
     who = actor(request)
+    await request.app[ENGINE].close_circuit(who)
     log.info("circuit closed by operator", extra=fields(by=who))
     return web.json_response({"circuit_open": False, "by": who})
 
@@ -231,6 +238,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/alertmanager", alertmanager_webhook)
     app.router.add_get("/api/v1/actions", list_actions)
     app.router.add_get("/api/v1/actions/{id}", get_action)
+    app.router.add_get("/api/v1/audit", list_operator_acts)
     app.router.add_post("/api/v1/actions/{id}/approve", approve_action)
     app.router.add_post("/api/v1/actions/{id}/reject", reject_action)
     app.router.add_post("/api/v1/circuit/close", close_circuit)

@@ -284,7 +284,7 @@ class StepRunner:
         self.metrics.circuit_open.set(int(is_open))
         return is_open
 
-    async def close_circuit(self) -> None:
-        """Close the circuit breaker and reset the action budget."""
-        await self._coordination.close_circuit()
+    async def close_circuit(self, by: str) -> None:
+        """Close the circuit breaker and reset the action budget; the audit trail records `by`."""
+        await self._coordination.close_circuit(by)
         self.metrics.circuit_open.set(0)

@@ -337,9 +337,10 @@ class Optimizer:
         log.info("optimization ended", extra=fields(candidate=trial.candidate, outcome=outcome.value, detail=detail))
         await self.candidates()  # refresh the confidence gauges with what this trial taught
 
-    async def acknowledge(self, candidate: str) -> bool:
-        """A person has undone a change whose rollback failed: the candidate may be tried again."""
-        return bool(await self.records.acknowledge(candidate, self._clock()))
+    async def acknowledge(self, candidate: str, by: str) -> bool:
+        """A person (`by`, recorded in the audit trail) has undone a change whose rollback failed: the candidate
+        may be tried again."""
+        return bool(await self.records.acknowledge(candidate, self._clock(), by))
 
 
 def _signed_percent(value: float) -> str:

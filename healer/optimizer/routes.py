@@ -41,11 +41,11 @@ async def acknowledge(request: web.Request) -> web.Response:
     name = request.match_info["candidate"]
     if name not in {c.name for c in optimizer.config.optimizer.candidates}:
         return problem(404, f"no candidate {name!r}")
-    if not await optimizer.acknowledge(name):
+    who = actor(request)
+    if not await optimizer.acknowledge(name, who):
         return problem(409, f"the last trial of {name!r} is not a failed rollback waiting to be acknowledged")
-    # The trial's record has no field for the person: the log line names who acknowledged.
-    log.info("failed rollback acknowledged", extra=fields(candidate=name, by=actor(request)))
-    return web.json_response({"acknowledged": name})
+    log.info("failed rollback acknowledged", extra=fields(candidate=name, by=who))
+    return web.json_response({"acknowledged": name, "by": who})
 
 
 def add_optimization_routes(app: web.Application) -> None:

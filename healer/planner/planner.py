@@ -43,6 +43,7 @@ from healer.planner.model import (
 )
 from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, render_query
 from healer.storage import GoalRecords, StoreUnavailableError
+from healer.storage.audit import OperatorAct
 from healer.strategies.runner import AlertContext
 
 log = logging.getLogger(__name__)
@@ -370,10 +371,12 @@ class Planner:
         finally:
             self.wake()
 
-    async def _end(self, goal: Goal, state: GoalState, detail: str) -> Goal | None:
+    async def _end(
+        self, goal: Goal, state: GoalState, detail: str, act: tuple[OperatorAct, str] | None = None
+    ) -> Goal | None:
         try:
             now = self._clock()
-            closed = await self.records.change(goal.id, lambda g: ended(g, state, detail, now))
+            closed = await self.records.change(goal.id, lambda g: ended(g, state, detail, now), act)
         except GoalEndedError:
             return None
         self.metrics.ended.labels(state.value).inc()
@@ -389,9 +392,12 @@ class Planner:
 
     # -- operators -----------------------------------------------------------------------------
 
-    async def add(self, spec: GoalSpec, name: str, labels: dict[str, str]) -> Goal | None:
-        """Open an operator's goal; None when a goal of the same name and labels is open already."""
-        opened = await self.records.create([new_goal(spec, name, OPERATOR, labels, self._clock())], self._clock())
+    async def add(self, spec: GoalSpec, name: str, labels: dict[str, str], by: str) -> Goal | None:
+        """Open an operator's goal, recording `by` in the audit trail; None when a goal of the same name and
+        labels is open already."""
+        opened = await self.records.create(
+            [new_goal(spec, name, OPERATOR, labels, self._clock())], self._clock(), by=by
+        )
         if not opened:
             return None
         self.metrics.opened.labels(opened[0].type.value).inc()
@@ -403,7 +409,7 @@ class Planner:
         goal = await self.records.get(goal_id)
         if not goal.is_open:
             raise GoalEndedError(f"goal {goal_id} is {goal.state.value} already")
-        closed = await self._end(goal, GoalState.CANCELLED, f"cancelled by {who}")
+        closed = await self._end(goal, GoalState.CANCELLED, f"cancelled by {who}", (OperatorAct.GOAL_CANCELLED, who))
         if closed is None:
             raise GoalEndedError(f"goal {goal_id} ended meanwhile")
         if self._step is not None and self._step[0] == goal_id:

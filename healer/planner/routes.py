@@ -71,11 +71,11 @@ async def create_goal(request: web.Request) -> web.Response:
     rejected = await _query_rejected(planner, spec)
     if rejected is not None:
         return problem(422, f"target.query: Prometheus rejects it: {rejected}")
-    goal = await planner.add(spec, spec.name, spec.labels)
+    who = actor(request)
+    goal = await planner.add(spec, spec.name, spec.labels, who)
     if goal is None:
         return problem(409, f"a goal {spec.name!r} with these labels is open already")
-    # The goal's record names its source (operator), not the person: the log line keeps who opened it.
-    log.info("goal opened by operator", extra=fields(goal=goal.id, name=spec.name, by=actor(request)))
+    log.info("goal opened by operator", extra=fields(goal=goal.id, name=spec.name, by=who))
     return web.json_response({"goal": goal.to_json()}, status=201)
 
 

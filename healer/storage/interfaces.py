@@ -32,6 +32,7 @@ from healer.healing.model import Outcome as StepOutcome
 from healer.healing.payload import WebhookAlert
 from healer.optimizer.model import CandidateRecord, Outcome, Trial
 from healer.planner.model import Goal, GoalState, NewGoal
+from healer.storage.audit import AuditEntry, OperatorAct
 from healer.storage.health import StoreHealth
 
 
@@ -191,6 +192,11 @@ class HealingRecords(Protocol):
         """An episode's audit events in order."""
         ...
 
+    async def operator_acts(self, limit: int = 100) -> list[AuditEntry]:
+        """Operators' acts outside any episode (circuit closed, goal opened or cancelled, optimisation
+        acknowledged), newest first, each with who did it."""
+        ...
+
     async def counts(self) -> HealingCounts: ...
 
     async def purge(self, older_than: float) -> int:
@@ -219,12 +225,16 @@ class GoalRecords(Protocol):
 
     async def recent(self, state: GoalState | None = None, limit: int = 100) -> list[Goal]: ...
 
-    async def create(self, goals: Sequence[NewGoal], now: float) -> list[Goal]:
-        """Open each goal whose key has no open goal yet; return the ones opened."""
+    async def create(self, goals: Sequence[NewGoal], now: float, by: str | None = None) -> list[Goal]:
+        """Open each goal whose key has no open goal yet; return the ones opened. With `by` (an operator's goal),
+        record GOAL_OPENED by that name for each, in the same transaction."""
         ...
 
-    async def change(self, goal_id: int, change: Callable[[Goal], Goal]) -> Goal:
-        """Apply a planner rule to a goal and write the result, atomically; the rule's errors roll back."""
+    async def change(
+        self, goal_id: int, change: Callable[[Goal], Goal], act: tuple[OperatorAct, str] | None = None
+    ) -> Goal:
+        """Apply a planner rule to a goal and write the result, atomically; the rule's errors roll back. With
+        `act` (what, who), an operator's change such as a cancel is recorded in the same transaction."""
         ...
 
     async def counts(self) -> dict[str, int]: ...
@@ -259,7 +269,10 @@ class TrialRecords(Protocol):
 
     async def discard(self, trial_id: int) -> None: ...
 
-    async def acknowledge(self, candidate: str, now: float) -> bool: ...
+    async def acknowledge(self, candidate: str, now: float, by: str) -> bool:
+        """Mark the candidate's failed rollback as undone by a person, recording OPTIMIZATION_ACKNOWLEDGED by
+        `by`; False (nothing recorded) when its last trial is not a failed rollback waiting for that."""
+        ...
 
     async def history(self, limit: int = 100) -> list[Trial]: ...
 
@@ -306,8 +319,9 @@ class Coordination(Protocol):
         """Whether the circuit breaker is open (it closes by itself `reset` after it opened)."""
         ...
 
-    async def close_circuit(self) -> None:
-        """Close the circuit breaker and forget the spent budget, as an operator's reset does."""
+    async def close_circuit(self, by: str) -> None:
+        """Close the circuit breaker and forget the spent budget, as an operator's reset does; record
+        CIRCUIT_CLOSED by `by` in the same transaction."""
         ...
 
     async def take_slot(

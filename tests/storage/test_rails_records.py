@@ -55,7 +55,7 @@ async def test_a_rule_budget_refuses_without_spending_the_global_one(storage: St
     other_rule = BudgetScope("other", 9, 60.0)
     other = [await coordination.charge_budget(clock.now, 5, 600.0, 600.0, other_rule) for _ in range(4)]
     assert other == [Charge.CHARGED] * 3 + [Charge.CIRCUIT_OPEN]
-    await coordination.close_circuit()
+    await coordination.close_circuit("carol")
     # The rule's own budget is not reset by closing the breaker; its window refills it.
     assert await coordination.charge_budget(clock.now, 5, 600.0, 600.0, noisy) is Charge.SCOPE_SPENT
     assert await coordination.charge_budget(clock.now + 61, 5, 600.0, 600.0, noisy) is Charge.CHARGED

@@ -7,6 +7,7 @@ row, the slots by a transaction-scoped advisory lock, the leader by one conditio
 from __future__ import annotations
 
 from healer.healing.model import BudgetScope, Charge
+from healer.storage.audit import OperatorAct, act_detail
 from healer.storage.postgres.database import PostgresDatabase, Transaction
 
 # The advisory lock key that serialises the counting of concurrency slots (fixed, healer's alone).
@@ -99,10 +100,11 @@ class PostgresCoordination:
 
         return await self._db.write(work)
 
-    async def close_circuit(self) -> None:
+    async def close_circuit(self, by: str) -> None:
         async def work(tx: Transaction) -> None:
             await tx.execute("UPDATE circuit SET open_until = 0 WHERE id = 1")
             await tx.execute("DELETE FROM budget WHERE scope = ''")
+            await tx.event(OperatorAct.CIRCUIT_CLOSED, act_detail(by))
 
         await self._db.write(work)
 

@@ -12,6 +12,7 @@ from healer.planner.model import (
     GoalState,
     NewGoal,
 )
+from healer.storage.audit import OperatorAct, act_detail, goal_subject
 from healer.storage.postgres.database import PostgresDatabase, Transaction
 from healer.storage.rows import GOAL_MUTABLE, changed_goal, goal_mutable_values, new_goal_values
 from healer.storage.rows import goal as _goal
@@ -69,7 +70,7 @@ class PostgresGoalRecords:
             )
         return [_goal(row) for row in rows]
 
-    async def create(self, goals: Sequence[NewGoal], now: float) -> list[Goal]:
+    async def create(self, goals: Sequence[NewGoal], now: float, by: str | None = None) -> list[Goal]:
         async def work(tx: Transaction) -> list[Goal]:
             opened = []
             for goal in goals:
@@ -84,11 +85,15 @@ class PostgresGoalRecords:
                 )
                 if row is not None:
                     opened.append(_goal(row))
+                    if by is not None:
+                        await tx.event(OperatorAct.GOAL_OPENED, act_detail(by, goal_subject(opened[-1])))
             return opened
 
         return await self._db.write(work)
 
-    async def change(self, goal_id: int, change: Callable[[Goal], Goal]) -> Goal:
+    async def change(
+        self, goal_id: int, change: Callable[[Goal], Goal], act: tuple[OperatorAct, str] | None = None
+    ) -> Goal:
         async def work(tx: Transaction) -> Goal:
             # The row lock holds another replica's change back until this one is written.
             row = await tx.row("SELECT * FROM goals WHERE id = %s FOR UPDATE", (goal_id,))
@@ -98,6 +103,8 @@ class PostgresGoalRecords:
             after = changed_goal(before, change)
             if after != before:
                 await tx.execute(_UPDATE, (*goal_mutable_values(after), goal_id))
+            if act is not None:
+                await tx.event(act[0], act_detail(act[1], goal_subject(after)))
             return after
 
         return await self._db.write(work)

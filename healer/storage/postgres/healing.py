@@ -45,6 +45,7 @@ from healer.healing.rules import (
     flapping,
     flapping_reason,
 )
+from healer.storage.audit import OPERATOR_ACT_KINDS, AuditEntry, audit_entry
 from healer.storage.postgres.database import PostgresDatabase, Row, Transaction
 from healer.storage.postgres.inbox import advance
 from healer.storage.rows import action as _action
@@ -781,6 +782,14 @@ class PostgresHealingRecords:
             "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = %s ORDER BY id", (episode_id,)
         )
         return [_event(r) for r in rows]
+
+    async def operator_acts(self, limit: int = 100) -> list[AuditEntry]:
+        rows = await self._db.read(
+            "SELECT id, ts, kind, detail FROM events WHERE episode_id IS NULL AND kind = ANY(%s)"
+            " ORDER BY id DESC LIMIT %s",
+            (list(OPERATOR_ACT_KINDS), limit),
+        )
+        return [audit_entry(int(r["id"]), float(r["ts"]), r["kind"], json.loads(r["detail"])) for r in rows]
 
     async def counts(self) -> HealingCounts:
         async def work(tx: Transaction) -> HealingCounts:

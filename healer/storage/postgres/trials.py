@@ -5,6 +5,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from healer.optimizer.model import ENDED, IN_FLIGHT, CandidateRecord, Outcome, Trial
+from healer.storage.audit import OperatorAct, act_detail
 from healer.storage.postgres.database import PostgresDatabase, Query, Transaction
 from healer.storage.rows import candidate_record
 from healer.storage.rows import trial as _trial
@@ -86,16 +87,18 @@ class PostgresTrialRecords:
     async def discard(self, trial_id: int) -> None:
         await self._db.write(lambda tx: tx.execute("DELETE FROM optimizations WHERE id = %s", (trial_id,)))
 
-    async def acknowledge(self, candidate: str, now: float) -> bool:
-        return bool(
-            await self._db.write(
-                lambda tx: tx.execute(
-                    "UPDATE optimizations SET acknowledged_at = %s WHERE id = (SELECT max(id) FROM optimizations"
-                    " WHERE candidate = %s) AND outcome = 'rollback_failed' AND acknowledged_at IS NULL",
-                    (now, candidate),
-                )
+    async def acknowledge(self, candidate: str, now: float, by: str) -> bool:
+        async def work(tx: Transaction) -> bool:
+            acknowledged = await tx.execute(
+                "UPDATE optimizations SET acknowledged_at = %s WHERE id = (SELECT max(id) FROM optimizations"
+                " WHERE candidate = %s) AND outcome = 'rollback_failed' AND acknowledged_at IS NULL",
+                (now, candidate),
             )
-        )
+            if acknowledged:
+                await tx.event(OperatorAct.OPTIMIZATION_ACKNOWLEDGED, act_detail(by, {"candidate": candidate}))
+            return bool(acknowledged)
+
+        return await self._db.write(work)
 
     async def history(self, limit: int = 100) -> list[Trial]:
         rows = await self._db.read("SELECT * FROM optimizations ORDER BY id DESC LIMIT %s", (limit,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 from healer.healing.model import BudgetScope, Charge
+from healer.storage.audit import OperatorAct, act_detail
 from healer.storage.sqlite.database import SQLiteDatabase
 
 
@@ -52,10 +53,11 @@ class SQLiteCoordination:
     async def circuit_open(self, now: float) -> bool:
         return await self._db.write(lambda db: self._open_until(db, now) > 0)
 
-    async def close_circuit(self) -> None:
+    async def close_circuit(self, by: str) -> None:
         def work(db: sqlite3.Connection) -> None:
             db.execute("UPDATE circuit SET open_until = 0 WHERE id = 1")
             db.execute("DELETE FROM budget WHERE scope = ''")
+            self._db.event(db, OperatorAct.CIRCUIT_CLOSED, act_detail(by))
 
         await self._db.write(work)
 

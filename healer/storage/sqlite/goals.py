@@ -11,6 +11,7 @@ from healer.planner.model import (
     GoalState,
     NewGoal,
 )
+from healer.storage.audit import OperatorAct, act_detail, goal_subject
 from healer.storage.rows import GOAL_MUTABLE, changed_goal, goal_mutable_values, new_goal_values
 from healer.storage.rows import goal as _goal
 from healer.storage.sqlite.database import SQLiteDatabase
@@ -79,7 +80,7 @@ class SQLiteGoalRecords:
             )
         return [_goal(row) for row in rows]
 
-    async def create(self, goals: Sequence[NewGoal], now: float) -> list[Goal]:
+    async def create(self, goals: Sequence[NewGoal], now: float, by: str | None = None) -> list[Goal]:
         def work(db: sqlite3.Connection) -> list[Goal]:
             opened = []
             for goal in goals:
@@ -92,11 +93,15 @@ class SQLiteGoalRecords:
                 )
                 if cursor.rowcount:
                     opened.append(self._get(db, int(cursor.lastrowid or 0)))
+                    if by is not None:
+                        self._db.event(db, OperatorAct.GOAL_OPENED, act_detail(by, goal_subject(opened[-1])))
             return opened
 
         return await self._db.write(work)
 
-    async def change(self, goal_id: int, change: Callable[[Goal], Goal]) -> Goal:
+    async def change(
+        self, goal_id: int, change: Callable[[Goal], Goal], act: tuple[OperatorAct, str] | None = None
+    ) -> Goal:
         def work(db: sqlite3.Connection) -> Goal:
             before = self._get(db, goal_id)
             after = changed_goal(before, change)
@@ -106,6 +111,8 @@ class SQLiteGoalRecords:
                     f"UPDATE goals SET {assignments} WHERE id = ?",  # noqa: S608 - names are ours
                     (*goal_mutable_values(after), goal_id),
                 )
+            if act is not None:
+                self._db.event(db, act[0], act_detail(act[1], goal_subject(after)))
             return after
 
         return await self._db.write(work)

@@ -39,6 +39,7 @@ from healer.healing.rules import (
     flapping,
     flapping_reason,
 )
+from healer.storage.audit import OPERATOR_ACT_KINDS, AuditEntry, audit_entry
 from healer.storage.rows import action as _action
 from healer.storage.rows import (
     action_filter_terms,
@@ -572,6 +573,15 @@ class SQLiteHealingRecords:
             "SELECT ts, action_id, kind, detail FROM events WHERE episode_id = ? ORDER BY id", (episode_id,)
         )
         return [_event(r) for r in rows]
+
+    async def operator_acts(self, limit: int = 100) -> list[AuditEntry]:
+        kinds = ", ".join("?" for _ in OPERATOR_ACT_KINDS)
+        rows = await self._db.read(
+            f"SELECT id, ts, kind, detail FROM events WHERE episode_id IS NULL AND kind IN ({kinds})"  # noqa: S608
+            " ORDER BY id DESC LIMIT ?",
+            (*OPERATOR_ACT_KINDS, limit),
+        )
+        return [audit_entry(int(r["id"]), float(r["ts"]), r["kind"], json.loads(r["detail"])) for r in rows]
 
     async def counts(self) -> HealingCounts:
         return await self._db.run(self._counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from healer.optimizer.model import ENDED, IN_FLIGHT, CandidateRecord, Outcome, Trial
+from healer.storage.audit import OperatorAct, act_detail
 from healer.storage.rows import candidate_record
 from healer.storage.rows import trial as _trial
 from healer.storage.sqlite.database import SQLiteDatabase
@@ -89,16 +90,18 @@ class SQLiteTrialRecords:
     async def discard(self, trial_id: int) -> None:
         await self._db.write(lambda db: db.execute("DELETE FROM optimizations WHERE id = ?", (trial_id,)))
 
-    async def acknowledge(self, candidate: str, now: float) -> bool:
-        return await self._db.write(
-            lambda db: bool(
-                db.execute(
-                    "UPDATE optimizations SET acknowledged_at = ? WHERE id = (SELECT max(id) FROM optimizations"
-                    " WHERE candidate = ?) AND outcome = 'rollback_failed' AND acknowledged_at IS NULL",
-                    (now, candidate),
-                ).rowcount
-            )
-        )
+    async def acknowledge(self, candidate: str, now: float, by: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            acknowledged = db.execute(
+                "UPDATE optimizations SET acknowledged_at = ? WHERE id = (SELECT max(id) FROM optimizations"
+                " WHERE candidate = ?) AND outcome = 'rollback_failed' AND acknowledged_at IS NULL",
+                (now, candidate),
+            ).rowcount
+            if acknowledged:
+                self._db.event(db, OperatorAct.OPTIMIZATION_ACKNOWLEDGED, act_detail(by, {"candidate": candidate}))
+            return bool(acknowledged)
+
+        return await self._db.write(work)
 
     async def history(self, limit: int = 100) -> list[Trial]:
         rows = await self._db.read("SELECT * FROM optimizations ORDER BY id DESC LIMIT ?", (limit,))
