@@ -465,6 +465,10 @@ class EpisodeSteps:
             # settled the step; its outcome is not this replica's to record.
             log.warning("step finished after its claim was lost", extra=fields(action=action.id))
             return
+        if self.steps.stopping:
+            # The stop let the strategy finish; its verification could wait on Prometheus for up to
+            # verify.within and hold the stop that long. Recorded as ran, it resumes after the restart.
+            return
         verdict = await self._judge(action, rule, episode, result, resolved, started)
         await self._durably(action, lambda: self._record_verdict(action, rule, episode, verdict))
 
