@@ -275,7 +275,7 @@ def test_one_warning_when_root_runs_exec_strategies_without_a_user() -> None:
         }
     ).strategies
     warning = run_as_root_warning(strategies, euid=0)
-    assert warning is not None and "exec strategies a, b have no user" in warning and "named" not in warning
+    assert warning is not None and "signal strategies a, b have no user" in warning and "named" not in warning
     assert run_as_root_warning(strategies, euid=1000) is None
     assert run_as_root_warning({"named": strategies["named"]}, euid=0) is None
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from healer.config import ConfigError, parse_config
+from healer.config.strategy_params import run_as_root_warning
 from healer.strategies.base import StrategyParams
 from healer.strategies.builtin import (
     BUILTIN_TYPES,
@@ -583,6 +584,65 @@ async def test_signal_pidfile_problems_fail_safely(tmp_path: Path, content: str 
     result = await SignalRunner().run(params, alert())
     assert not result.ok
     assert problem in result.detail
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sending a signal as another user needs root")
+
+
+@needs_root
+async def test_signal_as_nobody_cannot_reach_a_root_process(
+    tmp_path: Path, listener: tuple[subprocess.Popen[str], Path, str]
+) -> None:
+    """With `user: nobody` a root-owned process is not signalled: the step fails saying the kernel denied nobody,
+    and the process lives on (a signal sent as healer still reaches it, once)."""
+    proc, got, _ = listener
+    pidfile = tmp_path / "app.pid"
+    pidfile.write_text(f"{proc.pid}\n")
+    spec = {"type": "signal", "signal": "HUP", "pidfile": str(pidfile)}
+    params = SignalParams.model_validate({**spec, "user": "nobody"})
+    assert SignalRunner().plan(params, alert())["user"] == "nobody"
+    result = await SignalRunner().run(params, alert())
+    assert not result.ok, result
+    assert result.detail.startswith(f"SIGHUP not delivered; failed for {proc.pid} (permission denied as user nobody")
+    assert "Operation not permitted" in result.detail, result.detail
+    assert proc.poll() is None and not got.exists()
+    as_healer = await SignalRunner().run(SignalParams.model_validate(spec), alert())
+    assert as_healer.ok
+    assert await eventually(lambda: got.exists() and got.read_text() == "hup\n")
+
+
+@needs_root
+async def test_signal_as_nobody_reaches_a_process_of_nobody(tmp_path: Path) -> None:
+    """With `user: nobody` (and its group) a process that nobody owns receives the signal."""
+    proc = subprocess.Popen(["sleep", "60"], user="nobody", group="nogroup", stdin=subprocess.DEVNULL)
+    try:
+        pidfile = tmp_path / "app.pid"
+        pidfile.write_text(f"{proc.pid}\n")
+        spec = {"type": "signal", "signal": "SIGTERM", "pidfile": str(pidfile), "user": "nobody", "group": "nogroup"}
+        result = await SignalRunner().run(SignalParams.model_validate(spec), alert())
+        assert result == StepResult(ok=True, detail=f"SIGTERM sent to 1 process ({proc.pid})")
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_signal_user_and_group_are_checked_and_warned_about() -> None:
+    """An unknown user of a signal strategy is a config error naming its key; as root, a signal strategy without
+    a user is named in the one run-as-root warning, one with a user is not."""
+    with pytest.raises(ConfigError) as error:
+        parse_config({"strategies": {"hup": {"type": "signal", "cmdline": "x", "user": "no-such-user-4f1"}}})
+    assert "strategies.hup.user: unknown user 'no-such-user-4f1'" in str(error.value), error.value
+    strategies = parse_config(
+        {
+            "strategies": {
+                "hup": {"type": "signal", "cmdline": "x"},
+                "scoped": {"type": "signal", "cmdline": "x", "user": "nobody"},
+            }
+        }
+    ).strategies
+    warning = run_as_root_warning(strategies, euid=0)
+    assert warning is not None and "strategies hup have no user" in warning and "scoped" not in warning
 
 
 # --- systemd ------------------------------------------------------------------------------------

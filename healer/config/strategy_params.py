@@ -116,15 +116,20 @@ class ExecParams(StrategyParams):
 
 
 def run_as_root_warning(strategies: Mapping[str, StrategyParams], euid: int | None = None) -> str | None:
-    """One warning when healer runs as root and exec strategies would run as root without saying so."""
+    """One warning when healer runs as root and exec or signal strategies would act as root without saying so
+    (a signal sent as root reaches every process, whoever owns it)."""
     if (os.geteuid() if euid is None else euid) != 0:
         return None
-    unnamed = [name for name, params in strategies.items() if isinstance(params, ExecParams) and params.user is None]
+    unnamed = [
+        name
+        for name, params in strategies.items()
+        if isinstance(params, ExecParams | SignalParams) and params.user is None
+    ]
     if not unnamed:
         return None
     return (
-        f"healer runs as root and exec strategies {', '.join(sorted(unnamed))} have no user: they run as root;"
-        " give each a user (docs/least-privilege.md)"
+        f"healer runs as root and exec or signal strategies {', '.join(sorted(unnamed))} have no user: they act as"
+        " root; give each a user (docs/least-privilege.md)"
     )
 
 
@@ -161,6 +166,10 @@ class SignalParams(StrategyParams):
     signal: str = "SIGHUP"
     pidfile: Path | None = None
     cmdline: Regex | None = None
+    # Send the signal as this user (name or id) and group, as exec runs: the kernel then checks that user's
+    # permission, so a strategy can only reach that user's processes. Unset: healer's own user.
+    user: UserField | None = None
+    group: GroupField | None = None
 
     @field_validator("signal")
     @classmethod
