@@ -117,8 +117,9 @@ async def _purge_old_records(storage: Storage, replica: Replica, retention: floa
         await asyncio.sleep(3600)
 
 
-def build_engine(services: Services, storage: Storage) -> Engine:
-    """Create the engine and the parts it is made of (step runner, ladder, escalator) on an open store."""
+def build_engine(services: Services, storage: Storage, store_watch: StoreWatch) -> Engine:
+    """Create the engine and the parts it is made of (step runner, ladder, escalator) on an open store; no
+    step starts while `store_watch` says the store cannot keep what it does."""
     config = services.config
     promql = PromQLClient(config.prometheus)
     replica = Replica(
@@ -153,6 +154,7 @@ def build_engine(services: Services, storage: Storage) -> Engine:
         promql,
         GrafanaAnnotator(config.grafana, services.registry),
         wakeup.set,
+        store_health=lambda: store_watch.health,
     )
     return Engine(config, wakeup, storage.inbox, episode_steps, side)
 
@@ -283,7 +285,7 @@ def create_app(
     app[SERVICES] = build_services(config, registry, strategies)
     app[STORAGE] = storage if storage is not None else open_local_storage(config.store)
     app[STORE_WATCH] = StoreWatch(app[STORAGE], app[SERVICES].registry)
-    app[ENGINE] = build_engine(app[SERVICES], app[STORAGE])
+    app[ENGINE] = build_engine(app[SERVICES], app[STORAGE], app[STORE_WATCH])
     app[LADDER] = app[ENGINE].ladder
     app[PLANNER] = build_planner(app[SERVICES], app[STORAGE], app[ENGINE])
     app[OPTIMIZER] = build_optimizer(app[SERVICES], app[STORAGE], app[ENGINE])

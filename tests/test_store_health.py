@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from healer.storage.sqlite import SQLiteStorage
-from tests.servers import Server, http_get, start_healer, wait_for
-from tests.test_engine_safety import AUTH, actions, alert, config, metric, payload
+from tests.servers import Server, http_get, http_send, start_healer, wait_for
+from tests.test_engine_safety import AUTH, actions, alert, config, metric, payload, steps_log
 from tests.test_receiver import post
 
 # Readiness and the webhook must follow a deleted store file within this long (issue 13).
@@ -78,6 +78,46 @@ def test_deleted_store_is_not_ready_and_loses_nothing_accepted(tmp_path: Path, s
         what="every accepted alert has its episode",
     )
     assert "late" not in {found["episode"]["labels"]["id"] for found in actions(restarted)}
+
+
+def test_no_step_starts_while_the_store_cannot_keep_it(tmp_path: Path, servers: list[Server]) -> None:
+    """A step that becomes due while the store file is deleted waits (skipped reason store_not_ready) instead
+    of running into a file that a restart would not see; on the recovered store it runs, once."""
+    settings = config(tmp_path, healing={"pause_check_interval": "200ms"})
+    healer = start_healer(tmp_path, settings)
+    servers.append(healer)
+    code, created = http_send(
+        "POST",
+        healer.url + "/api/v1/pauses",
+        {"matchers": ['alertname="Broken"'], "reason": "hold it", "duration": "1h"},
+        AUTH,
+    )
+    assert code == 201, created
+    assert post(healer.url + "/api/v1/alertmanager", payload(alert("held")), AUTH)[0] == 200
+    wait_for(lambda: metric(healer, "healer_skipped_total", reason="paused") == 1, 10, what="the step held by the pause")
+
+    (tmp_path / "healer.db").unlink()
+    wait_for(lambda: http_get(healer.url + "/-/ready")[0] == 503, NOT_READY_WITHIN, what="not ready")
+    assert http_send("DELETE", f"{healer.url}/api/v1/pauses/{created['id']}", None, AUTH)[0] == 200
+    wait_for(
+        lambda: metric(healer, "healer_skipped_total", reason="store_not_ready") == 1,
+        10,
+        what="the step held because the store is not ready",
+    )
+    # Several pause checks later it still has not run.
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:
+        assert steps_log(tmp_path) == []
+        time.sleep(0.1)
+
+    assert healer.stop() == 0
+    (tmp_path / "healer.db.rescued").replace(tmp_path / "healer.db")
+    restarted = start_healer(tmp_path / "again", settings)
+    servers.append(restarted)
+    wait_for(lambda: steps_log(tmp_path) == ["start held", "end held"] or None, 30, what="the step ran after the restart")
+    ran = wait_for(lambda: [found for found in actions(restarted) if found.get("finished_at")] or None, 30)
+    assert len(ran) == 1 and ran[0]["episode"]["labels"]["id"] == "held", ran
+    assert steps_log(tmp_path) == ["start held", "end held"]
 
 
 def _damaged_store(path: Path) -> None:

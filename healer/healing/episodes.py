@@ -38,7 +38,7 @@ from healer.healing.rails import backoff
 from healer.healing.steps import NOT_CLAIMED, STOPPING, Halt, PlannedStep, StepRefusedError, StepRunner
 from healer.logs import fields
 from healer.promql import PrometheusUnavailableError, PromQLClient, PromQLError, render_query
-from healer.storage import HealingRecords, StoreUnavailableError
+from healer.storage import HealingRecords, StoreHealth, StoreUnavailableError
 from healer.strategies.runner import AlertContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class EpisodeSteps:
         annotator: GrafanaAnnotator,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        store_health: Callable[[], StoreHealth] = StoreHealth,
     ) -> None:
         self.config = config
         self.records = records
@@ -138,6 +139,7 @@ class EpisodeSteps:
         self.pauses: PauseBoard = steps.pauses
         self._wake = wake
         self._clock = clock
+        self._store_health = store_health
         self._rules = {rule.name: rule for rule in config.healing.rules}
         # Steps whose strategy is running now (a resolution may stop those, not those verifying).
         self._in_runner: set[int] = set()
@@ -376,7 +378,8 @@ class EpisodeSteps:
                 counted.add(hold.reason)
                 self.metrics.skipped.labels(hold.reason).inc()
                 log.info("step held", extra=fields(action=action.id, reason=hold.reason, detail=hold.detail))
-                await self.records.hold(action.id, self.steps.replica.name, hold.reason, hold.detail)
+                if hold.reason is not SkipReason.STORE_NOT_READY:  # a store that cannot keep it is not asked to
+                    await self.records.hold(action.id, self.steps.replica.name, hold.reason, hold.detail)
             wait = self.config.healing.pause_check_interval
             if hold.reason is SkipReason.GUARD:
                 now = self._clock()
@@ -425,7 +428,14 @@ class EpisodeSteps:
         return Turn(slot)
 
     async def _hold(self, rule: HealingRule, episode: Episode) -> Hold | None:
-        """The first reason not to run the episode's step now: a pause that covers it, or a failing guard."""
+        """The first reason not to run the episode's step now: a store that cannot keep what it does, a pause
+        that covers it, or a failing guard."""
+        store = self._store_health()
+        if not store.up:
+            return Hold(
+                SkipReason.STORE_NOT_READY,
+                f"the store is {store.reason} ({store.detail}); no step starts until it can keep what is done",
+            )
         pause = await self.pauses.covering(episode.labels)
         if pause is not None:
             return Hold(SkipReason.PAUSED, f"paused by {pause.source} {pause.name}: {pause.reason}")

@@ -93,6 +93,9 @@ class SkipReason(enum.StrEnum):
     FLAPPING = "flapping"
     # The rule's own action budget is spent.
     BUDGET = "budget"
+    # The store's latest health check failed (deleted, full, read-only, damaged, unreachable): what a step
+    # did could not be kept, so none starts until the store can keep it.
+    STORE_NOT_READY = "store_not_ready"
 
 
 # An audit event: its kind and what it records.
