@@ -200,7 +200,8 @@ class HealingRecords(Protocol):
     async def counts(self) -> HealingCounts: ...
 
     async def purge(self, older_than: float) -> int:
-        """Delete finished episodes, with their steps and events, older than a time; return how many."""
+        """Delete finished episodes, with their steps and events, and operators' acts older than a time; return
+        how many episodes."""
         ...
 
 

@@ -37,6 +37,15 @@ async def test_each_act_is_recorded_with_who_did_it(storage: Storage, clock: Fak
     ]
 
 
+async def test_acts_age_out_with_the_retention(storage: Storage, clock: FakeClock) -> None:
+    """Purging the audit trail older than a time deletes the operators' acts older than it and keeps the rest."""
+    await storage.coordination.close_circuit("alice")
+    clock.advance(100)
+    await storage.coordination.close_circuit("bob")
+    await storage.healing.purge(older_than=clock.now - 50)
+    assert [entry.by for entry in await storage.healing.operator_acts()] == ["bob"]
+
+
 async def test_an_act_that_changes_nothing_is_not_recorded(storage: Storage, clock: FakeClock) -> None:
     """A refused cancel (the goal ended already), a goal already open and an acknowledgement with nothing to
     acknowledge roll back with their change: no entry claims they happened."""

@@ -829,6 +829,11 @@ class PostgresHealingRecords:
                     sql.SQL("DELETE FROM {} WHERE episode_id IN ({})").format(sql.Identifier(table), old),
                     (older_than,),
                 )
+            # Operators' acts belong to no episode: they age out by their own time, as the episodes do.
+            await tx.execute(
+                "DELETE FROM events WHERE episode_id IS NULL AND kind = ANY(%s) AND ts < %s",
+                (list(OPERATOR_ACT_KINDS), older_than),
+            )
             return await tx.execute(sql.SQL("DELETE FROM episodes WHERE {}").format(ended), (older_than,))
 
         return await self._db.write(work)

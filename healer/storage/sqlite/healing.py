@@ -614,6 +614,12 @@ class SQLiteHealingRecords:
             old = f"SELECT id FROM episodes WHERE {ended}"  # noqa: S608 - constant
             for table in ("events", "escalations", "actions"):
                 db.execute(f"DELETE FROM {table} WHERE episode_id IN ({old})", (older_than,))  # noqa: S608 - constant
+            # Operators' acts belong to no episode: they age out by their own time, as the episodes do.
+            kinds = ", ".join("?" for _ in OPERATOR_ACT_KINDS)
+            db.execute(
+                f"DELETE FROM events WHERE episode_id IS NULL AND kind IN ({kinds}) AND ts < ?",  # noqa: S608
+                (*OPERATOR_ACT_KINDS, older_than),
+            )
             return int(db.execute(f"DELETE FROM episodes WHERE {ended}", (older_than,)).rowcount)  # noqa: S608
 
         return await self._db.write(work)
