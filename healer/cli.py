@@ -365,6 +365,7 @@ async def _serve(
     from prometheus_client import disable_created_metrics
 
     from healer.healing.routes import ENGINE
+    from healer.limits import LimitedAppRunner
     from healer.server import create_app
     from healer.storage import open_storage
 
@@ -374,7 +375,8 @@ async def _serve(
     server = config.server.model_copy(update={"listen": f"{host}:{port}"})
     config = config.model_copy(update={"server": server})
     app = create_app(config, storage=await open_storage(config.store), access=access)
-    runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
+    # The runner's connections time out slow request heads and bodies (server.header_timeout, body_timeout).
+    runner = LimitedAppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()

@@ -31,6 +31,7 @@ from healer.healing.replica import Replica, replica_name
 from healer.healing.routes import ENGINE, LADDER, add_routes
 from healer.healing.steps import StepRunner
 from healer.http import problem
+from healer.limits import LIMITS, RequestLimits, request_limits
 from healer.logs import fields
 from healer.optimizer.optimizer import Optimizer, OptimizerMetrics
 from healer.optimizer.routes import OPTIMIZER, add_optimization_routes
@@ -277,12 +278,15 @@ def create_app(
     store is opened asynchronously, with `await open_storage(config.store)`), else on its SQLite file;
     with the credentials of `access` when given, else those the config names (`load_access`)."""
     access = access if access is not None else load_access(config)
-    # Every request passes access control first, so no route can be reached without its role.
+    # Every request passes access control first, so no route can be reached without its role, and a body
+    # without a credential is refused before request_limits lets it take a large-body slot.
     app = web.Application(
-        client_max_size=config.server.max_request_bytes, middlewares=[access_control, store_unavailable]
+        client_max_size=config.server.max_request_bytes,
+        middlewares=[access_control, request_limits, store_unavailable],
     )
     app[ACCESS] = access
     app[SERVICES] = build_services(config, registry, strategies)
+    app[LIMITS] = RequestLimits.from_config(config.server, app[SERVICES].registry)
     app[STORAGE] = storage if storage is not None else open_local_storage(config.store)
     app[STORE_WATCH] = StoreWatch(app[STORAGE], app[SERVICES].registry)
     app[ENGINE] = build_engine(app[SERVICES], app[STORAGE], app[STORE_WATCH])

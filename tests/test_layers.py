@@ -19,7 +19,8 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: (
         "foundations",
         # healer.http: error bodies and request parsing that every route module shares; healer.auth: access
-        # control, whose identity every route module that records who acted reads.
+        # control, whose identity every route module that records who acted reads; healer.limits: the request
+        # limits, whose body reader the webhook uses.
         (
             "healer",
             "healer.durations",
@@ -29,6 +30,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
             "healer.config",
             "healer.http",
             "healer.auth",
+            "healer.limits",
         ),
     ),
     1: (

@@ -129,6 +129,20 @@ class ServerConfig(_Strict):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # How long a client may take to send a request's line and headers, from the connection's start or from
+    # the first byte of its next request. An Alertmanager's head is a few hundred bytes, one packet even on
+    # a slow link; only a client holding connections open on purpose needs more than a second or two.
+    header_timeout: PositiveDuration = 10.0
+    # How long a client may take to send a whole body once its head has arrived: the largest body
+    # (max_request_bytes, 1 MiB) in 60 s needs about 140 kbit/s, and Alertmanager's notifications are a
+    # few kB to a few hundred kB.
+    body_timeout: PositiveDuration = 60.0
+    # Bodies above this size (and bodies of unknown length) are large: at most max_large_bodies of them are
+    # read at once, so the memory they take is bounded (each costs about three times its size while it is
+    # decoded and stored). 256 KiB is an Alertmanager notification of some 250 alerts; more at once is a
+    # storm that Alertmanager retries after the 503.
+    large_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_large_bodies: int = Field(default=16, ge=1)
     shutdown_timeout: Duration = 30.0
 
 

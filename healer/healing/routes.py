@@ -16,6 +16,7 @@ from healer.healing.ladder import Ladder
 from healer.healing.model import Action, ActionFilter, Episode
 from healer.healing.payload import InvalidPayloadError, decode_webhook
 from healer.http import invalid_body, path_id, problem, query_limit, query_number, require_json
+from healer.limits import BodyTooLargeError, read_body
 from healer.logs import fields
 from healer.storage import StoreUnavailableError
 from healer.storage.watch import STORE_WATCH
@@ -43,10 +44,11 @@ async def _receive(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit = engine.config.server.max_request_bytes
-        return problem(413, f"body larger than the limit of {limit} bytes (server.max_request_bytes)", detail=exc.text)
+        # Read here, not cached on the request: a kept-alive connection would hold a large body until its next
+        # request. A body that does not arrive in time raises BodyTimeoutError, answered 408 by request_limits.
+        body = await read_body(request)
+    except BodyTooLargeError as exc:
+        return problem(413, str(exc))
     try:
         payload = decode_webhook(body)
     except InvalidPayloadError as exc:
