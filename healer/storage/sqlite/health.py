@@ -100,11 +100,14 @@ class SQLiteHealth:
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                # A real write (the row is rewritten as it is), committed through the WAL.
-                self.db.execute(
-                    "UPDATE schema_versions SET description = description"
-                    " WHERE version = (SELECT max(version) FROM schema_versions)"
-                )
+                # A real write committed through the WAL: the row is changed and changed back in one
+                # transaction. Rewritten as it is, SQLite leaves the page clean and commits nothing, so a
+                # full disk went unseen while every delivery failed.
+                for change in ("description || '.'", "substr(description, 1, length(description) - 1)"):
+                    self.db.execute(
+                        f"UPDATE schema_versions SET description = {change}"
+                        " WHERE version = (SELECT max(version) FROM schema_versions)"
+                    )
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
