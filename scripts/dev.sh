@@ -38,6 +38,8 @@ ensure_tools() {
     # chromium: the console's browser tests (tests/test_console.py) drive Debian's build through
     # Playwright (pip-installed with the test extra); Playwright's own browser download is not used.
     packages+=(postgresql chromium)
+    # procps: its kill sends a signal strategy's signal as the strategy's user (tests/test_strategies.py).
+    packages+=(procps)
     # The tests start their own PostgreSQL servers (tests/postgres.py) on free loopback ports.
     # Told before the package is installed, Debian creates no cluster of its own, so none is
     # started on port 5432 either.
