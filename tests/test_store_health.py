@@ -94,7 +94,7 @@ def test_no_step_starts_while_the_store_cannot_keep_it(tmp_path: Path, servers: 
     )
     assert code == 201, created
     assert post(healer.url + "/api/v1/alertmanager", payload(alert("held")), AUTH)[0] == 200
-    wait_for(lambda: metric(healer, "healer_skipped_total", reason="paused") == 1, 10, what="the step held by the pause")
+    wait_for(lambda: metric(healer, "healer_skipped_total", reason="paused") == 1, 10, what="the step held by a pause")
 
     (tmp_path / "healer.db").unlink()
     wait_for(lambda: http_get(healer.url + "/-/ready")[0] == 503, NOT_READY_WITHIN, what="not ready")
@@ -114,7 +114,7 @@ def test_no_step_starts_while_the_store_cannot_keep_it(tmp_path: Path, servers: 
     (tmp_path / "healer.db.rescued").replace(tmp_path / "healer.db")
     restarted = start_healer(tmp_path / "again", settings)
     servers.append(restarted)
-    wait_for(lambda: steps_log(tmp_path) == ["start held", "end held"] or None, 30, what="the step ran after the restart")
+    wait_for(lambda: steps_log(tmp_path) == ["start held", "end held"] or None, 30, what="the step ran after restart")
     ran = wait_for(lambda: [found for found in actions(restarted) if found.get("finished_at")] or None, 30)
     assert len(ran) == 1 and ran[0]["episode"]["labels"]["id"] == "held", ran
     assert steps_log(tmp_path) == ["start held", "end held"]
