@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # How often silences that Alertmanager could not expire when their episode ended are tried again.
 SILENCE_SWEEP_SECONDS = 30.0
+# How long a HealingFailed waits before it is posted again when the store could not record the last try.
+STORE_RETRY_SECONDS = 2.0
 
 
 class SideTasks:
@@ -130,6 +132,9 @@ class Escalator:
         self._wake = wake
         self._clock = clock
         self._sending: set[int] = set()
+        # Episodes whose last try the store could not record (its row still says "due now"), and until when
+        # they wait: without it the work loop, woken by each try, would post again at once, in a tight loop.
+        self._store_wait: dict[int, float] = {}
         self._not_firing_seen: set[int] = set()
         # Leftover silences are expired at start; the sweep takes over from then on.
         self._next_silence_sweep = clock() + SILENCE_SWEEP_SECONDS
@@ -150,9 +155,10 @@ class Escalator:
         self._wake()
 
     def send_due(self, agenda: Agenda) -> None:
-        """Start posting every due HealingFailed that is not being posted already."""
+        """Start posting every due HealingFailed that is not being posted already nor waiting for the store."""
+        now = self._clock()
         for escalation in agenda.escalations:
-            if escalation.episode_id not in self._sending:
+            if escalation.episode_id not in self._sending and self._store_wait.get(escalation.episode_id, 0.0) <= now:
                 self._sending.add(escalation.episode_id)
                 self._side.spawn(self._send(escalation))
 
@@ -222,6 +228,7 @@ class Escalator:
     async def _send(self, queued: Escalation) -> None:
         """Post the HealingFailed of an escalated episode: firing while its alert fires, then resolved once."""
         episode_id = queued.episode_id
+        self._store_wait.pop(episode_id, None)
         try:
             # The agenda may be older than a send that just finished; the row says what is due now.
             escalation = await self.records.get_escalation(episode_id)
@@ -233,6 +240,10 @@ class Escalator:
                 await self.records.escalation_withdrawn(episode_id)
                 return
             await self._post(escalation, episode)
+        except StoreUnavailableError as exc:
+            # Expected while the disk is full or the database is down: one line, and a pause before the next try.
+            log.error("HealingFailed waits for the store", extra=fields(episode=episode_id, reason=str(exc)))
+            self._store_wait[episode_id] = self._clock() + STORE_RETRY_SECONDS
         except Exception:
             # Anything unexpected waits like a failed post, so that a bug cannot turn into a flood of posts.
             log.exception("HealingFailed not sent", extra=fields(episode=episode_id))
