@@ -183,6 +183,7 @@ def signal_healer(stack: HealingStack, signum: int) -> None:
     try:
         code = stack.healer.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
+        stack.healer.stop(signal.SIGKILL)  # so that the next test finds a healer it can start again
         raise AssertionError(f"healer did not stop on signal {signum}\n{stack.healer.log()[-4000:]}") from None
     assert code == (0 if signum == signal.SIGTERM else -signal.SIGKILL), stack.healer.log()[-4000:]
 
@@ -201,7 +202,11 @@ def test_healer_stopped_at_each_stage_resumes_the_episode_once(
     """healer killed or stopped at one stage of an episode and restarted on the same store goes on from that
     stage: one episode; a held step still awaits approval; the strategy ran once, or twice when SIGKILL cut
     it off (recorded interrupted, the retry heals); a step that ran is verified after the restart, not run
-    again; an escalation queued while Alertmanager was down reaches it once it is back."""
+    again; an escalation queued while Alertmanager was down reaches it once it is back.
+
+    Before verification was resumed (e203d69), verifying-sigkill ended unverified and verifying-sigterm
+    did not stop; before eb042ec, running-sigterm did not stop either (the stop waited for the verification
+    of the strategy it had let finish, up to shutdown_timeout)."""
     fault = f"{stage}-{signal.Signals(signum).name.lower()}"
     stack.inject(fault)
     if stage == HELD:
