@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ FOLLOWS_WITHIN = 10.0
 def small_tmpfs(directory: Path) -> Iterator[Path]:
     """Mount a tmpfs of TMPFS_SIZE on `directory` for the block; skip the test where mounting is not allowed."""
     directory.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("cannot mount a tmpfs: no mount command")
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(directory)],
         capture_output=True,
