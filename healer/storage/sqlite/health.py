@@ -46,6 +46,14 @@ def rescue_path(path: Path) -> Path:
     return path.with_name(path.name + ".rescued")
 
 
+# The write probe's two statements: a row changed and changed back, so the check commits a real write.
+PROBE_WRITES = (
+    "UPDATE schema_versions SET description = description || '.'"
+    " WHERE version = (SELECT max(version) FROM schema_versions)",
+    "UPDATE schema_versions SET description = substr(description, 1, length(description) - 1)"
+    " WHERE version = (SELECT max(version) FROM schema_versions)",
+)
+
 class SQLiteHealth:
     """Checks one open SQLite file: its identity against the file opened, a write probe, integrity, the WAL."""
 
@@ -103,11 +111,8 @@ class SQLiteHealth:
                 # A real write committed through the WAL: the row is changed and changed back in one
                 # transaction. Rewritten as it is, SQLite leaves the page clean and commits nothing, so a
                 # full disk went unseen while every delivery failed.
-                for change in ("description || '.'", "substr(description, 1, length(description) - 1)"):
-                    self.db.execute(
-                        f"UPDATE schema_versions SET description = {change}"
-                        " WHERE version = (SELECT max(version) FROM schema_versions)"
-                    )
+                for change in PROBE_WRITES:
+                    self.db.execute(change)
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
