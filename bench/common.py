@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -186,6 +187,16 @@ def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
         return int(exc.code), exc.read()
 
 
+def http_post(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    """POST an empty body to `url` directly (no proxy); return the status and body, also for error statuses."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with _DIRECT.open(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
 def wait_ready(child: Child, base_url: str, path: str = "/-/ready", timeout: float = 30.0) -> None:
     """Wait until ``GET base_url + path`` answers 200, then set ``child.url = base_url``.
 
@@ -279,16 +290,37 @@ def stores(choice: str) -> list[str]:
     return list(STORES) if choice == "both" else [choice]
 
 
-def metric_value(base_url: str, name: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> float | None:
-    """The value of an unlabelled sample `name` on ``base_url/metrics`` (read with `headers`); None when absent."""
+def metrics_text(base_url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> str:
+    """The body of ``base_url/metrics`` (read with `headers`); an error status raises RuntimeError."""
     status, body = http_get(f"{base_url}/metrics", timeout=timeout, headers=headers)
     if status != 200:
         raise RuntimeError(f"GET {base_url}/metrics: HTTP {status}: {body[:300]!r}")
+    return body.decode()
+
+
+def metric_value(base_url: str, name: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> float | None:
+    """The value of an unlabelled sample `name` on ``base_url/metrics`` (read with `headers`); None when absent."""
     prefix = name + " "
-    for line in body.decode().splitlines():
+    for line in metrics_text(base_url, timeout, headers).splitlines():
         if line.startswith(prefix):
             return float(line.split()[1])
     return None
+
+
+# One label pair of a sample line, value escapes included.
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def sample_sum(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of the samples `name` in Prometheus text `text` whose labels include `labels`; 0.0 when none."""
+    wanted = set((labels or {}).items())
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric == name and wanted <= set(_LABEL.findall(label_text)):
+            total += float(value)
+    return total
 
 
 # --------------------------------------------------------------------------- figures
@@ -379,7 +411,7 @@ def serve_exposition(port: int, body: Callable[[], bytes]) -> None:
     server.serve_forever()
 
 
-# --------------------------------------------------------------------------- Prometheus's Alertmanager
+# --------------------------------------------------------------------------- Prometheus and Alertmanager
 
 
 def start_alertmanager(keeper: Keeper, directory: Path, config: dict[str, Any]) -> Child:
@@ -389,17 +421,35 @@ def start_alertmanager(keeper: Keeper, directory: Path, config: dict[str, Any]) 
     binary = (
         shutil.which("prometheus-alertmanager") or shutil.which("alertmanager") or "/usr/bin/prometheus-alertmanager"
     )
-    directory.mkdir(parents=True)
-    write_yaml(directory / "alertmanager.yml", config)
+    flags = [f"--storage.path={directory / 'data'}", "--cluster.listen-address="]
+    return _start_configured(keeper, "alertmanager", binary, directory, config, flags)
+
+
+def start_prometheus(keeper: Keeper, directory: Path, config: dict[str, Any]) -> Child:
+    """Start Prometheus with `config` in `directory` on a free loopback port; wait until ready."""
+    import shutil
+
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    return _start_configured(
+        keeper, "prometheus", binary, directory, config, [f"--storage.tsdb.path={directory / 'data'}"]
+    )
+
+
+def _start_configured(
+    keeper: Keeper, name: str, binary: str, directory: Path, config: dict[str, Any], flags: list[str]
+) -> Child:
+    """Write `config` to ``directory/NAME.yml``, start `binary` with it and `flags` on a free loopback port (logging
+    warnings only) as child `name`, and wait until it answers ``/-/ready``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = write_yaml(directory / f"{name}.yml", config)
     port = free_port()
     argv = [
         binary,
-        f"--config.file={directory / 'alertmanager.yml'}",
-        f"--storage.path={directory / 'data'}",
+        f"--config.file={config_path}",
+        *flags,
         f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address=",
         "--log.level=warn",
     ]
-    child = keeper.start("alertmanager", argv)
+    child = keeper.start(name, argv)
     wait_ready(child, f"http://127.0.0.1:{port}")
     return child
