@@ -245,7 +245,7 @@ def test_cancelling_a_goal_stops_its_running_step(world: World, tmp_path: Path, 
     assert status == 401 and body["error"].startswith("missing Authorization")
     status, body = call(cancel, headers={**AUTH, "X-Healer-Operator": "alice"})
     goal = body["goal"]
-    assert status == 200 and goal["state"] == "cancelled" and goal["detail"] == "cancelled by alice"
+    assert status == 200 and goal["state"] == "cancelled" and goal["detail"] == "cancelled by legacy-token (says alice)"
     wait_for(lambda: not process_alive(pid), 10, what="the step's process to be stopped")
     goal = wait_for(
         lambda: (

@@ -52,14 +52,16 @@ def test_reject_cancels_the_step_and_escalates_at_once(tmp_path: Path, servers: 
 
     status, answer = reject(healer, action_id, body, alice)
     assert status == 200, answer
-    assert answer == {"rejected": action_id, "by": "alice", "reason": "a deploy is rolling out"}
+    # The shared token cannot tell people apart: the name the caller gives is kept as its claim, not as who.
+    assert answer == {"rejected": action_id, "by": "legacy-token (says alice)", "reason": "a deploy is rolling out"}
 
     step = http_json(f"{healer.url}/api/v1/actions/{action_id}", headers=healer.headers)
     assert (step["state"], step["outcome"], step["skip_reason"]) == ("done", "cancelled", "rejected")
     assert step["episode"]["state"] == "escalated"
     kinds = {event["kind"]: event for event in step["events"]}
-    assert kinds["rejected"]["by"] == "alice" and kinds["rejected"]["reason"] == "a deploy is rolling out"
-    assert kinds["escalated"]["reason"] == "rejected by alice: a deploy is rolling out"
+    assert kinds["rejected"]["by"] == "legacy-token (says alice)"
+    assert kinds["rejected"]["reason"] == "a deploy is rolling out"
+    assert kinds["escalated"]["reason"] == "rejected by legacy-token (says alice): a deploy is rolling out"
     assert metric(healer, "healer_skipped_total", reason="rejected") == 1.0
     assert metric(healer, "healer_actions_total", strategy="record", outcome="cancelled") == 1.0
 

@@ -263,11 +263,12 @@ def require(request: web.Request, needed: Role) -> Identity:
 def actor(request: web.Request) -> str:
     """The name the audit trail records for the caller: the authenticated identity's. Where healer cannot tell
     people apart (no credential, or only the deprecated shared token), a name the caller states in
-    X-Healer-Approver or X-Healer-Operator is kept, as before access control; it is ignored otherwise."""
+    X-Healer-Approver or X-Healer-Operator is added as a claim, never in place of the identity: "legacy-token
+    (says alice)"; it is ignored otherwise."""
     who = identity(request)
     if not request.app[ACCESS].names_people:
         for header in CLAIMED_NAME_HEADERS:
-            claimed = request.headers.get(header, "").strip()
+            claimed = " ".join(request.headers.get(header, "").split())[:64]
             if claimed:
-                return claimed[:64]
+                return f"{who.name} (says {claimed})"
     return who.name
