@@ -9,8 +9,10 @@ docs/console-healing.png and docs/console-approval.png.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterator
@@ -24,8 +26,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from healer.config import HealerConfig
 from healer.console import CONSOLE_ACCESS, ConsoleAccess, add_console_routes
-from tests.servers import REPO, http_send, wait_for
+from tests.servers import REPO, Server, http_send, start_healer, wait_for
 from tests.stack import TOKEN, HealingStack, dump, remove_fault_strategy, start_stack
+from tests.test_access import AM_TOKEN, basic, bearer, call, closed_config
+from tests.test_engine_safety import alert, payload
 from tests.test_healing_e2e import rule
 from tests.test_safety import wait_held
 
@@ -43,6 +47,8 @@ SLOW_REMOVE = "import os, sys, time; time.sleep(4); os.remove(os.path.join(sys.a
 CONTROL_ROLES = frozenset(
     {"button", "link", "textbox", "checkbox", "radio", "combobox", "listbox", "slider", "spinbutton", "progressbar"}
 )
+# A step that keeps a goal in progress until it is cancelled.
+WAIT = {"type": "exec", "command": ["sleep", "60"], "timeout": "2m"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HealingStack]:
         "remove-fault": remove,
         "gated-remove": {**remove, "approval": "required"},
         "slow-remove": {"type": "exec", "command": [sys.executable, "-c", SLOW_REMOVE, str(faults), "{labels.fault}"]},
-        "wait": {"type": "exec", "command": ["sleep", "60"], "timeout": "2m"},
+        "wait": WAIT,
     }
     healing = {
         "pause_check_interval": "200ms",
@@ -81,17 +87,24 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh browser context whose requests carry the stack's bearer token, as an operator's would."""
-    context = browser.new_context(
-        viewport={"width": 1280, "height": 900}, extra_http_headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+@contextlib.contextmanager
+def browser_page(browser: Browser, headers: dict[str, str]) -> Iterator[Page]:
+    """A page in a fresh browser context whose every request carries `headers` (a credential)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, extra_http_headers=headers)
     page = context.new_page()
     page.set_default_timeout(STEP_TIMEOUT_MS)
     expect.set_options(timeout=STEP_TIMEOUT_MS)
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context whose requests carry the stack's bearer token, as an operator's would."""
+    with browser_page(browser, {"Authorization": f"Bearer {TOKEN}"}) as page:
+        yield page
 
 
 def screenshot_path(tmp_path: Path, name: str) -> Path:
@@ -100,8 +113,8 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
     return directory / name
 
 
-def open_console(page: Page, stack: HealingStack) -> None:
-    page.goto(stack.healer.url + "/")
+def open_console(page: Page, url: str) -> None:
+    page.goto(url + "/")
     expect(page.locator("#connection")).to_contain_text("Up to date")
 
 
@@ -124,7 +137,7 @@ def test_the_console_loads_light_from_healer_alone(stack: HealingStack, page: Pa
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.on("response", lambda response: responses.append(response))
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     page.wait_for_load_state("networkidle")
 
     origin = urllib.parse.urlsplit(stack.healer.url).netloc
@@ -177,7 +190,7 @@ def test_approve_with_a_click_runs_the_step_and_shows_it_healed(
 ) -> None:
     """A step of a strategy with `approval: required` shows under Pending approvals, with its rendered plan;
     Approve runs it, and the page shows it healed without a reload. Every control is labelled."""
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     stack.inject("approved")
     action = newest_action(stack, "approved", "awaiting_approval")
     approve = page.get_by_role("button", name=f"Approve step {action['id']}: gated-remove")
@@ -204,7 +217,7 @@ def test_approve_with_a_click_runs_the_step_and_shows_it_healed(
 @pytest.mark.slow
 def test_reject_with_a_reason_from_the_keyboard_escalates(stack: HealingStack, page: Page) -> None:
     """The reject form is filled and sent with the keyboard alone; the episode escalates with the reason."""
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     stack.inject("rejected")
     action = newest_action(stack, "rejected", "awaiting_approval")
     reason = page.get_by_role("textbox", name=f"Reason to reject step {action['id']}")
@@ -230,7 +243,7 @@ def test_reject_with_a_reason_from_the_keyboard_escalates(stack: HealingStack, p
 def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: HealingStack, page: Page) -> None:
     """A pause made with the form holds the matching alert's step (recorded, not run); ending it from the page
     lets the step run and heal."""
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     page.get_by_label("Matchers, one per line").fill('fault="paused"')
     page.get_by_label("Reason", exact=True).fill("database migration")
     page.get_by_label("Duration").fill("10m")
@@ -259,7 +272,7 @@ def test_a_pause_from_the_page_holds_a_matching_alert_until_it_ends(stack: Heali
 def test_a_running_step_shows_live_and_the_page_fits_a_phone(stack: HealingStack, page: Page, tmp_path: Path) -> None:
     """The timeline follows the firing episode as its step runs and heals, without a reload; on a phone-sized
     screen nothing is wider than the screen."""
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     stack.inject("healing")
     firing = page.locator("#firing-list li").filter(has_text='fault="healing"')
     expect(firing).to_contain_text("running")
@@ -270,6 +283,10 @@ def test_a_running_step_shows_live_and_the_page_fits_a_phone(stack: HealingStack
     expect(timeline.locator(".steps .badge").first).to_have_text("healed")
     expect(firing).to_have_count(0)
 
+    assert_fits_a_phone(page)
+
+
+def assert_fits_a_phone(page: Page) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     expect(page.get_by_role("heading", name="Episode timeline")).to_be_visible()
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
@@ -288,7 +305,7 @@ def test_a_goal_shows_its_progress_and_is_cancelled_from_the_page(stack: Healing
     status, body = http_send("POST", stack.healer.url + "/api/v1/goals", goal, {"Authorization": f"Bearer {TOKEN}"})
     assert status == 201, body
     goal_id = body["goal"]["id"]
-    open_console(page, stack)
+    open_console(page, stack.healer.url)
     item = page.locator("#goals-list li").filter(has_text="console-goal")
     expect(item.locator(".badge")).to_have_text("in progress")
     expect(page.get_by_role("progressbar", name="Progress of goal console-goal")).to_be_visible()
@@ -296,6 +313,90 @@ def test_a_goal_shows_its_progress_and_is_cancelled_from_the_page(stack: Healing
     page.get_by_role("button", name=f"Cancel goal {goal_id} (console-goal)").click()
     expect(item.locator(".badge")).to_have_text("cancelled")
     expect(page.locator("#goals-summary")).to_contain_text("1 cancelled")
+
+
+@pytest.fixture(scope="module")
+def people_healer(stack: HealingStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A healer with the web config's users (alice operates, bob views) whose one rule's step needs approval,
+    reading the module's Prometheus (a goal's target is measured there)."""
+    workdir = tmp_path_factory.mktemp("console-audit")
+    settings = closed_config(workdir)
+    settings["prometheus"]["url"] = stack.prometheus.url
+    settings["strategies"]["wait"] = WAIT
+    healer = start_healer(workdir, settings)
+    yield healer
+    healer.stop()
+
+
+# Markup where an operator may put any text; the page must show it as text and build no element of it.
+MARKUP = "<img src=x onerror=window.injected=1><script>window.injected=2</script>"
+# The Audit section's rows once alice has acted, newest first.
+ALICES_ACTS = [
+    "Approved a step",
+    "Ended a pause",
+    "Paused healing",
+    "Closed the circuit",
+    "Cancelled a goal",
+    "Opened a goal",
+]
+
+
+@pytest.mark.slow
+def test_the_audit_section_names_who_acted_live_for_operators_and_viewers(
+    people_healer: Server, browser: Browser
+) -> None:
+    """alice (HTTP Basic, operator) opens a goal, cancels it with the page's button, closes the circuit through the
+    API, pauses and ends the pause and approves a step from the page: each act shows in the Audit section at once,
+    newest first, with her name and its subject, without a reload; markup in a goal's labels or a pause's matchers
+    shows as text; bob (viewer) sees the same trail, on a phone's screen too."""
+    url = people_healer.url
+    goal = {
+        "name": "audit-goal",
+        "type": "performance",
+        "labels": {"team": MARKUP},
+        "target": {"query": "vector(1)", "below": 0},
+        "plan": ["wait"],
+    }
+    status, body = http_send("POST", url + "/api/v1/goals", goal, basic("alice"))
+    assert status == 201, body
+    goal_id = body["goal"]["id"]
+    with browser_page(browser, basic("alice")) as page:
+        open_console(page, url)
+        page.evaluate("window.sameDocument = true")
+        acts = page.locator("#audit-body tbody td:nth-child(2)")
+        first = page.locator("#audit-body tbody tr").first
+        expect(acts).to_have_text(ALICES_ACTS[-1:])
+        expect(first).to_contain_text(f'goal {goal_id} audit-goal {{team="{MARKUP}"}}')
+
+        page.get_by_role("button", name=f"Cancel goal {goal_id} (audit-goal)").click()
+        expect(acts).to_have_text(ALICES_ACTS[-2:])
+        assert call("POST", url + "/api/v1/circuit/close", b"", basic("alice"))[0] == 200
+        expect(acts).to_have_text(ALICES_ACTS[-3:])
+
+        page.get_by_label("Matchers, one per line").fill(f'team="{MARKUP}"')
+        page.get_by_label("Reason", exact=True).fill("audit drill")
+        page.get_by_role("button", name="Pause healing").click()
+        expect(page.locator("#pause-status")).to_contain_text("Paused")
+        expect(acts).to_have_text(ALICES_ACTS[-4:])
+        expect(first).to_contain_text(f'team="{MARKUP}" (audit drill)')
+        page.get_by_role("button", name="End pause", exact=False).click()
+        expect(acts).to_have_text(ALICES_ACTS[-5:])
+
+        assert call("POST", url + "/api/v1/alertmanager", payload(alert("audit")), bearer(AM_TOKEN))[0] == 200
+        page.get_by_role("button", name=re.compile(r"^Approve step \d+: record$")).click()
+        expect(acts).to_have_text(ALICES_ACTS)
+        expect(first).to_contain_text("(record) of Broken episode")
+        expect(page.locator("#audit-body tbody td:nth-child(3)")).to_have_text(["alice"] * len(ALICES_ACTS))
+        expect(page.locator("#audit-body img, #audit-body script")).to_have_count(0)
+        assert page.evaluate("[window.injected, window.sameDocument]") == [None, True]
+
+    with browser_page(browser, basic("bob")) as page:
+        open_console(page, url)
+        expect(page.get_by_role("heading", name="Audit")).to_be_visible()
+        expect(page.locator("#audit-body tbody td:nth-child(2)")).to_have_text(ALICES_ACTS)
+        expect(page.locator("#audit-body tbody td:nth-child(3)")).to_have_text(["alice"] * len(ALICES_ACTS))
+        assert accessibility_problems(page) == []
+        assert_fits_a_phone(page)
 
 
 async def _fetch_console(app: web.Application, paths: list[str]) -> list[tuple[int, dict[str, str], str]]:

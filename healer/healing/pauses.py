@@ -158,6 +158,10 @@ class PauseBoard:
         """Operators' pauses in force now, from the store."""
         return await self._records.active(self._clock())
 
+    async def recent(self, limit: int) -> list[Pause]:
+        """Operators' pauses newest first, ended and expired ones included (who paused and who ended each)."""
+        return await self._records.recent(limit)
+
     async def covering(self, labels: Mapping[str, str]) -> ActivePause | None:
         """The first pause in force that covers an alert's labels, or None."""
         await self.refresh()

@@ -218,12 +218,18 @@ async def create_pause(request: web.Request) -> web.Response:
 
 
 async def list_pauses(request: web.Request) -> web.Response:
-    """Operators' pauses in force, and every pause in force whatever its source."""
+    """Operators' pauses in force, every pause in force whatever its source, and the newest operators' pauses,
+    ended ones included (`?limit=`), so that who ended a pause stays on record for the console's audit."""
     board = request.app[ENGINE].episode_steps.pauses
     now = time.time()
     stored = await board.stored()
+    recent = await board.recent(query_limit(request))
     return web.json_response(
-        {"pauses": [p.to_json(now) for p in stored], "in_force": [p.to_json() for p in await board.current()]}
+        {
+            "pauses": [p.to_json(now) for p in stored],
+            "in_force": [p.to_json() for p in await board.current()],
+            "recent": [p.to_json(now) for p in recent],
+        }
     )
 
 

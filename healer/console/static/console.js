@@ -9,6 +9,10 @@
   // The newest steps read each poll, for approvals, firing and recent episodes. The API cannot yet list
   // steps by state (awaiting_approval) or open episodes alone, so a step older than these is not seen.
   const STEPS_LIMIT = 50;
+  // Rows of the Audit section: a screenful for the night shift; the API has the rest (?limit=).
+  const AUDIT_LIMIT = 20;
+  // Steps whose approval or rejection is read at most per poll (each is one request, then remembered).
+  const DECISIONS_PER_POLL = 5;
 
   // --- Access control integration point -------------------------------------------------------
   // The server renders the session's CSRF token into <meta name="healer-csrf-token"> (empty when no
@@ -644,6 +648,92 @@
     });
   }
 
+  // --- Audit -------------------------------------------------------------------------------------
+  // How each operator's act reads on the page.
+  const ACTS = {
+    approved: "Approved a step",
+    rejected: "Rejected a step",
+    paused: "Paused healing",
+    pause_ended: "Ended a pause",
+    circuit_closed: "Closed the circuit",
+    goal_opened: "Opened a goal",
+    goal_cancelled: "Cancelled a goal",
+    optimization_acknowledged: "Acknowledged an optimisation",
+  };
+
+  // Approvals and rejections are events of their step, not rows of /api/v1/audit: each decided step's events
+  // are read once and kept here (a decision never changes), for the steps that the actions list still holds.
+  const decisions = new Map();
+
+  function actSubject(subject) {
+    if (subject.goal !== undefined) {
+      const labels = labelText(subject.labels);
+      return `goal ${subject.goal} ${subject.name}${labels ? ` {${labels}}` : ""}`;
+    }
+    if (subject.candidate !== undefined) return `candidate ${subject.candidate}`;
+    return Object.entries(subject)
+      .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`)
+      .join(", ");
+  }
+
+  function pauseActs(pauses) {
+    return pauses.flatMap((p) => {
+      const subject = `pause ${p.id}: ${p.matchers.join(", ")}`;
+      const created = { key: `pause-${p.id}`, at: p.created_at, act: "paused", by: p.created_by, subject: `${subject} (${p.reason})` };
+      if (p.ended_at === null || p.ended_at === undefined) return [created];
+      return [created, { key: `unpause-${p.id}`, at: p.ended_at, act: "pause_ended", by: p.ended_by, subject }];
+    });
+  }
+
+  async function decisionActs(actions) {
+    const decided = actions.filter((a) => a.approved || a.skip_reason === "rejected");
+    const wanted = new Set(decided.map((a) => a.id));
+    for (const id of decisions.keys()) if (!wanted.has(id)) decisions.delete(id);
+    const unread = decided.filter((a) => !decisions.has(a.id)).slice(0, DECISIONS_PER_POLL);
+    await Promise.all(
+      unread.map(async (action) => {
+        try {
+          const detail = await api("GET", `/api/v1/actions/${action.id}`);
+          const steps = `step ${action.id} (${action.strategy}) of ${action.episode.alertname} episode ${action.episode.id}`;
+          decisions.set(
+            action.id,
+            (detail.events || [])
+              .filter((e) => e.action_id === action.id && (e.kind === "approved" || e.kind === "rejected"))
+              .map((e) => ({
+                key: `${e.kind}-${action.id}`,
+                at: e.ts,
+                act: e.kind,
+                by: e.by,
+                subject: e.reason ? `${steps}: ${e.reason}` : steps,
+              })),
+          );
+        } catch (error) {
+          // A step purged meanwhile has nothing to show; any other failure is tried again next poll.
+          if (error.status === 404) decisions.set(action.id, []);
+        }
+      }),
+    );
+    return [...decisions.values()].flat();
+  }
+
+  async function renderAudit(audit, pauses, actions) {
+    const acts = [
+      ...(audit ? audit.acts : []).map((a) => ({ key: `act-${a.id}`, at: a.at, act: a.act, by: a.by, subject: actSubject(a.subject || {}) })),
+      ...pauseActs(pauses ? pauses.recent || [] : []),
+      ...(actions ? await decisionActs(actions) : []),
+    ]
+      .sort((a, b) => b.at - a.at || (a.key < b.key ? -1 : 1))
+      .slice(0, AUDIT_LIMIT);
+    renderOnce("audit-body", acts, () =>
+      table("Operators' acts", [
+        ["Time", (a) => h("time", { datetime: new Date(a.at * 1000).toISOString() }, clock(a.at))],
+        ["Act", (a) => ACTS[a.act] || a.act.replace(/_/g, " ")],
+        ["By", (a) => h("strong", {}, a.by || "—")],
+        ["Subject", (a) => a.subject || "—"],
+      ], acts),
+    );
+  }
+
   // --- Polling ------------------------------------------------------------------------------------
   let timer = null;
   let running = false;
@@ -667,14 +757,15 @@
   }
 
   async function refresh() {
-    const [status, actions, pauses, goals, optimization] = await Promise.allSettled([
+    const [status, actions, pauses, goals, optimization, audit] = await Promise.allSettled([
       api("GET", "/api/v1/status"),
       api("GET", `/api/v1/actions?limit=${STEPS_LIMIT}`),
-      api("GET", "/api/v1/pauses"),
+      api("GET", `/api/v1/pauses?limit=${AUDIT_LIMIT}`),
       api("GET", "/api/v1/goals?limit=20"),
       api("GET", "/api/v1/optimizations?limit=20"),
+      api("GET", `/api/v1/audit?limit=${AUDIT_LIMIT}`),
     ]);
-    const failures = [status, actions, pauses, goals, optimization].filter((r) => r.status === "rejected");
+    const failures = [status, actions, pauses, goals, optimization, audit].filter((r) => r.status === "rejected");
     const connection = byId("connection");
     const text = failures.length ? `Some data could not be read: ${failures[0].reason.message}` : "Up to date";
     // A live region: changed only when the state changes, so a screen reader is not told every poll.
@@ -699,6 +790,9 @@
       syncList(byId("goals-list"), goals.value.goals, (g) => g.id, goalItem);
     }
     if (optimization.status === "fulfilled") renderOptimization(optimization.value);
+    if (audit.status === "fulfilled" || pauses.status === "fulfilled" || actions.status === "fulfilled") {
+      await renderAudit(audit.value, pauses.value, actions.value ? actions.value.actions : null);
+    }
     if (actions.status === "fulfilled") await renderEpisodes(actions.value.actions);
   }
 
