@@ -110,6 +110,8 @@ async def _purge_old_records(storage: Storage, replica: Replica, retention: floa
             await storage.inbox.purge(horizon)
             goals = await storage.goals.purge(horizon)
             trials = await storage.trials.purge(horizon)
+            # Console sessions past their expiry, closed or not (an expired one is refused anyway).
+            await storage.sessions.purge(time.time())
         except StoreUnavailableError as exc:
             log.error("audit records not purged; retrying in an hour", extra=fields(reason=str(exc)))
         else:
@@ -279,10 +281,11 @@ def create_app(
     with the credentials of `access` when given, else those the config names (`load_access`)."""
     access = access if access is not None else load_access(config)
     # Every request passes access control first, so no route can be reached without its role, and a body
-    # without a credential is refused before request_limits lets it take a large-body slot.
+    # without a credential is refused before request_limits lets it take a large-body slot. store_unavailable
+    # wraps them all: access control looks sessions up in the store, and an outage there is a 503 too.
     app = web.Application(
         client_max_size=config.server.max_request_bytes,
-        middlewares=[access_control, request_limits, store_unavailable],
+        middlewares=[store_unavailable, access_control, request_limits],
     )
     app[ACCESS] = access
     app[SERVICES] = build_services(config, registry, strategies)
@@ -306,7 +309,7 @@ def create_app(
     add_optimization_routes(app)
     app.router.add_get("/api/v1/status", status_handler)
     add_console_routes(app, config)
-    add_login_routes(app, config.server.external_url)
+    add_login_routes(app, app[STORAGE].sessions, config.server.external_url)
     app[CONSOLE_ACCESS] = SIGNED_IN_ACCESS
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)

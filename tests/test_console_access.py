@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from healer.auth import COOKIE_NAME, CSRF_HEADER, CredentialKind, Identity, Role, Sessions
+from healer.auth import COOKIE_NAME, CSRF_HEADER
 from tests.servers import Server, start_healer, wait_for
 from tests.stack import HealingStack, dump, remove_fault_strategy, start_stack
 from tests.test_access import (
@@ -184,20 +184,6 @@ def test_logout_ends_the_session(healer: Server) -> None:
     assert call("GET", healer.url + "/api/v1/status", headers=cookie)[0] == 401
     status, _, headers = call("GET", healer.url + "/", headers=cookie)
     assert (status, headers["Location"]) == (303, "/login")
-
-
-def test_sessions_expire_and_stay_bounded() -> None:
-    """A session past its expiry is gone; when the table is full the oldest session makes room."""
-    now = [1000.0]
-    sessions = Sessions(seconds=60, clock=lambda: now[0], limit=2)
-    alice = Identity("alice", frozenset({Role.OPERATOR}), CredentialKind.BASIC)
-    first = sessions.open(alice)
-    found = sessions.lookup(first)
-    assert found is not None and found.kind is CredentialKind.SESSION and found.may(Role.OPERATOR)
-    now[0] += 61
-    assert sessions.lookup(first) is None
-    second, third, fourth = sessions.open(alice), sessions.open(alice), sessions.open(alice)
-    assert sessions.lookup(second) is None and sessions.lookup(third) and sessions.lookup(fourth)
 
 
 def test_the_cookie_is_secure_when_people_reach_healer_over_https(tmp_path: Path, servers: list[Server]) -> None:

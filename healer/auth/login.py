@@ -14,8 +14,9 @@ import urllib.parse
 
 from aiohttp import web
 
-from healer.auth.middleware import ACCESS, LOGIN_PATH, SESSION_AUTHENTICATOR, SESSIONS, set_route_role
-from healer.auth.sessions import COOKIE_NAME, Sessions
+from healer.auth.middleware import ACCESS, LOGIN_PATH, SESSION_AUTHENTICATOR, SESSIONS, identity, set_route_role
+from healer.auth.roles import CredentialKind, Identity
+from healer.auth.sessions import COOKIE_NAME, Sessions, SessionStore
 from healer.logs import fields
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ async def login(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     previous = request.cookies.get(COOKIE_NAME)
     if previous:  # a new id at every login: a cookie planted before it never becomes a session
-        sessions.close(previous)
-    session_id = sessions.open(who)
+        await sessions.close(previous, who.name)
+    session_id = await sessions.open(who)
     response = _see_other("/")
     response.set_cookie(
         COOKIE_NAME,
@@ -110,7 +111,7 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     """End the session of the request's cookie, if any, and go back to the login form."""
     session_id = request.cookies.get(COOKIE_NAME)
-    ended = request.app[SESSIONS].close(session_id) if session_id else None
+    ended = await request.app[SESSIONS].close(session_id, identity(request).name) if session_id else None
     if ended is not None:
         log.info("signed out", extra=fields(user=ended.name))
     response = _see_other(LOGIN_PATH)
@@ -124,17 +125,32 @@ async def basic_login(request: web.Request) -> web.Response:
     return _see_other("/")
 
 
-def add_login_routes(app: web.Application, external_url: str | None = None) -> Sessions:
-    """Serve the login form and accept the session cookie as its user's identity; the sessions, whose CSRF
-    tokens the console renders. `external_url`: where people reach healer (its host may post the form, and
-    an https URL makes the cookie Secure even behind a TLS-terminating proxy)."""
+async def _start_sessions(app: web.Application) -> None:
+    await app[SESSIONS].start()
+
+
+def add_login_routes(app: web.Application, store: SessionStore, external_url: str | None = None) -> Sessions:
+    """Serve the login form and accept the session cookie as its user's identity, with the sessions kept in
+    `store` (shared by every replica on it); the sessions, whose CSRF tokens the console renders, read their
+    secret from the store when the app starts. `external_url`: where people reach healer (its host may post
+    the form, and an https URL makes the cookie Secure even behind a TLS-terminating proxy). Needs app[ACCESS]:
+    a session has the roles its user has in the running config, and ends with the user."""
     parts = urllib.parse.urlsplit(external_url) if external_url else None
+    users = app[ACCESS].users
+
+    def current(who: Identity) -> Identity | None:
+        entry = users.get(who.name)
+        return Identity(who.name, entry[1].roles, CredentialKind.SESSION) if entry is not None else None
+
     sessions = Sessions(
+        store,
         hosts=frozenset({parts.netloc.lower()}) if parts is not None and parts.netloc else frozenset(),
         secure=parts is not None and parts.scheme == "https",
+        current=current,
     )
     app[SESSIONS] = sessions
     app[SESSION_AUTHENTICATOR] = sessions.authenticate
+    app.on_startup.append(_start_sessions)
     for method in ("GET", "POST"):
         set_route_role(app, method, LOGIN_PATH, None)
     set_route_role(app, "POST", "/logout", None)

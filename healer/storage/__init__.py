@@ -17,6 +17,7 @@ from healer.storage.interfaces import (
     HealingRecords,
     Inbox,
     PauseRecords,
+    SessionRecords,
     Storage,
     TrialRecords,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "HealingRecords",
     "Inbox",
     "PauseRecords",
+    "SessionRecords",
     "Storage",
     "StoreDamagedError",
     "StoreHealth",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from healer.auth.sessions import SessionStore
 from healer.healing.model import (
     Action,
     ActionFilter,
@@ -304,6 +305,12 @@ class PauseRecords(Protocol):
         ...
 
 
+class SessionRecords(SessionStore, Protocol):
+    """The console's sessions, each by the SHA-256 digest of its id (never the id), with its user's name, roles
+    and credential kind, when it opened and expires, and who closed it when; and the one CSRF secret that
+    every replica derives its tokens from. A session is kept until it expires, closed or not."""
+
+
 class Coordination(Protocol):
     """What replicas share beyond the records: the action budget and its circuit breaker, concurrency
     slots, the renewal of claims, and the leader. With one healer per store it is just as true."""
@@ -387,6 +394,9 @@ class Storage(Protocol):
 
     @property
     def pauses(self) -> PauseRecords: ...
+
+    @property
+    def sessions(self) -> SessionRecords: ...
 
     async def health(self) -> StoreHealth:
         """Whether the store can keep what is written to it now, and if not why (a fixed reason)."""

@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from healer.auth.roles import CredentialKind, Identity, Role
+from healer.auth.sessions import SessionRecord
 from healer.healing.model import (
     Action,
     ActionFilter,
@@ -363,3 +365,14 @@ def candidate_record(row: Row) -> CandidateRecord:
     """A candidate's record, of its last `optimizations` row joined with its `trials` and `helped` counts."""
     # SQLite's sum() of no rows is NULL where PostgreSQL's count() is 0.
     return CandidateRecord(int(row["trials"] or 0), int(row["helped"] or 0), trial(row))
+
+
+def roles_column(identity: Identity) -> str:
+    """An identity's roles as one column: their names, sorted, comma-separated."""
+    return ",".join(sorted(identity.roles))
+
+
+def session(row: Row) -> SessionRecord:
+    """An open session from its row (user_name, roles, kind, expires_at)."""
+    roles = frozenset(Role(name) for name in row["roles"].split(",") if name)
+    return SessionRecord(Identity(row["user_name"], roles, CredentialKind(row["kind"])), float(row["expires_at"]))

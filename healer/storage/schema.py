@@ -13,4 +13,5 @@ SCHEMA_VERSIONS: tuple[tuple[int, str], ...] = (
     (4, "optimisation trials"),
     (5, "replicas: who holds a step, the shared budget, slots and the leader"),
     (6, "safety rails: pauses, rules' budgets, label-group slots and shares, flapping"),
+    (7, "console sessions and the CSRF secret, shared by every replica"),
 )

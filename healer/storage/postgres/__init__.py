@@ -14,6 +14,7 @@ from healer.storage.postgres.goals import PostgresGoalRecords
 from healer.storage.postgres.healing import PostgresHealingRecords
 from healer.storage.postgres.inbox import PostgresInbox
 from healer.storage.postgres.pauses import PostgresPauseRecords
+from healer.storage.postgres.sessions import PostgresSessionRecords
 from healer.storage.postgres.trials import PostgresTrialRecords
 
 
@@ -28,6 +29,7 @@ class PostgresStorage:
         self._trials = PostgresTrialRecords(database)
         self._coordination = PostgresCoordination(database)
         self._pauses = PostgresPauseRecords(database)
+        self._sessions = PostgresSessionRecords(database)
 
     @classmethod
     async def open(
@@ -72,6 +74,10 @@ class PostgresStorage:
     @property
     def pauses(self) -> PostgresPauseRecords:
         return self._pauses
+
+    @property
+    def sessions(self) -> PostgresSessionRecords:
+        return self._sessions
 
     async def health(self) -> StoreHealth:
         """A connection of the pool and a committed write."""

@@ -220,6 +220,31 @@ CREATE INDEX IF NOT EXISTS actions_held ON actions(skip_reason) WHERE state = 'p
 """
 
 
+SESSIONS_SCHEMA = """
+-- A console session by the SHA-256 digest of its id (the id itself is kept nowhere): its user, roles and
+-- credential kind, when it opened and expires, and who closed it when. Kept until it expires, closed or not.
+CREATE TABLE IF NOT EXISTS sessions (
+    id BIGSERIAL PRIMARY KEY,
+    digest BYTEA NOT NULL UNIQUE,
+    user_name TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    closed_at DOUBLE PRECISION,
+    closed_by TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires_at);
+CREATE INDEX IF NOT EXISTS sessions_open ON sessions(id) WHERE closed_at IS NULL;
+-- The secret of the console's CSRF tokens, one row, drawn by the first replica that starts: the same for all.
+CREATE TABLE IF NOT EXISTS console_secret (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    csrf BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+"""
+
+
 def _execute_script(script: str) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
     async def apply(conn: psycopg.AsyncConnection[Any]) -> None:
         # Without parameters, psycopg sends the whole script as one simple query, inside the transaction.
@@ -242,6 +267,7 @@ MIGRATIONS: tuple[Migration, ...] = migration.numbered(
         _execute_script(TRIALS_SCHEMA),
         _execute_script(REPLICAS_SCHEMA),
         _execute_script(RAILS_SCHEMA),
+        _execute_script(SESSIONS_SCHEMA),
     )
 )
 

@@ -15,6 +15,7 @@ from healer.storage.sqlite.healing import SQLiteHealingRecords
 from healer.storage.sqlite.health import DEFAULT_WAL_MAX_BYTES
 from healer.storage.sqlite.inbox import SQLiteInbox
 from healer.storage.sqlite.pauses import SQLitePauseRecords
+from healer.storage.sqlite.sessions import SQLiteSessionRecords
 from healer.storage.sqlite.trials import SQLiteTrialRecords
 
 
@@ -31,6 +32,7 @@ class SQLiteStorage:
         self._trials = SQLiteTrialRecords(self.database)
         self._coordination = SQLiteCoordination(self.database)
         self._pauses = SQLitePauseRecords(self.database)
+        self._sessions = SQLiteSessionRecords(self.database)
 
     @property
     def shared(self) -> bool:
@@ -59,6 +61,10 @@ class SQLiteStorage:
     @property
     def pauses(self) -> SQLitePauseRecords:
         return self._pauses
+
+    @property
+    def sessions(self) -> SQLiteSessionRecords:
+        return self._sessions
 
     async def health(self) -> StoreHealth:
         """The file is the one opened, takes a write and is sound; the WAL is kept within its bound."""

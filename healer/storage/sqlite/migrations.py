@@ -262,6 +262,30 @@ CREATE INDEX IF NOT EXISTS episodes_fingerprint ON episodes(fingerprint, created
 CREATE INDEX IF NOT EXISTS actions_held ON actions(skip_reason) WHERE state = 'pending';
 """
 
+SESSIONS_SCHEMA = """
+-- A console session by the SHA-256 digest of its id (the id itself is kept nowhere): its user, roles and
+-- credential kind, when it opened and expires, and who closed it when. Kept until it expires, closed or not.
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    user_name TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    closed_at REAL,
+    closed_by TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires_at);
+CREATE INDEX IF NOT EXISTS sessions_open ON sessions(id) WHERE closed_at IS NULL;
+-- The secret of the console's CSRF tokens, one row, drawn by the first healer that starts on the store.
+CREATE TABLE IF NOT EXISTS console_secret (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    csrf BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
 Migration = migration.Migration[Callable[[sqlite3.Connection], None]]
 
 MIGRATIONS: tuple[Migration, ...] = migration.numbered(
@@ -273,6 +297,7 @@ MIGRATIONS: tuple[Migration, ...] = migration.numbered(
         _execute_script(TRIALS_SCHEMA),
         _execute_script(REPLICAS_SCHEMA),
         _execute_script(RAILS_SCHEMA),
+        _execute_script(SESSIONS_SCHEMA),
     )
 )
 
