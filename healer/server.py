@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from healer.alertmanager import AlertmanagerClient
 from healer.annotations import GrafanaAnnotator
-from healer.auth import ACCESS, Access, access_control, add_login_routes, load_access
+from healer.auth import ACCESS, Access, access_control, add_login_routes, identity, load_access
 from healer.config import HealerConfig
 from healer.console import CONSOLE_ACCESS, SIGNED_IN_ACCESS, add_console_routes
 from healer.exporter.host import HostCollector
@@ -258,12 +258,16 @@ STORE_RETRY_AFTER_SECONDS = 5
 async def store_unavailable(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Any route whose store cannot answer now says so with 503 and Retry-After, never a 500."""
+    """Any route whose store cannot answer now says so with 503 and Retry-After, never a 500; why, only to a
+    caller with a role (the driver's message names the database's host and user)."""
     try:
         return await handler(request)
     except StoreUnavailableError as exc:
-        log.error("store unavailable", extra=fields(path=request.path, reason=str(exc)))
-        answer = problem(503, "the store cannot answer now; retry", reason=str(exc))
+        # A caller not yet authenticated (its session lookup failed) learns nothing and cannot flood the log.
+        known = bool(identity(request).roles)
+        (log.error if known else log.debug)("store unavailable", extra=fields(path=request.path, reason=str(exc)))
+        details = {"reason": str(exc)} if known else {}
+        answer = problem(503, "the store cannot answer now; retry", **details)
         answer.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
         return answer
 

@@ -93,7 +93,7 @@ def _refusal(request: web.Request, who: Identity | None, needed: Role, failure: 
     return problem(403, message, needed_role=needed, role=who.role)
 
 
-async def _credential_in_url(request: web.Request, access: Access) -> web.Response | None:
+def _credential_in_url(request: web.Request, access: Access) -> web.Response | None:
     """401 when the query string carries a credential, by its name or by its value (the value is never echoed)."""
     for name, value in request.query.items():
         if name.lower() in QUERY_CREDENTIAL_NAMES:
@@ -103,8 +103,7 @@ async def _credential_in_url(request: web.Request, access: Access) -> web.Respon
                 headers_hint="Authorization: Bearer <token>",
             )
         sessions = request.app.get(SESSIONS)
-        session = await sessions.lookup(value) if sessions is not None and value else None
-        if value and (access.is_credential(value) or session is not None):
+        if value and (access.is_credential(value) or (sessions is not None and sessions.known_here(value))):
             log.warning(
                 "credential in a URL refused; rotate it if the URL was logged",
                 extra=fields(parameter=name, path=request.path),
@@ -214,7 +213,7 @@ async def access_control(
 ) -> web.StreamResponse:
     """Refuse credentials in URLs, authenticate, check the route's role, and record who the caller is."""
     access = request.app[ACCESS]
-    refused = await _credential_in_url(request, access)
+    refused = _credential_in_url(request, access)
     if refused is not None:
         return refused
     if access.no_credentials:  # as before access control: anyone, and healer only listens on loopback

@@ -13,6 +13,7 @@ for every replica; a browser that authenticates with HTTP Basic gets an HMAC of 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -37,6 +38,9 @@ CLOSED_FOR_ROOM = "healer (session limit)"
 # How long a replica trusts a session it found in the store without asking again: the bound within which a
 # logout on another replica takes effect here. Short, since a signed-out person must be out at once.
 CACHE_SECONDS = 1.0
+# Store lookups of sessions this replica does not remember, at once: anyone can send a cookie that looks like
+# a session id, and a flood of them must queue here, not ahead of the webhook's writes in the store.
+MAX_STORE_LOOKUPS = 2
 # A session id is `secrets.token_urlsafe(ID_BYTES)`: 43 characters of the URL-safe alphabet. Anything else is
 # no session, and is answered without asking the store.
 ID_BYTES = 32
@@ -119,6 +123,9 @@ class Sessions:
     current: Callable[[Identity], Identity | None] = _unchanged
     _secret: bytes | None = None
     _cache: dict[bytes, _Cached] = field(default_factory=dict)
+    # Ids the store did not know, and until when that answer stands (as long as a found one's).
+    _unknown: dict[bytes, float] = field(default_factory=dict)
+    _store_gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_STORE_LOOKUPS))
 
     async def start(self) -> None:
         """Read the CSRF secret from the store (the first healer on a new store draws it)."""
@@ -129,8 +136,15 @@ class Sessions:
         session_id = secrets.token_urlsafe(ID_BYTES)
         identity = Identity(user.name, user.roles, CredentialKind.SESSION)
         now = self.clock()
-        await self.store.open(_digest(session_id), identity, now, now + self.seconds, self.limit)
+        key = _digest(session_id)
+        await self.store.open(key, identity, now, now + self.seconds, self.limit)
+        self._remember(key, _Cached(identity, now + self.seconds, now + self.cache_seconds), now)
         return session_id
+
+    def known_here(self, value: str) -> bool:
+        """Tell, without asking the store, whether `value` is a session id this replica has seen lately (to
+        refuse it in a URL: a check that must not let anyone make healer query its store)."""
+        return well_formed(value) and _digest(value) in self._cache
 
     async def close(self, session_id: str, by: str) -> Identity | None:
         """End a session (logout) on every replica, recording who ended it; whose it was, or None."""
@@ -149,13 +163,25 @@ class Sessions:
         now = self.clock()
         cached = self._cache.get(key)
         if cached is None or now >= cached.fresh_until or now >= cached.expires:
-            record = await self.store.lookup(key, now)
+            if self._unknown.get(key, float("-inf")) > now:
+                return None
+            async with self._store_gate:
+                record = await self.store.lookup(key, now)
             if record is None:
                 self._cache.pop(key, None)
+                self._forget_unknown(now)
+                self._unknown[key] = now + self.cache_seconds
                 return None
+            self._unknown.pop(key, None)
             cached = _Cached(record.identity, record.expires, now + self.cache_seconds)
             self._remember(key, cached, now)
         return self.current(cached.identity)
+
+    def _forget_unknown(self, now: float) -> None:
+        if len(self._unknown) >= self.limit:  # bounded like the cache: the stale go, or all when none is
+            stale = [k for k, until in self._unknown.items() if until <= now]
+            for k in stale or list(self._unknown):
+                del self._unknown[k]
 
     def _remember(self, key: bytes, cached: _Cached, now: float) -> None:
         if len(self._cache) >= self.limit:  # bounded: forget what is stale, or everything if none is

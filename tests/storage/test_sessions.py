@@ -5,11 +5,13 @@ as two replicas would."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import secrets
 from typing import Any, cast
 
 from healer.auth import CredentialKind, Identity, Role, Sessions
-from healer.auth.sessions import CACHE_SECONDS, CLOSED_FOR_ROOM, SessionRecord
+from healer.auth.sessions import CACHE_SECONDS, CLOSED_FOR_ROOM, MAX_STORE_LOOKUPS, SessionRecord
 from healer.storage import Storage
 from tests.storage.support import Backend, FakeClock
 
@@ -120,3 +122,36 @@ async def test_a_logout_on_one_replica_ends_the_session_on_another_within_the_ca
     await backend.close(storage)
     if backend.name == "sqlite":
         assert session_id.encode() not in backend.path.read_bytes()
+
+
+async def test_cookies_nobody_was_given_cost_the_store_one_lookup_each_at_most(storage: Storage) -> None:
+    """Anyone can send session-shaped cookies: a repeated unknown one is answered from memory within the cache
+    bound, no more than MAX_STORE_LOOKUPS lookups run at once however many arrive, and a session id in a URL is
+    recognised without asking the store."""
+    asked: list[int] = []
+    running = 0
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(storage.sessions, name)
+
+        async def lookup(self, key: bytes, now: float) -> SessionRecord | None:
+            nonlocal running
+            running += 1
+            asked.append(running)
+            try:
+                await asyncio.sleep(0.01)
+                return await storage.sessions.lookup(key, now)
+            finally:
+                running -= 1
+
+    sessions = Sessions(cast(Any, Counting()))
+    forged = [secrets.token_urlsafe(32) for _ in range(20)]
+    assert await asyncio.gather(*(sessions.lookup(value) for value in forged)) == [None] * 20
+    assert len(asked) == 20 and max(asked) <= MAX_STORE_LOOKUPS
+    assert await asyncio.gather(*(sessions.lookup(value) for value in forged * 5)) == [None] * 100
+    assert len(asked) == 20  # the second round came from memory
+
+    opened = await sessions.open(Identity("alice", frozenset({Role.OPERATOR}), CredentialKind.BASIC))
+    assert sessions.known_here(opened) and not sessions.known_here(forged[0])
+    assert len(asked) == 20

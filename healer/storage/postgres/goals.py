@@ -103,7 +103,7 @@ class PostgresGoalRecords:
             after = changed_goal(before, change)
             if after != before:
                 await tx.execute(_UPDATE, (*goal_mutable_values(after), goal_id))
-            if act is not None:
+            if act is not None and after != before:  # a second cancel changes nothing and is no act
                 await tx.event(act[0], act_detail(act[1], goal_subject(after)))
             return after
 

@@ -23,6 +23,7 @@ from healer.storage.errors import StoreUnavailableError
 from healer.storage.health import DAMAGED, StoreDamagedError, classify
 from healer.storage.sqlite.health import DEFAULT_WAL_MAX_BYTES, SQLiteHealth
 from healer.storage.sqlite.migrations import migrate
+from healer.storage.sqlite.transactions import rollback
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -110,10 +111,10 @@ class SQLiteDatabase:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(self.db)
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
-            self.db.execute("COMMIT")
             return result
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc

@@ -111,7 +111,7 @@ class SQLiteGoalRecords:
                     f"UPDATE goals SET {assignments} WHERE id = ?",  # noqa: S608 - names are ours
                     (*goal_mutable_values(after), goal_id),
                 )
-            if act is not None:
+            if act is not None and after != before:  # a second cancel changes nothing and is no act
                 self._db.event(db, act[0], act_detail(act[1], goal_subject(after)))
             return after
 

@@ -21,6 +21,7 @@ from healer.storage.health import (
     StoreHealth,
     classify,
 )
+from healer.storage.sqlite.transactions import rollback
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ class SQLiteHealth:
                 # full disk went unseen while every delivery failed.
                 for change in PROBE_WRITES:
                     self.db.execute(change)
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
-            self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             return StoreHealth(classify(str(exc)), f"a write to {self.path} failed: {exc}")
         if time.monotonic() - self._checked >= INTEGRITY_INTERVAL:

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable
 
 from healer.storage import migration
+from healer.storage.sqlite.transactions import rollback
 
 # One row per webhook delivery, its body as received; `done` counts the alerts the engine processed.
 # A new id is the largest + 1, and purge always keeps the newest row, so an id is never used twice.
@@ -320,9 +321,9 @@ def migrate(db: sqlite3.Connection, clock: Callable[[], float]) -> int:
                 "INSERT INTO schema_versions (version, description, applied_at) VALUES (?, ?, ?)",
                 (step.version, step.description, clock()),
             )
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
-        db.execute("COMMIT")
         version = step.version
     return version
