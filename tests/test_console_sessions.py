@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 
@@ -87,7 +88,8 @@ def test_a_session_opened_on_one_replica_serves_on_the_other(
 
 def test_a_restart_keeps_sessions_of_users_still_configured(tmp_path: Path, servers: list[Server]) -> None:
     """After a restart on the same SQLite store, a session opened before it still reads the console and acts with
-    its page's CSRF token; the session of a user removed from the web config meanwhile is refused."""
+    its page's CSRF token; the session of a user removed from the web config meanwhile is refused, and so is one
+    whose user's password was changed since it was opened."""
     settings = closed_config(tmp_path)
     healer = start_healer(tmp_path, settings, listen=f"127.0.0.1:{free_port()}")
     servers.append(healer)
@@ -106,3 +108,10 @@ def test_a_restart_keeps_sessions_of_users_still_configured(tmp_path: Path, serv
     status, body, _ = close_circuit(healer, alice, token)
     assert status == 200 and json.loads(body)["by"] == "alice", body
     assert status_of(healer, bob)[0] == 401
+
+    # A changed password (a stolen one, rotated) ends the sessions opened with the old one.
+    healer.stop()
+    document["basic_auth_users"]["alice"] = bcrypt.hashpw(b"a new password", bcrypt.gensalt(rounds=4)).decode()
+    web_config.write_text(yaml.safe_dump(document))
+    restart_server(healer)
+    assert status_of(healer, alice)[0] == 401

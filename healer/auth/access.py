@@ -109,6 +109,12 @@ class Access:
                 found = token.identity
         return found
 
+    def credential_of(self, user: str) -> bytes:
+        """A digest of the user's password hash as configured now (empty for no such user): a session keeps
+        the one it was opened with, so that a changed password ends it."""
+        entry = self.users.get(user)
+        return hashlib.sha256(entry[0]).digest() if entry is not None else b""
+
     async def basic_identity(self, user: str, password: str) -> Identity | None:
         """The identity of a user whose password matches its bcrypt hash; bcrypt runs off the event loop."""
         entry = self.users.get(user)

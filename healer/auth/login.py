@@ -8,6 +8,7 @@ is SameSite=Strict), so another site cannot log a browser in as someone else.
 
 from __future__ import annotations
 
+import hmac
 import html
 import logging
 import urllib.parse
@@ -93,7 +94,7 @@ async def login(request: web.Request) -> web.Response:
     previous = request.cookies.get(COOKIE_NAME)
     if previous:  # a new id at every login: a cookie planted before it never becomes a session
         await sessions.close(previous, who.name)
-    session_id = await sessions.open(who)
+    session_id = await sessions.open(who, access.credential_of(who.name))
     response = _see_other("/")
     response.set_cookie(
         COOKIE_NAME,
@@ -138,9 +139,11 @@ def add_login_routes(app: web.Application, store: SessionStore, external_url: st
     parts = urllib.parse.urlsplit(external_url) if external_url else None
     users = app[ACCESS].users
 
-    def current(who: Identity) -> Identity | None:
+    def current(who: Identity, credential: bytes) -> Identity | None:
         entry = users.get(who.name)
-        return Identity(who.name, entry[1].roles, CredentialKind.SESSION) if entry is not None else None
+        if entry is None or not hmac.compare_digest(credential, app[ACCESS].credential_of(who.name)):
+            return None  # no user any more, or its password changed since the login
+        return Identity(who.name, entry[1].roles, CredentialKind.SESSION)
 
     sessions = Sessions(
         store,

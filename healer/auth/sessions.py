@@ -58,14 +58,19 @@ class SessionRecord:
 
     identity: Identity
     expires: float
+    # A digest of the password hash the user logged in with: a changed password ends the session.
+    credential: bytes = b""
 
 
 class SessionStore(Protocol):
     """Where sessions live, shared by every replica (the storage layer's SessionRecords). Every method is one
     transaction and raises the store's unavailability error when it cannot answer; healer answers that 503."""
 
-    async def open(self, digest: bytes, identity: Identity, now: float, expires: float, limit: int) -> None:
-        """Record a new session by its id's digest; when `limit` sessions are open, close the oldest first."""
+    async def open(
+        self, digest: bytes, identity: Identity, now: float, expires: float, limit: int, credential: bytes = b""
+    ) -> None:
+        """Record a new session by its id's digest (and the digest of the credential it was opened with); when
+        `limit` sessions are open, close the oldest first."""
         ...
 
     async def lookup(self, digest: bytes, now: float) -> SessionRecord | None:
@@ -94,7 +99,7 @@ def well_formed(value: str) -> bool:
     return len(value) == _ID_LENGTH and _ID_ALPHABET.issuperset(value)
 
 
-def _unchanged(who: Identity) -> Identity | None:
+def _unchanged(who: Identity, credential: bytes) -> Identity | None:
     return who
 
 
@@ -103,6 +108,7 @@ class _Cached:
     identity: Identity
     expires: float
     fresh_until: float
+    credential: bytes
 
 
 @dataclass
@@ -120,7 +126,8 @@ class Sessions:
     secure: bool = False
     # The identity a session's user has under the running config, None when it is no user any more: sessions
     # outlive restarts, so a user removed from the web config must not keep the console for the rest of the day.
-    current: Callable[[Identity], Identity | None] = _unchanged
+    # Also given the digest of the password hash the session was opened with: a changed password ends it.
+    current: Callable[[Identity, bytes], Identity | None] = _unchanged
     _secret: bytes | None = None
     _cache: dict[bytes, _Cached] = field(default_factory=dict)
     # Ids the store did not know, and until when that answer stands (as long as a found one's).
@@ -131,14 +138,15 @@ class Sessions:
         """Read the CSRF secret from the store (the first healer on a new store draws it)."""
         self._secret = await self.store.csrf_secret(secrets.token_bytes(32))
 
-    async def open(self, user: Identity) -> str:
-        """Start a session for a user who has just logged in; the new id (for the cookie, never for a log)."""
+    async def open(self, user: Identity, credential: bytes = b"") -> str:
+        """Start a session for a user who has just logged in with `credential` (a digest of its password hash);
+        the new id (for the cookie, never for a log)."""
         session_id = secrets.token_urlsafe(ID_BYTES)
         identity = Identity(user.name, user.roles, CredentialKind.SESSION)
         now = self.clock()
         key = _digest(session_id)
-        await self.store.open(key, identity, now, now + self.seconds, self.limit)
-        self._remember(key, _Cached(identity, now + self.seconds, now + self.cache_seconds), now)
+        await self.store.open(key, identity, now, now + self.seconds, self.limit, credential)
+        self._remember(key, _Cached(identity, now + self.seconds, now + self.cache_seconds, credential), now)
         return session_id
 
     def known_here(self, value: str) -> bool:
@@ -173,9 +181,9 @@ class Sessions:
                 self._unknown[key] = now + self.cache_seconds
                 return None
             self._unknown.pop(key, None)
-            cached = _Cached(record.identity, record.expires, now + self.cache_seconds)
+            cached = _Cached(record.identity, record.expires, now + self.cache_seconds, record.credential)
             self._remember(key, cached, now)
-        return self.current(cached.identity)
+        return self.current(cached.identity, cached.credential)
 
     def _forget_unknown(self, now: float) -> None:
         if len(self._unknown) >= self.limit:  # bounded like the cache: the stale go, or all when none is

@@ -373,6 +373,8 @@ def roles_column(identity: Identity) -> str:
 
 
 def session(row: Row) -> SessionRecord:
-    """An open session from its row (user_name, roles, kind, expires_at)."""
+    """An open session from its row (user_name, roles, kind, expires_at, and credential when selected)."""
     roles = frozenset(Role(name) for name in row["roles"].split(",") if name)
-    return SessionRecord(Identity(row["user_name"], roles, CredentialKind(row["kind"])), float(row["expires_at"]))
+    identity = Identity(row["user_name"], roles, CredentialKind(row["kind"]))
+    credential = bytes(row["credential"]) if "credential" in row.keys() else b""  # noqa: SIM118 - sqlite3.Row
+    return SessionRecord(identity, float(row["expires_at"]), credential)

@@ -232,7 +232,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at DOUBLE PRECISION NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL,
     closed_at DOUBLE PRECISION,
-    closed_by TEXT
+    closed_by TEXT,
+    credential BYTEA NOT NULL DEFAULT ''::bytea
 );
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires_at);
 CREATE INDEX IF NOT EXISTS sessions_open ON sessions(id) WHERE closed_at IS NULL;

@@ -17,7 +17,9 @@ class PostgresSessionRecords:
     def __init__(self, database: PostgresDatabase) -> None:
         self._db = database
 
-    async def open(self, digest: bytes, identity: Identity, now: float, expires: float, limit: int) -> None:
+    async def open(
+        self, digest: bytes, identity: Identity, now: float, expires: float, limit: int, credential: bytes = b""
+    ) -> None:
         async def work(tx: Transaction) -> None:
             await tx.send("SELECT pg_advisory_xact_lock(%s)", (SESSIONS_LOCK,))
             opened = int(
@@ -31,9 +33,9 @@ class PostgresSessionRecords:
                     (now, CLOSED_FOR_ROOM, now, opened - limit + 1),
                 )
             await tx.send(
-                "INSERT INTO sessions (digest, user_name, roles, kind, created_at, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                (digest, identity.name, roles_column(identity), identity.kind.value, now, expires),
+                "INSERT INTO sessions (digest, user_name, roles, kind, created_at, expires_at, credential)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (digest, identity.name, roles_column(identity), identity.kind.value, now, expires, credential),
             )
 
         await self._db.write(work)
@@ -41,7 +43,7 @@ class PostgresSessionRecords:
     async def lookup(self, digest: bytes, now: float) -> SessionRecord | None:
         # On every console request whose session this replica has not seen within a second: one round trip.
         rows = await self._db.read(
-            "SELECT user_name, roles, kind, expires_at FROM sessions"
+            "SELECT user_name, roles, kind, expires_at, credential FROM sessions"
             " WHERE digest = %s AND closed_at IS NULL AND expires_at > %s",
             (digest, now),
         )

@@ -275,7 +275,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     closed_at REAL,
-    closed_by TEXT
+    closed_by TEXT,
+    credential BLOB NOT NULL DEFAULT x''
 );
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires_at);
 CREATE INDEX IF NOT EXISTS sessions_open ON sessions(id) WHERE closed_at IS NULL;

@@ -16,7 +16,9 @@ class SQLiteSessionRecords:
     def __init__(self, database: SQLiteDatabase) -> None:
         self._db = database
 
-    async def open(self, digest: bytes, identity: Identity, now: float, expires: float, limit: int) -> None:
+    async def open(
+        self, digest: bytes, identity: Identity, now: float, expires: float, limit: int, credential: bytes = b""
+    ) -> None:
         def work(db: sqlite3.Connection) -> None:
             opened = int(
                 db.execute(
@@ -31,16 +33,16 @@ class SQLiteSessionRecords:
                     (now, CLOSED_FOR_ROOM, now, opened - limit + 1),
                 )
             db.execute(
-                "INSERT INTO sessions (digest, user_name, roles, kind, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (digest, identity.name, roles_column(identity), identity.kind.value, now, expires),
+                "INSERT INTO sessions (digest, user_name, roles, kind, created_at, expires_at, credential)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (digest, identity.name, roles_column(identity), identity.kind.value, now, expires, credential),
             )
 
         await self._db.write(work)
 
     async def lookup(self, digest: bytes, now: float) -> SessionRecord | None:
         rows = await self._db.read(
-            "SELECT user_name, roles, kind, expires_at FROM sessions"
+            "SELECT user_name, roles, kind, expires_at, credential FROM sessions"
             " WHERE digest = ? AND closed_at IS NULL AND expires_at > ?",
             (digest, now),
         )
