@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from healer.storage.health import DAMAGED, OK
 from healer.storage.sqlite import SQLiteStorage
+from healer.storage.sqlite.health import SQLiteHealth
 from tests.servers import Server, http_get, http_send, start_healer, wait_for
 from tests.test_engine_safety import AUTH, actions, alert, config, metric, payload, steps_log
 from tests.test_receiver import post
@@ -241,3 +244,29 @@ def test_write_ahead_log_stays_under_its_bound(tmp_path: Path, servers: list[Ser
     written = store.stat().st_size
     assert written > 4 * bound, f"only {written} bytes written: the test would prove nothing"
     assert largest <= bound, f"the write-ahead log reached {largest} bytes, over {bound}"
+
+
+def test_the_periodic_integrity_check_reads_apart_and_reports_damage(tmp_path: Path) -> None:
+    """The periodic quick_check runs on a connection and thread of its own (a large store's check must not hold
+    up the webhook's writes): damaged pages are reported DAMAGED by a later health check; a sound file stays OK."""
+    damaged, sound = tmp_path / "damaged.db", tmp_path / "sound.db"
+    _damaged_store(damaged)
+
+    async def fill() -> None:
+        storage = SQLiteStorage(sound)
+        await storage.inbox.accept(b'{"body": "sound"}', 1)
+        await storage.close()
+
+    asyncio.run(fill())
+    for path, expected in ((damaged, DAMAGED), (sound, OK)):
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        health = SQLiteHealth(db, path, integrity_interval=0.0)
+        try:
+            first = health.check()  # starts the check apart; its answer comes with a later check
+            assert first.reason == OK, first
+            health.integrity_interval = 3600.0  # no other check starts meanwhile
+            wait_for(lambda checking=health: not checking.checking_integrity, 30, what="the check apart")
+            found = health.check()
+            assert found.reason == expected, (path, found)
+        finally:
+            health.close()

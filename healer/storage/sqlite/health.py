@@ -1,6 +1,8 @@
 """The health of one SQLite file: its identity, its writability, its integrity, and its write-ahead log's size.
 
-Every method runs on the store's thread (the connection is used from that thread only).
+Every method runs on the store's thread (the connection is used from that thread only), except the periodic
+integrity check, which reads the whole file: it runs on a thread and a read-only connection of its own, so that
+a large store's check does not hold up the webhook's writes (in WAL mode a reader does not block the writer).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import logging
 import os
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from healer.logs import fields
@@ -58,15 +61,26 @@ PROBE_WRITES = (
 class SQLiteHealth:
     """Checks one open SQLite file: its identity against the file opened, a write probe, integrity, the WAL."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path, wal_max_bytes: int = DEFAULT_WAL_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: Path,
+        wal_max_bytes: int = DEFAULT_WAL_MAX_BYTES,
+        integrity_interval: float = INTEGRITY_INTERVAL,
+    ) -> None:
         self.db = db
         self.path = path
         self.wal_max_bytes = wal_max_bytes
+        self.integrity_interval = integrity_interval
         self.memory = str(path) == ":memory:"
         self._identity: tuple[int, int] | None = None
         self._size = 0
         self._checked = time.monotonic()
         self._rescued = False
+        self._integrity: Future[list[str]] | None = None  # the check running apart, if any
+        self._damage: list[str] = []  # what the last check apart found
+        self._apart = ThreadPoolExecutor(1, thread_name_prefix="healer-store-integrity")
+        self._apart_db: sqlite3.Connection | None = None
 
     def open(self) -> None:
         """At open: bound the WAL, remember the file's identity, and refuse a damaged file (StoreDamagedError)."""
@@ -120,16 +134,48 @@ class SQLiteHealth:
                 raise
         except sqlite3.Error as exc:
             return StoreHealth(classify(str(exc)), f"a write to {self.path} failed: {exc}")
-        if time.monotonic() - self._checked >= INTEGRITY_INTERVAL:
-            self._checked = time.monotonic()
-            problems = quick_check(self.db)
-            if problems:
-                return StoreHealth(DAMAGED, f"{self.path}: {'; '.join(problems[:3])}")
+        problems = self._integrity_found()
+        if problems:
+            return StoreHealth(DAMAGED, f"{self.path}: {'; '.join(problems[:3])}")
         return self.bound_wal()
+
+    @property
+    def checking_integrity(self) -> bool:
+        """Whether an integrity check is running apart now."""
+        return self._integrity is not None and not self._integrity.done()
+
+    def _integrity_found(self) -> list[str]:
+        """What the latest integrity check found; starts the next one every integrity_interval (apart, for a
+        file: its answer comes with a later health check; inline for an in-memory store)."""
+        if self._integrity is not None and self._integrity.done():
+            self._damage, self._integrity = self._integrity.result(), None
+        if self._integrity is None and time.monotonic() - self._checked >= self.integrity_interval:
+            self._checked = time.monotonic()
+            if self.memory:
+                self._damage = quick_check(self.db)
+            else:
+                self._integrity = self._apart.submit(self._check_apart)
+        return self._damage
+
+    def _check_apart(self) -> list[str]:
+        try:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            # Not a finding about the file's pages: the next interval tries again; the write probe sees the rest.
+            log.warning("store integrity check could not start", extra=fields(path=str(self.path), error=str(exc)))
+            return []
+        self._apart_db = db
+        try:
+            return quick_check(db)
+        finally:
+            self._apart_db = None
+            db.close()
 
     def bound_wal(self) -> StoreHealth:
         """Checkpoint and truncate the WAL when it grew beyond its bound (a reader held a checkpoint back)."""
-        if self.memory:
+        if self.memory or self._integrity is not None:
+            # The integrity check's reader holds a TRUNCATE checkpoint back, which would wait on it with the
+            # store's thread: the WAL may pass its bound for the check's duration, and is truncated after it.
             return StoreHealth()
         try:
             wal = os.stat(f"{self.path}-wal").st_size
@@ -171,6 +217,10 @@ class SQLiteHealth:
         """Close the connection; a store deleted or replaced under healer is first copied once more, with
         everything written since, and the write-ahead log it leaves at the path (which belongs to the file
         healer had open, not to whatever is at the path now) is removed."""
+        running = self._apart_db
+        if running is not None:
+            running.interrupt()  # a long check of a large file must not hold the stop
+        self._apart.shutdown(wait=True, cancel_futures=True)
         if self._identity is None or self._identity == _identity(self.path):
             self.db.close()
             return
