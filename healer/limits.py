@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # How long a client told that every large-body slot is taken should wait before it retries.
 BUSY_RETRY_AFTER_SECONDS = 5
+# malloc_trim walks the whole heap on the event loop (milliseconds on a large one): at most this often, so
+# that large notifications arriving one after another do not each pay for it.
+TRIM_INTERVAL_SECONDS = 1.0
 # The reasons of healer_http_requests_refused_total: a head or a body that came too slowly, a body larger than
 # max_request_bytes, a large body while max_large_bodies are being read.
 REFUSAL_REASONS = ("header_timeout", "body_timeout", "too_large", "busy")
@@ -95,6 +98,8 @@ class RequestLimits:
     refused: Counter
     trimmer: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     large_in_flight: int = 0
+    _trimmed_at: float = float("-inf")
+    _trim_later: asyncio.TimerHandle | None = None
 
     @classmethod
     def from_config(cls, server: ServerConfig, registry: CollectorRegistry) -> RequestLimits:
@@ -134,9 +139,22 @@ class RequestLimits:
         return True
 
     def leave_large(self) -> None:
-        """Give a slot back; the last large body out hands its memory back to the system."""
+        """Give a slot back; the last large body out hands its memory back to the system, at once or, when it
+        was handed back less than TRIM_INTERVAL_SECONDS ago, once that interval is over."""
         self.large_in_flight -= 1
-        if self.large_in_flight == 0:
+        if self.large_in_flight > 0 or self._trim_later is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._trimmed_at + TRIM_INTERVAL_SECONDS - loop.time()
+        if wait <= 0:
+            self._trim()
+        else:
+            self._trim_later = loop.call_later(wait, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_later = None
+        if self.large_in_flight == 0:  # else the last of those bodies trims when it leaves
+            self._trimmed_at = asyncio.get_running_loop().time()
             self.trimmer.trim()
 
 
@@ -258,6 +276,11 @@ class LimitedRequestHandler(RequestHandler):
         self._head_timer = None
         transport = self.transport
         if transport is None or transport.is_closing():
+            return
+        if self._request_in_progress:
+            # A pipelined head behind a request still being answered: its answer must not be cut by a 408
+            # written into it; the head gets another period, after which the connection is judged again.
+            self._arm_head_timer()
             return
         log.debug("request head timed out", extra=fields(peer=str(self.peername)))
         if self._head_started:
