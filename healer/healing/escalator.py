@@ -157,6 +157,8 @@ class Escalator:
     def send_due(self, agenda: Agenda) -> None:
         """Start posting every due HealingFailed that is not being posted already nor waiting for the store."""
         now = self._clock()
+        # A wait that is over is no longer needed, also for an escalation withdrawn meanwhile (none is sent).
+        self._store_wait = {episode: until for episode, until in self._store_wait.items() if until > now}
         for escalation in agenda.escalations:
             if escalation.episode_id not in self._sending and self._store_wait.get(escalation.episode_id, 0.0) <= now:
                 self._sending.add(escalation.episode_id)
