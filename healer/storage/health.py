@@ -29,7 +29,7 @@ ADVICE: Final = {
     " becomes ready again by itself",
     DISK_FULL: "free space on the store's filesystem; healer becomes ready again by itself",
     DAMAGED: "stop healer, run `healer store check` and `healer store recover` on the file (see"
-    " docs/runbook.md, store not ready), and start healer again",
+    " docs/runbook.md, HealerStoreNotReady), and start healer again",
     UNAVAILABLE: "check the store (the database server, the disk, the logs above); healer becomes ready"
     " again by itself when the store answers",
 }

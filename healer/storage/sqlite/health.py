@@ -93,7 +93,7 @@ class SQLiteHealth:
         if problems:
             raise StoreDamagedError(
                 f"the store {self.path} is damaged ({'; '.join(problems[:3])}): stop, run `healer store check"
-                f" {self.path}` and `healer store recover {self.path}` (docs/runbook.md, store not ready)"
+                f" {self.path}` and `healer store recover {self.path}` (docs/runbook.md, HealerStoreNotReady)"
             )
         if not self.memory:
             stat = os.stat(self.path)
