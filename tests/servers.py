@@ -155,11 +155,19 @@ def _spawn(
     return process, log_path
 
 
-def _await_ready(server: Server, path: str = "/-/ready", timeout: float = 30.0) -> Server:
+def _await_ready(
+    server: Server,
+    path: str = "/-/ready",
+    timeout: float = 30.0,
+    status: Callable[[str], int] = lambda url: http_get(url, timeout=1)[0],
+) -> Server:
+    """Wait until `path` answers 200 (by `status`, plain HTTP unless told); a server that exits or never gets
+    ready is killed, and the error shows its log."""
+
     def ready() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log()}")
-        return http_get(server.url + path, timeout=1)[0] == 200
+        return status(server.url + path) == 200
 
     try:
         wait_for(ready, timeout, what=f"{server.name} ready")
@@ -520,17 +528,7 @@ def https_send(
 def _await_https_ready(
     server: Server, context: ssl.SSLContext, headers: dict[str, str] | None, path: str, timeout: float
 ) -> Server:
-    def ready() -> bool:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log()}")
-        return https_get(server.url + path, context, headers, timeout=1)[0] == 200
-
-    try:
-        wait_for(ready, timeout, what=f"{server.name} ready over HTTPS")
-    except BaseException:
-        server.stop(signal.SIGKILL)
-        raise
-    return server
+    return _await_ready(server, path, timeout, lambda url: https_get(url, context, headers, timeout=1)[0])
 
 
 def start_prometheus_https(

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from healer.auth.roles import Role
+from healer.config.http_client import readable_file
 from healer.config.loading import format_location
 
 # bcrypt as htpasswd -B, Go's x/crypto/bcrypt and Python's bcrypt write it: version, cost 04..31, 53 characters.
@@ -81,13 +82,7 @@ class _Strict(BaseModel):
 def _readable_file(value: Path, info: ValidationInfo) -> Path:
     """A file that exists and can be read; relative to the web config file's folder, as the toolkit reads it."""
     base = (info.context or {}).get("base")
-    path = value if value.is_absolute() or base is None else Path(base) / value
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    return path
+    return readable_file(value if value.is_absolute() or base is None else Path(base) / value)
 
 
 ReadableFile = Annotated[Path, AfterValidator(_readable_file)]

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import aiohttp
 
 
-def _readable(value: Path) -> Path:
+def readable_file(value: Path) -> Path:
+    """A file that exists and can be read; the error names it and why not."""
     try:
         with value.open("rb"):
             pass
@@ -41,7 +42,7 @@ def _secret_file(value: Path) -> Path:
     return value
 
 
-ReadableFile = Annotated[Path, AfterValidator(_readable)]
+ReadableFile = Annotated[Path, AfterValidator(readable_file)]
 SecretFile = Annotated[Path, AfterValidator(_secret_file)]
 
 
