@@ -290,7 +290,13 @@ def assert_fits_a_phone(page: Page) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     expect(page.get_by_role("heading", name="Episode timeline")).to_be_visible()
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
+    # The elements reaching furthest right, to name the culprit when the page is too wide.
+    widest = page.evaluate(
+        "[...document.querySelectorAll('body *')].map(e => [Math.round(e.getBoundingClientRect().right),"
+        " `${e.tagName}#${e.id}.${e.className} ${(e.textContent || '').trim().slice(0, 60)}`])"
+        ".sort((a, b) => b[0] - a[0]).slice(0, 5)"
+    )
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen; widest: {widest}"
 
 
 @pytest.mark.slow

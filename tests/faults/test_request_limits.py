@@ -146,7 +146,9 @@ def test_slow_request_heads_are_closed_within_the_header_timeout(tmp_path: Path,
     assert min(closed.values()) >= HEADER_TIMEOUT - 0.1, sorted(closed.values())[:3]
     timed_out = [reply for reply in answers.values() if reply.startswith(b"HTTP/1.1 408 ")]
     assert timed_out and all(b"server.header_timeout" in reply for reply in timed_out), list(answers.values())[:2]
-    assert metric(healer, "healer_http_requests_refused_total", reason="header_timeout") == len(timed_out)
+    # Every connection had begun its head, so each was refused once; the client may miss a 408 that arrived
+    # just before its next byte was answered by a reset, so the count is of connections, not of replies read.
+    assert metric(healer, "healer_http_requests_refused_total", reason="header_timeout") == SLOW_CLIENTS
 
 
 def test_heads_within_the_timeout_and_idle_keep_alive_are_served(tmp_path: Path, servers: list[Server]) -> None:
